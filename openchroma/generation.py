@@ -1,0 +1,232 @@
+"""One response of Chroma 1.0, frame by frame, exactly as the published loop computes it.
+
+``Generation`` is an iterator of frames: reasoner prefill, then the 1:2 schedule (one text token
+for every two audio frames), the decoder once per frame, end of text, end of audio. It yields each
+frame as soon as its codes exist, so callers can stream; ``generate`` runs it to the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .models.chroma import ChromaModel, mask_undecodable, sample_logits
+from .models.transformer import KVCache
+
+
+@dataclass
+class SamplingParams:
+    """How audio codes are chosen. ``temperature`` 0 is greedy (the reference's behaviour)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class VoicePrompt:
+    """A cloned voice: the transcript's token ids and the reference audio's Mimi codes ``[frames, K]``."""
+
+    text_ids: torch.Tensor
+    codes: torch.Tensor
+
+
+@torch.inference_mode()
+def encode_voice(model: ChromaModel, audio_24k: torch.Tensor, text_ids: Sequence[int] | torch.Tensor) -> VoicePrompt:
+    """Mimi-encode reference audio (24 kHz, 1-D) and keep the first K codebooks."""
+    p = next(model.codec_model.parameters())
+    codes = model.codec_model.encode(audio_24k.to(p.device, p.dtype).reshape(1, -1))
+    codes = codes[0, : model.cfg.audio_num_codebooks].T
+    return VoicePrompt(torch.as_tensor(text_ids, dtype=torch.long).reshape(-1).cpu(), codes.cpu())
+
+
+@dataclass
+class Frame:
+    """One generated 80 ms frame: its codes and the text token that entered the backbone with it (if any)."""
+
+    index: int
+    codes: torch.Tensor
+    text_token: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    text_tokens: list[int]
+    codes: torch.Tensor
+    prefill_logits: torch.Tensor
+    stop_reason: str
+    audio: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Generation:
+    """A response in progress. Iterate to get frames; ``text_tokens`` and ``stop_reason`` fill as it goes.
+
+    ``stop_reason``: ``"eos"`` (the model ended the audio), ``"length"`` (frame limit) or
+    ``"cancelled"`` (``cancel()`` was called).
+    """
+
+    def __init__(
+        self,
+        model: ChromaModel,
+        input_ids: torch.Tensor | Sequence[int],
+        voice: VoicePrompt,
+        input_features: torch.Tensor | None = None,
+        max_new_frames: int = 750,
+        sampling: SamplingParams | None = None,
+        forced_text_tokens: Sequence[int] | None = None,
+        audio_embeds: torch.Tensor | None = None,
+    ):
+        if max_new_frames < 1:
+            raise ValueError(f"max_new_frames must be >= 1, got {max_new_frames}")
+        self.model = model
+        self.cfg = model.cfg
+        self.sampling = sampling or SamplingParams()
+        self.max_new_frames = max_new_frames
+        p = model.audio_embedding.weight
+        self.device, self.dtype = p.device, p.dtype
+        self.input_ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        self.voice = voice
+        self.input_features = input_features
+        self.audio_embeds = audio_embeds
+        self.forced = None
+        if forced_text_tokens is not None:
+            forced = [int(t) for t in forced_text_tokens]
+            if not forced or forced[-1] != self.cfg.im_end_token_id:
+                forced.append(self.cfg.im_end_token_id)
+            self.forced = forced
+        self.text_tokens: list[int] = []
+        self.codes: list[torch.Tensor] = []
+        self.prefill_logits: torch.Tensor | None = None
+        self.stop_reason: str | None = None
+        self._cancelled = False
+        self._gen = None
+        if self.sampling.temperature > 0 and self.sampling.seed is not None:
+            self._gen = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
+
+    def cancel(self) -> None:
+        """Stop before the next frame."""
+        self._cancelled = True
+
+    # ----- pieces ----------------------------------------------------------------------------------
+    def _sample_code(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
+        logits = mask_undecodable(logits.float(), self.cfg.codebook_size)
+        s = self.sampling
+        return sample_logits(logits, s.temperature, s.top_k, s.top_p, self._gen)
+
+    def _next_text(self, hidden: torch.Tensor) -> int:
+        if self.forced is not None:
+            return self.forced[len(self.text_tokens)]
+        return int(self.model.thinker_logits(hidden).argmax(-1))
+
+    def __iter__(self) -> Iterator[Frame]:
+        with torch.inference_mode():
+            yield from self._run()
+
+    def _run(self) -> Iterator[Frame]:
+        m, cfg, dev = self.model, self.cfg, self.device
+        n_prompt = self.input_ids.shape[1]
+        max_text = self.max_new_frames // 2 + 2
+        audio_embeds = self.audio_embeds
+        if audio_embeds is None and self.input_features is not None:
+            mel = self.input_features.to(dev).reshape(self.input_features.shape[-2], -1)
+            audio_embeds = m.thinker.audio_tower(mel)
+
+        # Reasoner prefill.
+        thinker_cache = m.thinker.model.new_cache(1, n_prompt + max_text)
+        x = m.thinker.embed(self.input_ids, audio_embeds)
+        pos = torch.arange(n_prompt, device=dev)[None]
+        h_last = m.thinker.model(x, pos, thinker_cache, kv_len=n_prompt)[:, -1]
+        self.prefill_logits = m.thinker_logits(h_last)[0].float()
+        thinker_pos = n_prompt
+        token = self._next_text(h_last)
+        self.text_tokens.append(token)
+        text_done = token == cfg.im_end_token_id
+
+        # Backbone prompt: voice, then the first text pair.
+        voice = m.voice_prompt_embeds(self.voice.text_ids.to(dev), self.voice.codes.to(dev)).to(self.dtype)
+        first = torch.cat([voice, h_last.to(self.dtype), m.text_embedding(torch.tensor([token], device=dev))])
+        n_first = first.shape[0]
+        bb_len = n_first + self.max_new_frames * 3
+        bb_cache = m.backbone.model.new_cache(1, bb_len)
+        dec_cache = m.decoder.model.new_cache(1, cfg.audio_num_codebooks)
+        bb_pos = 0
+
+        def backbone_step(inp: torch.Tensor) -> torch.Tensor:
+            nonlocal bb_pos
+            n = inp.shape[0]
+            p = torch.arange(bb_pos, bb_pos + n, device=dev)[None]
+            bb_pos += n
+            return m.backbone.model(inp[None], p, bb_cache, kv_len=bb_pos)[:, -1]
+
+        hidden = backbone_step(first)
+        new_text: int | None = token
+        for step in range(self.max_new_frames):
+            if self._cancelled:
+                self.stop_reason = "cancelled"
+                return
+            if step > 0:
+                inp = [m.frame_embedding(self.codes[-1].to(dev))[None]]
+                if step % 2 == 0 and not text_done:
+                    # The thinker consumes its last token; its new hidden state and next token form the pair.
+                    e = m.thinker.model.embed_tokens(torch.tensor([[token]], device=dev))
+                    h_last = m.thinker.model(e, torch.tensor([[thinker_pos]], device=dev), thinker_cache,
+                                             kv_len=thinker_pos + 1)[:, -1]
+                    thinker_pos += 1
+                    token = self._next_text(h_last)
+                    self.text_tokens.append(token)
+                    text_done = token == cfg.im_end_token_id
+                    new_text = token
+                    inp += [h_last.to(self.dtype), m.text_embedding(torch.tensor([token], device=dev))]
+                hidden = backbone_step(torch.cat(inp))
+            c0 = self._sample_code(m.codebook0_logits(hidden), 0)
+            codes = m.decode_frame(hidden, c0, dec_cache, self._sample_code)[0]
+            if bool((codes[: cfg.audio_num_codebooks - 1] == cfg.codebook_eos_token_id).all()):
+                self.stop_reason = "eos"
+                return
+            self.codes.append(codes)
+            yield Frame(step, codes, new_text)
+            new_text = None
+        self.stop_reason = "length"
+
+    def result(self) -> GenerationResult:
+        codes = torch.stack(self.codes).cpu() if self.codes else torch.zeros(0, self.cfg.audio_num_codebooks,
+                                                                             dtype=torch.long)
+        return GenerationResult(list(self.text_tokens), codes, self.prefill_logits, self.stop_reason or "")
+
+
+def generate(
+    model: ChromaModel,
+    input_ids: torch.Tensor | Sequence[int],
+    voice: VoicePrompt,
+    input_features: torch.Tensor | None = None,
+    max_new_frames: int = 750,
+    sampling: SamplingParams | None = None,
+    forced_text_tokens: Sequence[int] | None = None,
+    decode_audio: bool = True,
+) -> GenerationResult:
+    """Run a whole response; with ``decode_audio`` the result carries 24 kHz audio of all frames."""
+    gen = Generation(model, input_ids, voice, input_features, max_new_frames, sampling, forced_text_tokens)
+    for _ in gen:
+        pass
+    result = gen.result()
+    if decode_audio:
+        with torch.inference_mode():
+            codec = model.codec_model
+            if len(result.codes):
+                dev = next(codec.parameters()).device
+                result.audio = codec.decode(result.codes.T[None].to(dev))[0].float().cpu()
+            else:
+                result.audio = torch.zeros(0)
+    return result

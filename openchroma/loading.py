@@ -1,0 +1,230 @@
+"""Load a Chroma checkpoint (local directory or Hugging Face hub id) into our modules.
+
+Tensors stream one at a time from safetensors to the target device and dtype into a model built
+without initialisation, so loading the 4B model in bfloat16 never holds a float32 copy of it.
+Anything that does not fit the model (missing or unexpected keys, wrong shapes, absent or truncated
+files, a config that is not Chroma's) is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .config import ChromaConfig, ConfigError
+from .models.chroma import ChromaModel
+
+SKIPPED_PREFIXES = ("thinker.visual.",)
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be loaded as it is; the message names the file and key."""
+
+
+@dataclass
+class LoadedModel:
+    model: ChromaModel
+    config: ChromaConfig
+    path: Path
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def num_parameters(self) -> int:
+        seen: set[int] = set()
+        total = 0
+        for p in self.model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+
+def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None, progress: bool = True) -> Path:
+    """A local directory as it is, else a hub repo id downloaded (with progress bars) into the HF cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if path.exists():
+        raise CheckpointError(f"{path}: not a directory (give the checkpoint directory, not a file)")
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise CheckpointError(f"{name}: no such checkpoint directory (and not a hub repo id like 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if progress else disable_progress_bars)()
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, auth, missing repo: say which and why
+        raise CheckpointError(
+            f"{name}: could not download from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "Pass a local checkpoint directory, or check the repo id, your network and HF_TOKEN."
+        ) from e
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name to the safetensors file that holds it, through the index when sharded."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {k: path / v for k, v in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in {index.name} but missing")
+        return files
+    single = path / SINGLE_FILE
+    if not single.is_file():
+        raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+    try:
+        with safe_open(single, "pt") as f:
+            return {k: single for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{single}: unreadable safetensors file ({e})") from None
+
+
+@contextlib.contextmanager
+def _no_init(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
+    """Build modules directly on ``device`` in ``dtype`` and skip random init (weights come from the file)."""
+    names = ["uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+             "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_"]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    old_dtype = torch.get_default_dtype()
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+        torch.set_default_dtype(old_dtype)
+
+
+def build_model(config: ChromaConfig, device: torch.device, dtype: torch.dtype, init: bool = False) -> ChromaModel:
+    if init:
+        with torch.device(device):
+            return ChromaModel(config).to(dtype)
+    with _no_init(dtype, device):
+        return ChromaModel(config)
+
+
+def _target_tensors(model: ChromaModel) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint must provide, by its published name (ties listed once)."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def _tied_aliases(config: ChromaConfig) -> dict[str, str]:
+    """Names a file may carry for a tensor it must store once: alias -> canonical name."""
+    aliases = {"backbone.audio_embedding.embed_audio_tokens.weight": "decoder.audio_embedding.embed_audio_tokens.weight"}
+    if config.tie_word_embeddings:
+        aliases["thinker.lm_head.weight"] = "thinker.model.embed_tokens.weight"
+    return aliases
+
+
+def load(
+    model: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str = torch.float32,
+    revision: str | None = None,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a Chroma checkpoint from a local directory or a hub repo id.
+
+    ``device`` defaults to CUDA when available; ``dtype`` is float32, bfloat16 or float16 (or their names).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = parse_dtype(dtype)
+    path = resolve_checkpoint(model, revision, progress)
+    try:
+        config = ChromaConfig.from_file(path / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    files = checkpoint_files(path)
+    net = build_model(config, device, dtype)
+    targets = _target_tensors(net)
+    if config.tie_word_embeddings:
+        targets.pop("thinker.lm_head.weight", None)
+    aliases = _tied_aliases(config)
+
+    unexpected = [k for k in files if k not in targets and k not in aliases and not k.startswith(SKIPPED_PREFIXES)]
+    if unexpected:
+        raise CheckpointError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    missing = [k for k in targets if k not in files]
+    if missing:
+        where = sorted({str(f) for f in files.values()})
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from {', '.join(where)}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    by_file: dict[Path, list[str]] = {}
+    for k, f in files.items():
+        if k.startswith(SKIPPED_PREFIXES):
+            continue
+        by_file.setdefault(f, []).append(k)
+    bar = tqdm(total=sum(len(v) for v in by_file.values()), desc=f"Loading {path.name}", unit="tensor",
+               disable=not progress)
+    with torch.no_grad():
+        for f, keys in by_file.items():
+            try:
+                handle = safe_open(f, "pt", device="cpu")
+            except Exception as e:
+                raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+            with handle:
+                for k in keys:
+                    dst = targets[aliases.get(k, k)]
+                    try:
+                        shape = list(handle.get_slice(k).get_shape())
+                    except Exception as e:
+                        raise CheckpointError(f"{f}: cannot read tensor {k!r} ({e})") from None
+                    if shape != list(dst.shape):
+                        raise CheckpointError(f"{f}: tensor {k!r} has shape {shape}, the config implies "
+                                              f"{list(dst.shape)}")
+                    if k in aliases:  # a tie's duplicate: the canonical copy is loaded
+                        bar.update()
+                        continue
+                    try:
+                        src = handle.get_tensor(k)
+                    except Exception as e:
+                        raise CheckpointError(f"{f}: cannot read tensor {k!r} (truncated or corrupt: {e})") from None
+                    if not torch.isfinite(src).all() and src.is_floating_point():
+                        raise CheckpointError(f"{f}: tensor {k!r} holds NaN or infinite values")
+                    dst.copy_(src.to(dtype=dst.dtype if dst.is_floating_point() else src.dtype))
+                    bar.update()
+    bar.close()
+    net.eval()
+    finish_loading(net)
+    return LoadedModel(net, config, path, device, dtype)
+
+
+def finish_loading(net: ChromaModel) -> None:
+    """Derived tensors computed once after the weights are in (codec codebooks)."""
+    hook = getattr(net.codec_model, "refresh_codebooks", None) or getattr(net.codec_model, "prepare", None)
+    if callable(hook):
+        hook()
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    try:
+        return table[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16") from None

@@ -1,0 +1,129 @@
+"""The reasoner's audio encoder (Qwen2.5-Omni, Whisper-style) with windowed attention.
+
+An utterance's mel frames are cut into windows of ``2 * n_window`` frames. Each window goes through
+the two convolutions on its own, gets sinusoidal positions counted from 0 and attends only within
+itself, so a completed window can be encoded while the user is still speaking. The windows'
+outputs are concatenated, average-pooled in pairs over the whole utterance, then ``ln_post``/``proj``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import AudioEncoderConfig
+
+
+def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+    log_inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = torch.exp(-log_inc * torch.arange(channels // 2).float())
+    t = torch.arange(length)[:, None] * inv[None, :]
+    return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+
+
+def conv_output_frames(mel_frames: int) -> int:
+    return (mel_frames - 1) // 2 + 1
+
+
+def audio_token_count(mel_frames: int) -> int:
+    """Reasoner embeddings an utterance of ``mel_frames`` mel frames turns into."""
+    return (conv_output_frames(mel_frames) - 2) // 2 + 1
+
+
+class AudioAttention(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.num_heads = cfg.num_heads
+        self.q_proj = nn.Linear(d, d, bias=True)
+        self.k_proj = nn.Linear(d, d, bias=False)
+        self.v_proj = nn.Linear(d, d, bias=True)
+        self.out_proj = nn.Linear(d, d, bias=True)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.num_heads
+
+        def split(y):
+            return y.view(b, t, h, d // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                             attn_mask=mask)
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class AudioEncoderLayer(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        self.self_attn = AudioAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.d_model)
+        self.fc1 = nn.Linear(cfg.d_model, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.d_model)
+        self.final_layer_norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
+        x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        if x.dtype == torch.float16:
+            big = torch.finfo(x.dtype).max - 1000
+            x = x.clamp(-big, big)
+        return x
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, cfg: AudioEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        # Kept for checkpoint compatibility; no Chroma path uses it.
+        self.audio_bos_eos_token = nn.Embedding(2, cfg.output_dim)
+        self.layers = nn.ModuleList(AudioEncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.ln_post = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, cfg.output_dim)
+        self.register_buffer("positions", sinusoid_positions(cfg.max_source_positions, d), persistent=False)
+
+    @property
+    def window(self) -> int:
+        """Mel frames per attention window."""
+        return 2 * self.cfg.n_window
+
+    def encode_windows(self, mel: torch.Tensor) -> torch.Tensor:
+        """Encode mel frames ``[n_mels, L]`` window by window, before pooling: ``[sum_w conv(len_w), d]``.
+
+        ``L`` may cover several windows; all but the last must be full. Full windows are batched.
+        """
+        dtype = self.conv1.weight.dtype
+        mel = mel.to(dtype)
+        w = self.window
+        n = mel.shape[-1]
+        n_full = n // w
+        outs = []
+        if n_full:
+            chunks = mel[:, : n_full * w].reshape(mel.shape[0], n_full, w).transpose(0, 1)
+            outs.append(self._encode_batch(chunks, None).reshape(-1, self.cfg.d_model))
+        if n % w:
+            outs.append(self._encode_batch(mel[None, :, n_full * w:], None)[0])
+        return torch.cat(outs, dim=0)
+
+    def _encode_batch(self, chunks: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = F.gelu(self.conv1(chunks))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positions[: x.shape[1]].to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+    def pool_project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Average-pool encoded frames ``[T, d]`` in pairs (an odd last frame is dropped), then project."""
+        t = hidden.shape[0] // 2 * 2
+        pooled = (hidden[0:t:2] + hidden[1:t:2]) / 2
+        return self.proj(self.ln_post(pooled))
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """Mel features ``[n_mels, L]`` of one utterance -> ``[audio_token_count(L), output_dim]``."""
+        return self.pool_project(self.encode_windows(mel))

@@ -1,0 +1,189 @@
+"""The four parts of Chroma 1.0 and the per-step computations the generator and engine share.
+
+Parameter names follow the published checkpoint (``thinker.*``, ``backbone.*``, ``decoder.*``,
+``codec_model.*``). The backbone's audio embedding is the decoder's (one tensor in the file), and
+with ``tie_word_embeddings`` the thinker's ``lm_head`` is its ``embed_tokens``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ChromaConfig
+from .audio_encoder import AudioEncoder
+from .mimi import Mimi, MimiConfig
+from .transformer import KVCache, Transformer
+
+
+class Thinker(nn.Module):
+    """The reasoner: audio encoder + Qwen2 text decoder."""
+
+    def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        tc = cfg.thinker
+        self.audio_tower = AudioEncoder(cfg.audio_encoder)
+        self.model = Transformer(tc, with_embedding=True, max_positions=max_positions)
+        self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings ``[1, T, H]``; ``<|AUDIO|>`` placeholders take ``audio_embeds`` in order."""
+        x = self.model.embed_tokens(input_ids)
+        is_audio = input_ids == self.cfg.audio_token_index
+        n_slots = int(is_audio.sum())
+        n_audio = 0 if audio_embeds is None else audio_embeds.shape[0]
+        if n_slots != n_audio:
+            raise ValueError(f"the prompt has {n_slots} <|AUDIO|> tokens but the audio gives {n_audio} embeddings")
+        if n_audio:
+            x = x.masked_scatter(is_audio.unsqueeze(-1), audio_embeds.to(x.dtype))
+        return x
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
+        super().__init__()
+        bc = cfg.backbone
+        self.model = Transformer(bc, max_positions=max_positions)
+        self.codebook0_head = nn.Linear(bc.hidden_size, bc.vocab_size, bias=False)
+
+
+class AudioEmbedding(nn.Module):
+    def __init__(self, num_codebooks: int, vocab: int, dim: int):
+        super().__init__()
+        self.embed_audio_tokens = nn.Embedding(num_codebooks * vocab, dim)
+
+
+class CodebookHeads(nn.Module):
+    """One ``[H, V]`` matrix per codebook 1..K-1, applied as ``x @ weight[i]``."""
+
+    def __init__(self, n: int, dim: int, vocab: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n, dim, vocab))
+
+
+class FrameDecoder(nn.Module):
+    """Fills codebooks 1..K-1 of a frame from the backbone's hidden state and codebook 0."""
+
+    def __init__(self, cfg: ChromaConfig):
+        super().__init__()
+        dc = cfg.decoder
+        k = cfg.audio_num_codebooks
+        self.projection = nn.Linear(cfg.backbone.hidden_size, dc.hidden_size, bias=False)
+        self.model = Transformer(dc, max_positions=max(dc.max_position_embeddings, k + 1))
+        self.codebook_head = CodebookHeads(k - 1, dc.hidden_size, dc.vocab_size)
+        self.audio_embedding = AudioEmbedding(k, cfg.audio_vocab_size, cfg.backbone.hidden_size)
+
+
+class ChromaModel(nn.Module):
+    def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.thinker = Thinker(cfg, max_positions)
+        self.backbone = Backbone(cfg, max_positions)
+        self.decoder = FrameDecoder(cfg)
+        self.codec_model = Mimi(MimiConfig.from_dict(cfg.codec), num_codebooks=cfg.audio_num_codebooks)
+        k = cfg.audio_num_codebooks
+        self.register_buffer("codebook_offsets", torch.arange(k) * cfg.audio_vocab_size, persistent=False)
+        # Decoder entries: h and c_0 share rope position 0, c_i sits at i (the published loop's numbering).
+        self.register_buffer("decoder_positions", torch.tensor([0] + list(range(k))), persistent=False)
+
+    # ----- embeddings -------------------------------------------------------------------------
+    @property
+    def audio_embedding(self) -> nn.Embedding:
+        return self.decoder.audio_embedding.embed_audio_tokens
+
+    def text_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Text tokens enter the backbone through the thinker's own table."""
+        return self.thinker.model.embed_tokens(token_ids)
+
+    def frame_embedding(self, codes: torch.Tensor) -> torch.Tensor:
+        """``A(frame)``: codes ``[..., K]`` -> the sum of their codebook embeddings ``[..., H]``."""
+        return self.audio_embedding(codes + self.codebook_offsets).sum(-2)
+
+    def voice_prompt_embeds(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """``E(text_start) E(transcript) E(text_end) A(f_1..f_m) 0`` as ``[1 + n + 1 + m + 1, H]``."""
+        cfg = self.cfg
+        dev = self.audio_embedding.weight.device
+        ids = torch.cat([
+            torch.tensor([cfg.text_start_token_id], device=dev),
+            text_ids.reshape(-1).to(dev),
+            torch.tensor([cfg.text_end_token_id], device=dev),
+        ])
+        text = self.text_embedding(ids)
+        audio = self.frame_embedding(codes.to(dev))
+        zero = torch.zeros_like(text[:1])
+        return torch.cat([text, audio.to(text.dtype), zero], dim=0)
+
+    # ----- the reasoner -----------------------------------------------------------------------
+    def thinker_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.thinker.lm_head(hidden)
+
+    # ----- the backbone -----------------------------------------------------------------------
+    def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.backbone.codebook0_head(hidden)
+
+    # ----- the decoder ------------------------------------------------------------------------
+    def decode_frame(
+        self,
+        hidden: torch.Tensor,
+        c0: torch.Tensor,
+        cache: KVCache,
+        sample_fn,
+    ) -> torch.Tensor:
+        """Codes ``[B, K]`` of a frame from backbone hidden ``[B, H]`` and codebook-0 codes ``[B]``.
+
+        ``cache`` is a decoder cache of at least ``K`` slots (its content is overwritten: the
+        decoder starts fresh every frame). ``sample_fn(logits [B, V], codebook) -> [B]``.
+        """
+        dec = self.decoder
+        k = self.cfg.audio_num_codebooks
+        b = hidden.shape[0]
+        pos = self.decoder_positions
+        first = torch.stack([hidden, self.audio_embedding(c0)], dim=1)
+        x = dec.model(dec.projection(first), pos[:2].expand(b, 2), cache, torch.arange(2, device=pos.device)
+                      .expand(b, 2), kv_len=k)
+        codes = [c0]
+        h = x[:, -1]
+        for i in range(1, k):
+            code = sample_fn(h @ dec.codebook_head.weight[i - 1], i)
+            codes.append(code)
+            if i == k - 1:
+                break
+            e = dec.projection(self.audio_embedding(code + self.codebook_offsets[i]))
+            slot = pos.new_full((b, 1), i + 1)
+            h = dec.model(e[:, None], pos[i + 1:i + 2].expand(b, 1), cache, slot, kv_len=k)[:, -1]
+        return torch.stack(codes, dim=1)
+
+
+def mask_undecodable(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Codes at or above the codec's codebook size cannot be decoded: never produce them."""
+    logits[..., codebook_size:] = float("-inf")
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Greedy when ``temperature <= 0``; else temperature, top-k and top-p (nucleus) sampling. ``[B, V] -> [B]``."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
