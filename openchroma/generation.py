@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .models.chroma import ChromaModel, mask_undecodable, sample_logits
-from .models.transformer import KVCache
 
 
 @dataclass

@@ -131,7 +131,8 @@ def _target_tensors(model: ChromaModel) -> dict[str, torch.Tensor]:
 
 def _tied_aliases(config: ChromaConfig) -> dict[str, str]:
     """Names a file may carry for a tensor it must store once: alias -> canonical name."""
-    aliases = {"backbone.audio_embedding.embed_audio_tokens.weight": "decoder.audio_embedding.embed_audio_tokens.weight"}
+    shared = "audio_embedding.embed_audio_tokens.weight"
+    aliases = {f"backbone.{shared}": f"decoder.{shared}"}
     if config.tie_word_embeddings:
         aliases["thinker.lm_head.weight"] = "thinker.model.embed_tokens.weight"
     return aliases
@@ -214,9 +215,7 @@ def load(
 
 def finish_loading(net: ChromaModel) -> None:
     """Derived tensors computed once after the weights are in (codec codebooks)."""
-    hook = getattr(net.codec_model, "refresh_codebooks", None) or getattr(net.codec_model, "prepare", None)
-    if callable(hook):
-        hook()
+    net.codec_model.refresh_buffers()
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -1,0 +1,178 @@
+"""The ``openchroma`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+COMMON_MODEL_HELP = "checkpoint directory or Hugging Face hub repo id (e.g. FlashLabs/Chroma-4B)"
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
+    p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"],
+                   help=f"weights and activations dtype (default: {dtype})")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cmd_init_random(args: argparse.Namespace) -> int:
+    from .tools.init_random import write_random_checkpoint
+
+    out = write_random_checkpoint(args.preset, args.out, seed=args.seed)
+    print(f"wrote a random-weight '{args.preset}' checkpoint to {out} (it speaks noise: for tests and benchmarks)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import time
+
+    from .loading import load
+
+    t0 = time.perf_counter()
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"path": str(lm.path), "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+                      "parameters": lm.num_parameters, "load_seconds": round(dt, 2),
+                      "peak_rss_mib": round(_peak_rss_mib(), 1)}, indent=2))
+    return 0
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .loading import load
+    from .tools.conformance import run_case
+
+    lm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    reports = [run_case(lm, c) for c in args.case]
+    if args.json:
+        out = [r.to_dict() for r in reports]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        for r in reports:
+            print(r.summary())
+    return 0 if all(r.passed for r in reports) else 1
+
+
+def _sampling(args: argparse.Namespace):
+    from .generation import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--voice-audio", required=True, help="reference audio of the voice to clone (1-30 s)")
+    p.add_argument("--voice-text", required=True, help="transcript of the reference audio")
+    p.add_argument("--out", default="reply.wav", help="where to write the 24 kHz WAV (default: reply.wav)")
+    p.add_argument("--max-frames", type=int, default=750, help="at most this many 80 ms frames (default 750 = 60 s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="audio-code sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def _write_reply(reply, out: str) -> None:
+    from .pipeline import save_wav
+
+    save_wav(out, reply.audio, reply.sample_rate)
+    secs = reply.audio.numel() / reply.sample_rate
+    print(json.dumps({"text": reply.text, "audio": out, "seconds": round(secs, 2),
+                      "stop_reason": reply.result.stop_reason}, ensure_ascii=False))
+
+
+def cmd_speak(args: argparse.Namespace) -> int:
+    from .pipeline import Chroma
+
+    chroma = Chroma.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    voice = chroma.voice(args.voice_audio, args.voice_text)
+    _write_reply(chroma.speak(args.text, voice, max_new_frames=args.max_frames, sampling=_sampling(args)), args.out)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .pipeline import Chroma
+
+    if not args.audio and not args.text:
+        print("openchroma chat: give --audio and/or --text", file=sys.stderr)
+        return 2
+    chroma = Chroma.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    voice = chroma.voice(args.voice_audio, args.voice_text)
+    reply = chroma.chat(voice, audio=args.audio, text=args.text, max_new_frames=args.max_frames,
+                        sampling=_sampling(args))
+    _write_reply(reply, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openchroma",
+        description="OpenChroma: real-time spoken dialogue with voice cloning (FlashLabs Chroma 1.0 weights).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("chat", help="answer one spoken or written turn in a cloned voice, to a WAV file",
+                       description="Answer one user turn (audio and/or text) in a cloned voice.")
+    _add_model_args(p)
+    p.add_argument("--audio", help="the user's audio (wav, flac, ogg, mp3; any rate)")
+    p.add_argument("--text", help="the user's text")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("speak", help="say a given text in a cloned voice (text to speech), to a WAV file",
+                       description="Say the given text in a cloned voice (the forced-text path).")
+    _add_model_args(p)
+    p.add_argument("--text", required=True, help="what to say")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_speak)
+
+    p = sub.add_parser("conformance", help="check a checkpoint against reference case files",
+                       description="Run reference cases (case_*.safetensors) and compare tokens, codes, logits "
+                                   "and audio. Exit status 0 only when everything matches.")
+    _add_model_args(p)
+    p.add_argument("--case", required=True, action="append", help="case file (repeat for several)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_conformance)
+
+    p = sub.add_parser("init-random", help="write a random-weight checkpoint (speaks noise; for tests/benchmarks)",
+                       description="Write a complete random-weight checkpoint directory in the published layout. "
+                                   "Its speech is noise: it exists to run every command without the real weights.")
+    p.add_argument("--preset", required=True, choices=["tiny", "small", "chroma-4b"],
+                   help="sizes: tiny (tests), small (CPU demos), chroma-4b (the published sizes)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(func=cmd_init_random)
+
+    p = sub.add_parser("info", help="load a checkpoint and print its size, load time and peak memory")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from .audio import AudioError
+    from .loading import CheckpointError
+    from .tools.conformance import CaseError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, CaseError, AudioError, ValueError) as e:
+        print(f"openchroma {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

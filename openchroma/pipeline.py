@@ -1,0 +1,138 @@
+"""The simple, whole-response Python API: load once, clone a voice, chat or speak.
+
+    from openchroma import Chroma
+    chroma = Chroma.from_pretrained("FlashLabs/Chroma-4B")          # or a local directory
+    voice = chroma.voice("reference.wav", "What the reference says.")
+    reply = chroma.chat(audio="question.wav", voice=voice)
+    reply.text, reply.audio                                           # str, 24 kHz float tensor
+
+The streaming, multi-session engine (``openchroma.engine``) is built on the same pieces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .audio import load_audio, log_mel_features
+from .generation import GenerationResult, SamplingParams, VoicePrompt, encode_voice, generate
+from .loading import LoadedModel, load
+from .models.audio_encoder import audio_token_count
+from .tokenizer import ChatTokenizer, build_chat_prompt
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+MAX_VOICE_SECONDS = 30.0
+
+
+@dataclass
+class Reply:
+    text: str
+    audio: torch.Tensor
+    sample_rate: int
+    result: GenerationResult
+
+
+class Chroma:
+    """A loaded Chroma model with its tokenizer."""
+
+    def __init__(self, lm: LoadedModel, tokenizer: ChatTokenizer):
+        self.lm = lm
+        self.model = lm.model
+        self.config = lm.config
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str = "float32",
+        progress: bool = True,
+    ) -> Chroma:
+        lm = load(model, device=device, dtype=dtype, progress=progress)
+        return cls(lm, ChatTokenizer.from_dir(lm.path))
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def voice(self, audio, transcript: str, sample_rate: int | None = None) -> VoicePrompt:
+        """Clone a voice from reference audio (path, bytes or array) and its transcript."""
+        if not transcript or not transcript.strip():
+            raise ValueError("the voice's transcript is empty: give the words spoken in the reference audio")
+        wav = load_audio(audio, self.sample_rate, source_rate=sample_rate, max_seconds=MAX_VOICE_SECONDS)
+        return encode_voice(self.model, wav, self.tokenizer.encode(transcript))
+
+    def prompt_ids(
+        self, messages: list[dict], audio_features: Sequence[torch.Tensor] = ()
+    ) -> list[int]:
+        counts = [audio_token_count(f.shape[-1]) for f in audio_features]
+        return build_chat_prompt(self.tokenizer, messages, counts)
+
+    def user_features(self, audio, sample_rate: int | None = None) -> torch.Tensor:
+        """128-bin log-mel features of the user's audio (16 kHz Whisper features)."""
+        wav = load_audio(audio, 16000, source_rate=sample_rate)
+        return log_mel_features(wav)
+
+    def chat(
+        self,
+        voice: VoicePrompt,
+        audio=None,
+        text: str | None = None,
+        system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        sample_rate: int | None = None,
+        max_new_frames: int = 750,
+        sampling: SamplingParams | None = None,
+    ) -> Reply:
+        """Answer one user turn (audio and/or text) in the given voice."""
+        if audio is None and not text:
+            raise ValueError("give the user's audio or text")
+        content: list[dict] = []
+        feats = None
+        if audio is not None:
+            feats = self.user_features(audio, sample_rate)
+            content.append({"type": "audio"})
+        if text:
+            content.append({"type": "text", "text": text})
+        messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]},
+                    {"role": "user", "content": content}]
+        ids = self.prompt_ids(messages, [feats] if feats is not None else [])
+        dev, dtype = self.lm.device, self.lm.dtype
+        result = generate(self.model, ids, voice, None if feats is None else feats.to(dev, dtype),
+                          max_new_frames=max_new_frames, sampling=sampling)
+        return self._reply(result)
+
+    def speak(
+        self,
+        text: str,
+        voice: VoicePrompt,
+        max_new_frames: int = 750,
+        sampling: SamplingParams | None = None,
+    ) -> Reply:
+        """Say ``text`` in the given voice (the forced-text path: the reasoner's tokens are these)."""
+        if not text or not text.strip():
+            raise ValueError("nothing to say: the text is empty")
+        tokens = self.tokenizer.encode(text)
+        messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
+                    {"role": "user", "content": [{"type": "text", "text": text}]}]
+        ids = self.prompt_ids(messages)
+        result = generate(self.model, ids, voice, max_new_frames=max_new_frames, sampling=sampling,
+                          forced_text_tokens=tokens)
+        return self._reply(result)
+
+    def _reply(self, result: GenerationResult) -> Reply:
+        tokens = [t for t in result.text_tokens if t != self.config.im_end_token_id]
+        return Reply(self.tokenizer.decode(tokens), result.audio, self.sample_rate, result)
+
+
+def save_wav(path: str | Path, audio: torch.Tensor, sample_rate: int) -> None:
+    import soundfile as sf
+
+    sf.write(str(path), audio.detach().float().cpu().numpy(), sample_rate, subtype="PCM_16")

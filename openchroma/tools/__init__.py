@@ -1,0 +1,1 @@
+"""User-facing tools: conformance checks, random checkpoints, benchmarks."""
