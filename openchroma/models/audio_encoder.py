@@ -95,19 +95,12 @@ class AudioEncoder(nn.Module):
     def encode_windows(self, mel: torch.Tensor) -> torch.Tensor:
         """Encode mel frames ``[n_mels, L]`` window by window, before pooling: ``[sum_w conv(len_w), d]``.
 
-        ``L`` may cover several windows; all but the last must be full. Full windows are batched.
+        Windows are encoded one at a time, so a window gives bit-identical output whether it is
+        encoded as it arrives (streaming) or with the rest of the turn.
         """
-        dtype = self.conv1.weight.dtype
-        mel = mel.to(dtype)
+        mel = mel.to(self.conv1.weight.dtype)
         w = self.window
-        n = mel.shape[-1]
-        n_full = n // w
-        outs = []
-        if n_full:
-            chunks = mel[:, : n_full * w].reshape(mel.shape[0], n_full, w).transpose(0, 1)
-            outs.append(self._encode_batch(chunks, None).reshape(-1, self.cfg.d_model))
-        if n % w:
-            outs.append(self._encode_batch(mel[None, :, n_full * w:], None)[0])
+        outs = [self._encode_batch(mel[None, :, i:i + w], None)[0] for i in range(0, mel.shape[-1], w)]
         return torch.cat(outs, dim=0)
 
     def _encode_batch(self, chunks: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

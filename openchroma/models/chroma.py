@@ -47,7 +47,9 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
         super().__init__()
         bc = cfg.backbone
-        self.model = Transformer(bc, max_positions=max_positions)
+        # Rope extrapolates past the trained length; responses (one position per frame, two per text
+        # token) may run longer than max_position_embeddings.
+        self.model = Transformer(bc, max_positions=max(max_positions or 0, bc.max_position_embeddings, 16384))
         self.codebook0_head = nn.Linear(bc.hidden_size, bc.vocab_size, bias=False)
 
 

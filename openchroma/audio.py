@@ -1,0 +1,484 @@
+"""Audio front end: decoding, resampling and Whisper-style log-mel features.
+
+``load_audio`` turns a file path, encoded file bytes, a numpy array or a torch tensor into a mono float32
+tensor at the requested sample rate. ``log_mel_features`` computes the 128-bin log-mel features that the
+Qwen2.5-Omni processor (``WhisperFeatureExtractor``) feeds the thinker's audio tower, in torch, on any device.
+``StreamingMelExtractor`` computes the same features incrementally while a turn's audio arrives.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import os
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf
+import soxr
+import torch
+
+__all__ = [
+    "AudioError",
+    "AudioSource",
+    "HOP_LENGTH",
+    "N_FFT",
+    "N_MELS",
+    "QWEN_OMNI_N_SAMPLES",
+    "SAMPLE_RATE",
+    "WHISPER_N_SAMPLES",
+    "StreamingMelExtractor",
+    "load_audio",
+    "log_mel_features",
+    "mel_filter_bank",
+    "mel_frame_count",
+    "resample",
+]
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+N_MELS = 128
+#: Samples ``WhisperFeatureExtractor`` pads every clip to by default (30 s).
+WHISPER_N_SAMPLES = 30 * SAMPLE_RATE
+#: Samples the Qwen2.5-Omni ``preprocessor_config.json`` pads every clip to (``chunk_length`` 300 s).
+QWEN_OMNI_N_SAMPLES = 300 * SAMPLE_RATE
+
+_PAD = N_FFT // 2  # torch.stft(center=True) reflect-pads this many samples at each end
+_LOG_FLOOR_DB = 8.0  # Whisper keeps log10 values within 8 of the maximum (80 dB)
+_MAX_CHANNELS = 16
+
+AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | torch.Tensor
+
+ACCEPTED_DTYPES = (
+    "float16, bfloat16 (torch only), float32 and float64 (samples nominally in [-1, 1]); "
+    "int8, int16 and int32 (full-scale PCM, divided by 2**7, 2**15 and 2**31); "
+    "uint8 (8-bit PCM centred on 128)"
+)
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: unreadable, empty, non-finite, of the wrong type or shape, or too long."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and resampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_audio(
+    source: AudioSource,
+    sample_rate: int,
+    *,
+    source_rate: int | None = None,
+    max_seconds: float | None = None,
+) -> torch.Tensor:
+    """Decode ``source`` to a mono float32 1-D CPU tensor at ``sample_rate`` Hz.
+
+    ``source`` is a path, the bytes of an encoded file (wav, flac, ogg/vorbis, mp3, anything libsndfile
+    reads), a binary file object, or a numpy array / torch tensor of samples, in which case ``source_rate``
+    gives their sample rate. Arrays are 1-D or 2-D, with the channel axis the smaller one (``[channels,
+    samples]`` or ``[samples, channels]``); channels are averaged. See ``ACCEPTED_DTYPES`` for array dtypes.
+    Resampling uses soxr's high-quality filter. Raises ``AudioError`` naming the problem.
+    """
+    _check_rate(sample_rate, "sample_rate")
+    if max_seconds is not None and not max_seconds > 0:
+        raise AudioError(f"max_seconds must be positive, got {max_seconds!r}")
+
+    if isinstance(source, np.generic):
+        source = np.asarray(source)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        if source_rate is None:
+            raise AudioError(
+                f"source_rate is required for a {type(source).__name__} input: "
+                "raw samples carry no sample rate of their own"
+            )
+        _check_rate(source_rate, "source_rate")
+        name = f"<{type(source).__name__} of shape {tuple(source.shape)}>"
+        samples = _to_mono_float32(source, name)
+        rate = source_rate
+    else:
+        if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and not hasattr(
+            source, "read"
+        ):
+            raise AudioError(
+                f"unsupported audio source of type {type(source).__name__}: expected a path, bytes of an "
+                "encoded file, a binary file object, a numpy array or a torch tensor"
+            )
+        if source_rate is not None:
+            raise AudioError(
+                "source_rate applies to array and tensor inputs only; files carry their own rate"
+            )
+        samples, rate, name = _decode(source, max_seconds)
+
+    _check_samples(samples, name)
+    duration = samples.shape[0] / rate
+    if max_seconds is not None and duration > max_seconds:
+        raise AudioError(f"{name}: audio is {duration:.2f} s long, more than the limit of {max_seconds:g} s")
+    out = _resample_np(samples, rate, sample_rate)
+    if out.shape[0] == 0:
+        raise AudioError(
+            f"{name}: audio of {samples.shape[0]} samples at {rate} Hz is too short to resample to "
+            f"{sample_rate} Hz"
+        )
+    return torch.from_numpy(out)
+
+
+def resample(audio: torch.Tensor | np.ndarray, from_rate: int, to_rate: int) -> torch.Tensor:
+    """Resample float audio ``[..., time]`` (1-D, or 2-D with time last) from ``from_rate`` to ``to_rate`` Hz.
+
+    Uses soxr (high quality) on the CPU; the result is float32 on the input's device.
+    """
+    _check_rate(from_rate, "from_rate")
+    _check_rate(to_rate, "to_rate")
+    device = audio.device if isinstance(audio, torch.Tensor) else torch.device("cpu")
+    if isinstance(audio, torch.Tensor):
+        array = audio.detach().to("cpu", torch.float32).numpy()
+    else:
+        array = np.asarray(audio, dtype=np.float32)
+    if array.ndim not in (1, 2):
+        raise AudioError(f"resample expects a 1-D or 2-D [channels, time] array, got shape {array.shape}")
+    if array.ndim == 1:
+        out = _resample_np(array, from_rate, to_rate)
+    else:
+        out = np.ascontiguousarray(_resample_np(np.ascontiguousarray(array.T), from_rate, to_rate).T)
+    return torch.from_numpy(out).to(device)
+
+
+def _resample_np(samples: np.ndarray, from_rate: float, to_rate: float) -> np.ndarray:
+    if from_rate == to_rate:
+        return np.ascontiguousarray(samples, dtype=np.float32)
+    out = soxr.resample(np.ascontiguousarray(samples, dtype=np.float32), from_rate, to_rate, quality="HQ")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _check_rate(rate: object, what: str) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise AudioError(f"{what} must be a positive number of Hz, got {rate!r}")
+    if not (math.isfinite(float(rate)) and rate > 0):
+        raise AudioError(f"{what} must be a positive number of Hz, got {rate!r}")
+
+
+def _decode(source: object, max_seconds: float | None) -> tuple[np.ndarray, int, str]:
+    """Decode a path, bytes or file object with libsndfile -> (mono float32 samples, rate, display name)."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        name = str(path)
+        if not path.exists():
+            raise AudioError(f"{name}: no such audio file")
+        if path.is_dir():
+            raise AudioError(f"{name}: is a directory, not an audio file")
+        opened: object = path
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        name = f"<{len(data)} bytes of encoded audio>"
+        if not data:
+            raise AudioError(f"{name}: empty audio (no data)")
+        opened = io.BytesIO(data)
+    else:
+        name = f"<{getattr(source, 'name', type(source).__name__)}>"
+        opened = source
+
+    try:
+        with sf.SoundFile(opened) as f:  # type: ignore[arg-type]
+            rate = int(f.samplerate)
+            frames = f.frames
+            if max_seconds is not None and rate > 0 and 0 < frames < 2**62 and frames / rate > max_seconds:
+                raise AudioError(
+                    f"{name}: audio is {frames / rate:.2f} s long, more than the limit of {max_seconds:g} s"
+                )
+            data2d = f.read(dtype="float32", always_2d=True)
+    except AudioError:
+        raise
+    except (sf.SoundFileError, RuntimeError, TypeError, EOFError, OSError) as exc:
+        detail = str(exc).strip() or type(exc).__name__
+        raise AudioError(
+            f"{name}: cannot decode audio (corrupt data or a format libsndfile does not read: {detail})"
+        ) from exc
+    if data2d.ndim != 2 or data2d.shape[0] == 0:
+        raise AudioError(f"{name}: empty audio (the file holds no samples)")
+    mono = data2d[:, 0] if data2d.shape[1] == 1 else data2d.mean(axis=1, dtype=np.float64).astype(np.float32)
+    return np.ascontiguousarray(mono, dtype=np.float32), rate, name
+
+
+def _to_mono_float32(source: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
+    """Convert an array/tensor of samples to mono float32 numpy, scaling integer PCM to [-1, 1]."""
+    if isinstance(source, torch.Tensor):
+        tensor = source.detach()
+        if tensor.is_complex() or tensor.dtype == torch.bool:
+            raise AudioError(f"{name}: unsupported dtype {tensor.dtype}; accepted: {ACCEPTED_DTYPES}")
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.float()
+        array = tensor.cpu().numpy()
+    else:
+        array = source
+    if array.ndim == 0:
+        raise AudioError(f"{name}: expected audio samples, got a scalar")
+    if array.ndim > 2:
+        raise AudioError(
+            f"{name}: expected 1-D mono or 2-D [channels, samples] / [samples, channels] audio, "
+            f"got {array.ndim} dimensions"
+        )
+    if array.size == 0:
+        raise AudioError(f"{name}: empty audio (0 samples)")
+
+    kind, itemsize = array.dtype.kind, array.dtype.itemsize
+    if kind == "f":
+        floats = array.astype(np.float32, copy=False)
+    elif kind == "i" and itemsize in (1, 2, 4):
+        floats = array.astype(np.float32) / np.float32(2 ** (8 * itemsize - 1))
+    elif kind == "u" and itemsize == 1:
+        floats = (array.astype(np.float32) - 128.0) / 128.0
+    else:
+        raise AudioError(f"{name}: unsupported dtype {array.dtype}; accepted: {ACCEPTED_DTYPES}")
+
+    if floats.ndim == 2:
+        rows, cols = floats.shape
+        channel_axis = 0 if rows <= cols else 1
+        channels = floats.shape[channel_axis]
+        if channels > _MAX_CHANNELS:
+            raise AudioError(
+                f"{name}: cannot tell channels from samples in a 2-D array of shape {floats.shape}; "
+                f"expected [channels, samples] or [samples, channels] with at most {_MAX_CHANNELS} channels"
+            )
+        floats = floats.mean(axis=channel_axis, dtype=np.float64).astype(np.float32)
+    return np.ascontiguousarray(floats, dtype=np.float32)
+
+
+def _check_samples(samples: np.ndarray, name: str) -> None:
+    if samples.shape[0] == 0:
+        raise AudioError(f"{name}: empty audio (0 samples)")
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise AudioError(
+            f"{name}: audio contains {bad.size} NaN/inf sample(s) (first at index {int(bad[0])}, after "
+            "downmixing to mono)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-mel features
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _hz_to_mel_slaney(freq: np.ndarray) -> np.ndarray:
+    freq = np.asarray(freq, dtype=np.float64)
+    mels = 3.0 * freq / 200.0
+    log_region = freq >= 1000.0
+    mels[log_region] = 15.0 + np.log(freq[log_region] / 1000.0) * (27.0 / np.log(6.4))
+    return mels
+
+
+def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
+    mels = np.asarray(mels, dtype=np.float64)
+    freq = 200.0 * mels / 3.0
+    log_region = mels >= 15.0
+    freq[log_region] = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels[log_region] - 15.0))
+    return freq
+
+
+@functools.lru_cache(maxsize=8)
+def mel_filter_bank(
+    n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE, f_max: float = 8000.0
+) -> np.ndarray:
+    """Slaney-scale, Slaney-normalised triangular mel filters ``[n_fft // 2 + 1, n_mels]`` (float64).
+
+    Same math as ``transformers.audio_utils.mel_filter_bank(..., norm="slaney", mel_scale="slaney")`` as
+    ``WhisperFeatureExtractor`` calls it (f_min 0 Hz, f_max 8 kHz).
+    """
+    n_bins = n_fft // 2 + 1
+    mel_points = np.linspace(
+        _hz_to_mel_slaney(np.array([0.0]))[0], _hz_to_mel_slaney(np.array([f_max]))[0], n_mels + 2
+    )
+    filter_freqs = _mel_to_hz_slaney(mel_points)
+    fft_freqs = np.linspace(0, sample_rate // 2, n_bins)
+    filter_diff = np.diff(filter_freqs)
+    slopes = filter_freqs[None, :] - fft_freqs[:, None]
+    down = -slopes[:, :-2] / filter_diff[:-1]
+    up = slopes[:, 2:] / filter_diff[1:]
+    filters = np.maximum(np.zeros(1), np.minimum(down, up))
+    filters *= (2.0 / (filter_freqs[2 : n_mels + 2] - filter_freqs[:n_mels]))[None, :]
+    filters.setflags(write=False)
+    return filters
+
+
+_DEVICE_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Hann window [N_FFT], mel filters [N_MELS, N_FFT//2+1]) as float32 on ``device``, cached."""
+    key = (device.type, str(device.index))
+    cached = _DEVICE_CACHE.get(key)
+    if cached is None:
+        window = torch.hann_window(N_FFT, device=device)
+        filters = torch.from_numpy(mel_filter_bank().astype(np.float32)).to(device).T.contiguous()
+        cached = (window, filters)
+        _DEVICE_CACHE[key] = cached
+    return cached
+
+
+def mel_frame_count(num_samples: int) -> int:
+    """Number of valid mel frames for ``num_samples`` of 16 kHz audio (the feature attention mask's sum)."""
+    return -(-int(num_samples) // HOP_LENGTH)
+
+
+def _power_to_log_mel(stft: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    magnitudes = (stft.abs() ** 2).contiguous()
+    return torch.clamp(filters @ magnitudes, min=1e-10).log10()
+
+
+def _normalize(raw: torch.Tensor, valid_frames: int) -> torch.Tensor:
+    """Whisper's dynamic-range floor (max - 8) and ``(x + 4) / 4`` scaling; keep the valid frames."""
+    floored = torch.maximum(raw, raw.max() - _LOG_FLOOR_DB)
+    return ((floored + 4.0) / 4.0)[:, :valid_frames]
+
+
+def _plan(num_samples: int, n_samples: int) -> tuple[int, int, int]:
+    """-> (padded length P, valid frames L, frames T that can influence the maximum).
+
+    The reference extractor zero-pads the clip to ``P = n_samples`` samples, runs a centred STFT (reflect
+    padding at both ends of the padded array), drops the last frame and keeps ``ceil(n / hop)`` frames.
+    Longer clips are padded to the next multiple of the hop instead (the same computation without
+    truncation). Frames past ``L + 1`` only see zeros: they are exactly log10(1e-10) and never raise the max.
+    """
+    valid = mel_frame_count(num_samples)
+    padded = max(int(n_samples), valid * HOP_LENGTH)
+    return padded, valid, min(padded // HOP_LENGTH, valid + 2)
+
+
+def _as_float_tensor(audio: torch.Tensor | np.ndarray, what: str) -> torch.Tensor:
+    if isinstance(audio, np.ndarray):
+        audio = torch.from_numpy(np.ascontiguousarray(audio))
+    if not isinstance(audio, torch.Tensor):
+        raise AudioError(f"{what} expects a 1-D torch tensor or numpy array, got {type(audio).__name__}")
+    if audio.dim() != 1:
+        raise AudioError(f"{what} expects 1-D mono 16 kHz audio, got shape {tuple(audio.shape)}")
+    if not (audio.is_floating_point()):
+        raise AudioError(f"{what} expects float audio (use load_audio for integer PCM), got {audio.dtype}")
+    return audio.detach().to(torch.float32)
+
+
+def log_mel_features(
+    audio_16k: torch.Tensor | np.ndarray, *, n_samples: int = QWEN_OMNI_N_SAMPLES
+) -> torch.Tensor:
+    """128-bin log-mel features ``[128, L]`` of one 16 kHz mono turn, ``L = ceil(len / 160)``.
+
+    Equal to ``WhisperFeatureExtractor(feature_size=128)`` called the way the Qwen2.5-Omni processor calls it
+    (``padding="max_length"``, ``return_attention_mask=True``), cut to the frames its attention mask marks
+    valid. ``n_samples`` is the length the reference extractor pads to: Qwen2.5-Omni's preprocessor config
+    uses 300 s (the default here); ``WHISPER_N_SAMPLES`` (30 s) is the class default. The two give the same
+    values for turns shorter than 30 s minus 41 samples. Turns longer than ``n_samples`` are not truncated:
+    they are padded to the next multiple of the hop and go through the same formula (equal to the extractor
+    with ``max_length`` set to that padded length and ``truncation=False``). Computed on the input's device.
+    """
+    audio = _as_float_tensor(audio_16k, "log_mel_features")
+    n = audio.shape[0]
+    if n == 0:
+        raise AudioError("log_mel_features: empty audio (0 samples)")
+    padded, valid, frames = _plan(n, n_samples)
+    # Zero-pad only as far as the frames we need; when that stops short of ``padded``, the right-hand reflect
+    # padding of torch.stft mirrors zeros, exactly like the zeros of the full-length padded array would.
+    length = min(padded, frames * HOP_LENGTH + 2 * _PAD)
+    signal = torch.nn.functional.pad(audio, (0, length - n))
+    window, filters = _constants(audio.device)
+    stft = torch.stft(
+        signal, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
+    )
+    raw = _power_to_log_mel(stft[:, :frames], filters)
+    return _normalize(raw, valid)
+
+
+class StreamingMelExtractor:
+    """Incremental log-mel features for one turn of 16 kHz audio arriving in chunks of any size.
+
+    ``push`` returns the raw ``log10`` mel frames ``[128, n_new]`` that became computable (every frame whose
+    STFT window is complete; the first two use the reflect padding at the turn's start, exactly like the
+    centred STFT). The Whisper floor/normalisation depends on the whole turn's maximum, so ``finalize``
+    returns the normalised ``[128, L]`` features of everything pushed so far, equal to ``log_mel_features``
+    on the concatenated audio. ``finalize`` does not change the state: more audio can be pushed afterwards.
+    """
+
+    def __init__(self, *, device: torch.device | str | None = None, n_samples: int = QWEN_OMNI_N_SAMPLES):
+        self._device = torch.device(device) if device is not None else None
+        self._n_samples = int(n_samples)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget all audio and frames (start a new turn)."""
+        self._buf = torch.zeros(0, dtype=torch.float32, device=self._device)
+        self._buf_start = 0  # absolute index of self._buf[0]
+        self._num_samples = 0
+        self._frames: list[torch.Tensor] = []
+        self._num_frames = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples pushed so far."""
+        return self._num_samples
+
+    @property
+    def num_frames(self) -> int:
+        """Raw frames returned by ``push`` so far."""
+        return self._num_frames
+
+    def push(self, chunk: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Add 16 kHz mono float samples; return the new raw log10-mel frames ``[128, n_new]``."""
+        chunk = _as_float_tensor(chunk, "StreamingMelExtractor.push")
+        if self._device is None:
+            self._device = chunk.device
+            self._buf = self._buf.to(self._device)
+        chunk = chunk.to(self._device)
+        if chunk.numel() and not torch.isfinite(chunk).all():
+            raise AudioError("StreamingMelExtractor.push: chunk contains NaN/inf samples")
+        self._buf = torch.cat([self._buf, chunk])
+        self._num_samples += chunk.shape[0]
+
+        n = self._num_samples
+        ready = (
+            0 if n <= _PAD else (n - _PAD) // HOP_LENGTH + 1
+        )  # frame t needs samples < t*hop + N_FFT/2 (+1)
+        if ready <= self._num_frames:
+            return torch.zeros(N_MELS, 0, dtype=torch.float32, device=self._device)
+        # Windows of frames < ready end inside the audio, so no right-hand padding is involved (P = n).
+        new = self._raw_frames(self._num_frames, ready, padded=n)
+        self._frames.append(new)
+        self._num_frames = ready
+        keep_from = max(0, self._num_frames * HOP_LENGTH - _PAD)
+        if keep_from > self._buf_start:
+            self._buf = self._buf[keep_from - self._buf_start :].clone()
+            self._buf_start = keep_from
+        return new
+
+    def finalize(self) -> torch.Tensor:
+        """Normalised features ``[128, L]`` of all audio pushed so far (equal to ``log_mel_features``)."""
+        n = self._num_samples
+        if n == 0:
+            raise AudioError("StreamingMelExtractor.finalize: empty audio (no samples pushed)")
+        padded, valid, frames = _plan(n, self._n_samples)
+        parts = list(self._frames)
+        if frames > self._num_frames:
+            parts.append(self._raw_frames(self._num_frames, frames, padded=padded))
+        raw = torch.cat(parts, dim=1)
+        return _normalize(raw, valid)
+
+    def _raw_frames(self, first: int, stop: int, *, padded: int) -> torch.Tensor:
+        """Raw log10-mel frames ``first..stop-1`` of the centred STFT of the turn, zero-padded to ``padded``.
+
+        Gathers the reflect-padded signal those frames need from the buffer and runs an uncentred STFT.
+        """
+        # Positions in the reflect-padded signal (offset by _PAD) -> positions in the zero-padded turn.
+        pos = torch.arange(first * HOP_LENGTH - _PAD, (stop - 1) * HOP_LENGTH + _PAD, device=self._device)
+        pos = torch.where(pos < 0, -pos, pos)
+        pos = torch.where(pos >= padded, 2 * (padded - 1) - pos, pos)
+        inside = pos < self._num_samples
+        local = (pos - self._buf_start).clamp(0, max(self._buf.shape[0] - 1, 0))
+        if bool((inside & (pos < self._buf_start)).any()):  # pragma: no cover - internal invariant
+            raise RuntimeError("StreamingMelExtractor dropped samples it still needs")
+        values = self._buf[local] if self._buf.shape[0] else torch.zeros_like(pos, dtype=torch.float32)
+        signal = torch.where(inside, values, torch.zeros((), dtype=torch.float32, device=self._device))
+        window, filters = _constants(signal.device)
+        stft = torch.stft(signal, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+        return _power_to_log_mel(stft, filters)

@@ -1,0 +1,562 @@
+"""Sessions, voices and the frame loop: one loaded model serving many conversations at once.
+
+All model work runs on one worker thread that owns the caches; callers talk to it through
+commands (thread-safe, usable from asyncio) and receive each response as a stream of events:
+``TextDelta`` (the words as they enter the speech), ``AudioChunk`` (one 80 ms frame of 24 kHz float
+PCM, ready to play) and a final ``ResponseDone`` with the spoken text, the stop reason and timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soxr
+import torch
+
+from ..audio import AudioError, StreamingMelExtractor, load_audio
+from ..generation import SamplingParams, VoicePrompt, encode_voice
+from ..models.audio_encoder import audio_token_count
+from ..pipeline import DEFAULT_SYSTEM_PROMPT, MAX_VOICE_SECONDS, Chroma
+from ..tokenizer import build_chat_prompt
+from .stepper import BatchStepper, ContextFull, StepOutput
+
+USER_RATE = 16000
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve as given (the message says why); the engine stays usable."""
+
+
+class UnknownVoice(EngineError):
+    pass
+
+
+class SessionLimit(EngineError):
+    pass
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token: int
+
+
+@dataclass
+class AudioChunk:
+    audio: np.ndarray          # float32 [frame_samples], 24 kHz
+    index: int
+    sample_rate: int
+
+
+@dataclass
+class ResponseDone:
+    text: str
+    tokens: list[int]
+    stop_reason: str           # eos | length | cancelled | error
+    frames: int
+    timings: dict[str, float] = field(default_factory=dict)
+    codes: torch.Tensor | None = None
+    error: str | None = None
+
+
+Event = TextDelta | AudioChunk | ResponseDone
+
+
+@dataclass
+class Voice:
+    name: str
+    transcript: str
+    prompt: VoicePrompt
+    embeds: torch.Tensor                     # [P, H] backbone prompt vectors
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None   # cached backbone keys/values over the prompt
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+
+class Response:
+    """A response in progress: iterate (sync or async) for events; ``cancel()`` stops it within a frame."""
+
+    def __init__(self, engine: Engine, session: Session):
+        self._engine = engine
+        self.session = session
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._aq: asyncio.Queue | None = None
+        self.done: ResponseDone | None = None
+        self.t_start = time.perf_counter()
+        self.t_first_audio: float | None = None
+        self.frames = 0
+        self.codes: list[torch.Tensor] = []
+        self.tokens: list[int] = []
+        self._text = ""
+
+    def cancel(self) -> None:
+        self._engine._submit(self._engine._cancel, self.session)
+
+    def _emit(self, ev: Event) -> None:
+        with self._lock:
+            if self._aq is not None:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+            else:
+                self._q.put(ev)
+
+    def __iter__(self):
+        while True:
+            ev = self._q.get()
+            yield ev
+            if isinstance(ev, ResponseDone):
+                return
+
+    async def __aiter__(self):
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._aq = asyncio.Queue()
+            while not self._q.empty():
+                self._aq.put_nowait(self._q.get_nowait())
+        while True:
+            ev = await self._aq.get()
+            yield ev
+            if isinstance(ev, ResponseDone):
+                return
+
+    def result(self) -> ResponseDone:
+        """Block until the response ends; return its final event."""
+        for ev in self:
+            if isinstance(ev, ResponseDone):
+                return ev
+        raise RuntimeError("response ended without a final event")
+
+
+class Session:
+    """One conversation: a voice, a system prompt and a history, bound to one slot of the engine."""
+
+    def __init__(self, engine: Engine, sid: int, slot: int, voice: str, system_prompt: str, sampling: SamplingParams):
+        self.engine = engine
+        self.id = sid
+        self.slot = slot
+        self.voice = voice
+        self.system_prompt = system_prompt
+        self.sampling = sampling
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]}]
+        self.audio_embeds: list[torch.Tensor] = []     # per audio part of the conversation, in order
+        self.ctx_ids: list[int] = []                    # what the reasoner's cache row holds
+        self.response: Response | None = None
+        self.closed = False
+        # The user turn being received.
+        self._turn_parts: list[dict] = []
+        self._mel = StreamingMelExtractor()
+        self._raw: list[torch.Tensor] = []
+        self._raw_frames = 0
+        self._windows: list[tuple[torch.Tensor, torch.Tensor]] = []   # (features used, encoded frames)
+        self._resampler = None            # soxr stream, while the user's audio is not at 16 kHz
+        self._resampler_rate = USER_RATE
+
+    # ----- user input ---------------------------------------------------------------------------------
+    def append_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> None:
+        """Add user audio as it arrives (mono or multi-channel, float or int PCM, any chunk size and rate)."""
+        if not isinstance(sample_rate, int) or sample_rate <= 0:
+            raise AudioError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        wav = load_audio(audio, sample_rate, source_rate=sample_rate)
+        self.engine._call(self.engine._append_audio, self, wav, sample_rate)
+
+    def clear_audio(self) -> None:
+        """Drop the user audio received since the last turn ended."""
+        self.engine._call(self.engine._clear_audio, self)
+
+    def add_text(self, text: str) -> None:
+        """Add a user text message to the current turn."""
+        if not isinstance(text, str) or not text.strip():
+            raise EngineError("the user text is empty")
+        self.engine._call(self.engine._add_text, self, text)
+
+    def respond(self, max_frames: int | None = None, forced_text: str | None = None,
+                sampling: SamplingParams | None = None) -> Response:
+        """End the user's turn (if any) and start a response; with ``forced_text``, speak exactly that."""
+        if forced_text is not None and not forced_text.strip():
+            raise EngineError("forced_text is empty: nothing to say")
+        return self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling)
+
+    def close(self) -> None:
+        self.engine._call(self.engine._close_session, self)
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return [dict(m) for m in self.messages]
+
+
+class Engine:
+    """Holds one loaded model, its voices and sessions, and runs the batched frame loop."""
+
+    def __init__(
+        self,
+        chroma: Chroma,
+        max_sessions: int = 8,
+        max_context: int = 4096,
+        max_response_frames: int = 750,
+        max_voice_seconds: float = MAX_VOICE_SECONDS,
+        lookahead: int = 2,
+        cache_voices: bool = True,
+    ):
+        self.chroma = chroma
+        self.model = chroma.model
+        self.cfg = chroma.config
+        self.tokenizer = chroma.tokenizer
+        self.max_sessions = max_sessions
+        self.max_context = max_context
+        self.max_response_frames = max_response_frames
+        self.cache_voices = cache_voices
+        voice_len = int(max_voice_seconds * self.cfg.frame_rate) + 3 + 256  # frames + transcript tokens
+        self.stepper = BatchStepper(self.model, max_sessions, max_context, voice_len + 3 * max_response_frames + 4,
+                                    lookahead)
+        self.voices: dict[str, Voice] = {}
+        self.sessions: dict[int, Session] = {}
+        self._slot_session: dict[int, Session] = {}
+        self._responses: dict[int, Response] = {}
+        self._ids = itertools.count(1)
+        self._cmds: queue.Queue = queue.Queue()
+        self._closed = False
+        self.frames_generated = 0
+        self._thread = threading.Thread(target=self._loop, name="openchroma-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
+        return cls(Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress), **kw)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.cfg.sample_rate
+
+    # ----- public API -------------------------------------------------------------------------------
+    def register_voice(self, name: str, audio, transcript: str, sample_rate: int | None = None) -> Voice:
+        """Clone a voice once: its codes and the backbone's cache over its prompt are reused by every response."""
+        if not name:
+            raise EngineError("a voice needs a name")
+        if not transcript or not transcript.strip():
+            raise EngineError("the voice's transcript is empty")
+        wav = load_audio(audio, self.sample_rate, source_rate=sample_rate, max_seconds=MAX_VOICE_SECONDS)
+        return self._call(self._register_voice, name, wav, transcript)
+
+    def add_voice(self, name: str, prompt: VoicePrompt, transcript: str = "") -> Voice:
+        """Register a voice from precomputed codes (e.g. loaded from a voice library)."""
+        return self._call(self._add_voice, name, prompt, transcript)
+
+    def remove_voice(self, name: str) -> None:
+        self.voices.pop(name, None)
+
+    def create_session(self, voice: str, system_prompt: str | None = None,
+                       sampling: SamplingParams | None = None) -> Session:
+        return self._call(self._create_session, voice, system_prompt or DEFAULT_SYSTEM_PROMPT,
+                          sampling or SamplingParams())
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._cmds.put(None)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ----- worker plumbing ----------------------------------------------------------------------------
+    def _submit(self, fn, *args) -> Future:
+        if self._closed:
+            raise EngineError("the engine is closed")
+        fut: Future = Future()
+        self._cmds.put((fn, args, fut))
+        return fut
+
+    def _call(self, fn, *args):
+        if threading.current_thread() is self._thread:
+            return fn(*args)
+        return self._submit(fn, *args).result()
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            try:
+                item = self._cmds.get(block=not self.stepper.active, timeout=None)
+            except queue.Empty:
+                item = ...
+            while item is not ...:
+                if item is None:
+                    self._fail_all("the engine was closed")
+                    return
+                fn, args, fut = item
+                try:
+                    with torch.inference_mode():
+                        fut.set_result(fn(*args))
+                except BaseException as e:  # reported to the caller; the engine goes on
+                    fut.set_exception(e)
+                try:
+                    item = self._cmds.get_nowait()
+                except queue.Empty:
+                    item = ...
+            if self.stepper.active:
+                try:
+                    outs = self.stepper.step()
+                except Exception as e:  # never leave callers hanging
+                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                    continue
+                for out in outs:
+                    self._deliver(out)
+
+    def _fail_all(self, message: str) -> None:
+        for slot in list(self.stepper.rows):
+            self.stepper.rows.pop(slot, None)
+            resp = self._responses.pop(slot, None)
+            if resp is not None:
+                resp.done = ResponseDone(resp._text, resp.tokens, "error", resp.frames, error=message)
+                resp._emit(resp.done)
+
+    # ----- commands (run on the worker) ---------------------------------------------------------------
+    def _voice_embeds(self, prompt: VoicePrompt) -> torch.Tensor:
+        return self.model.voice_prompt_embeds(prompt.text_ids, prompt.codes).to(self.stepper.dtype)
+
+    def _add_voice(self, name: str, prompt: VoicePrompt, transcript: str) -> Voice:
+        embeds = self._voice_embeds(prompt)
+        voice = Voice(name, transcript, prompt, embeds)
+        if self.cache_voices:
+            bb = self.model.backbone.model
+            cache = bb.new_cache(1, embeds.shape[0])
+            bb(embeds[None], torch.arange(embeds.shape[0], device=embeds.device)[None], cache)
+            voice.kv = (cache.k[:, 0].clone(), cache.v[:, 0].clone())
+        self.voices[name] = voice
+        return voice
+
+    def _register_voice(self, name: str, wav: torch.Tensor, transcript: str) -> Voice:
+        prompt = encode_voice(self.model, wav, self.tokenizer.encode(transcript))
+        return self._add_voice(name, prompt, transcript)
+
+    def _create_session(self, voice: str, system_prompt: str, sampling: SamplingParams) -> Session:
+        if voice not in self.voices:
+            raise UnknownVoice(f"unknown voice {voice!r} (registered: {', '.join(sorted(self.voices)) or 'none'})")
+        free = [s for s in range(self.max_sessions) if s not in self._slot_session]
+        if not free:
+            raise SessionLimit(f"all {self.max_sessions} sessions are in use; try again later")
+        s = Session(self, next(self._ids), free[0], voice, system_prompt, sampling)
+        self.sessions[s.id] = s
+        self._slot_session[s.slot] = s
+        return s
+
+    def _close_session(self, s: Session) -> None:
+        self._cancel(s)
+        self.stepper.rows.pop(s.slot, None)
+        resp = self._responses.pop(s.slot, None)
+        if resp is not None and resp.done is None:
+            self._finish(resp, "cancelled")
+        s.closed = True
+        self.sessions.pop(s.id, None)
+        self._slot_session.pop(s.slot, None)
+
+    def _check_open(self, s: Session) -> None:
+        if s.closed:
+            raise EngineError(f"session {s.id} is closed")
+
+    def _append_audio(self, s: Session, wav: torch.Tensor, rate: int) -> None:
+        self._check_open(s)
+        if not s._turn_parts or s._turn_parts[-1]["type"] != "audio":
+            s._turn_parts.append({"type": "audio"})
+        if rate != s._resampler_rate:
+            self._flush_resampler(s)
+            s._resampler_rate = rate
+            s._resampler = None if rate == USER_RATE else soxr.ResampleStream(rate, USER_RATE, 1, dtype="float32",
+                                                                               quality="HQ")
+        if s._resampler is not None:
+            wav = torch.from_numpy(s._resampler.resample_chunk(wav.numpy()))
+        self._push_mel(s, wav)
+
+    def _flush_resampler(self, s: Session) -> None:
+        if s._resampler is not None:
+            self._push_mel(s, torch.from_numpy(s._resampler.resample_chunk(np.zeros(0, np.float32), last=True)))
+            s._resampler = None
+            s._resampler_rate = USER_RATE
+
+    def _push_mel(self, s: Session, wav16: torch.Tensor) -> None:
+        if not wav16.numel():
+            return
+        raw = s._mel.push(wav16)
+        if raw.shape[1]:
+            s._raw.append(raw)
+            s._raw_frames += raw.shape[1]
+        self._encode_ready_windows(s)
+
+    def _clear_audio(self, s: Session) -> None:
+        s._turn_parts = [p for p in s._turn_parts if p["type"] != "audio" or p.get("done")]
+        self._reset_audio(s)
+
+    def _reset_audio(self, s: Session) -> None:
+        s._mel.reset()
+        s._raw, s._raw_frames, s._windows = [], 0, []
+
+    def _encode_ready_windows(self, s: Session) -> None:
+        """Encode every completed attention window of the user's audio while they are still speaking."""
+        w = self.model.thinker.audio_tower.window
+        if s._raw_frames < (len(s._windows) + 1) * w:
+            return
+        raw = torch.cat(s._raw, dim=1)
+        s._raw = [raw]
+        floor = raw.max() - 8.0
+        enc = self.model.thinker.audio_tower
+        p = enc.conv1.weight
+        while s._raw_frames >= (len(s._windows) + 1) * w:
+            i = len(s._windows)
+            feats = (torch.maximum(raw[:, i * w:(i + 1) * w], floor) + 4.0) / 4.0
+            s._windows.append((feats, enc.encode_windows(feats.to(p.device, p.dtype))))
+
+    def _finish_audio_part(self, s: Session) -> None:
+        """The user's audio part is complete: exact whole-turn features, re-encoding any window they change."""
+        self._flush_resampler(s)
+        if s._mel.num_samples == 0:
+            return
+        feats = s._mel.finalize()
+        enc = self.model.thinker.audio_tower
+        p = enc.conv1.weight
+        w = enc.window
+        encoded = []
+        for i, (used, out) in enumerate(s._windows):
+            final = feats[:, i * w:(i + 1) * w]
+            if final.shape != used.shape or not torch.equal(final, used):
+                break  # the turn's loudest frame moved the floor: this window and the rest are redone
+            encoded.append(out)
+        rest = feats[:, len(encoded) * w:]
+        if rest.shape[1]:
+            encoded.append(enc.encode_windows(rest.to(p.device, p.dtype)))
+        embeds = enc.pool_project(torch.cat(encoded, dim=0))
+        assert embeds.shape[0] == audio_token_count(feats.shape[1])
+        part = next(pt for pt in reversed(s._turn_parts) if pt["type"] == "audio")
+        part["done"] = True
+        part["tokens"] = embeds.shape[0]
+        s.audio_embeds.append(embeds)
+        self._reset_audio(s)
+
+    def _add_text(self, s: Session, text: str) -> None:
+        self._check_open(s)
+        self._finish_audio_part(s)
+        s._turn_parts.append({"type": "text", "text": text})
+
+    def _prompt(self, s: Session) -> list[int]:
+        counts = [e.shape[0] for e in s.audio_embeds]
+        return build_chat_prompt(self.tokenizer, s.messages, counts)
+
+    def _embed_ids(self, s: Session, ids: list[int], start: int) -> torch.Tensor:
+        """Reasoner input vectors for ``ids[start:]``; ``<|AUDIO|>`` tokens take the session's audio embeddings."""
+        dev = self.stepper.device
+        tail = torch.tensor(ids[start:], device=dev)
+        audio_id = self.cfg.audio_token_index
+        first_audio = sum(1 for t in ids[:start] if t == audio_id)
+        n_audio = int((tail == audio_id).sum())
+        audio = None
+        if n_audio:
+            audio = torch.cat(s.audio_embeds, dim=0)[first_audio:first_audio + n_audio]
+        return self.model.thinker.embed(tail[None], audio)[0]
+
+    def _respond(self, s: Session, max_frames: int | None, forced_text: str | None,
+                 sampling: SamplingParams | None) -> Response:
+        self._check_open(s)
+        if s.slot in self.stepper.rows:
+            raise EngineError(f"session {s.id} is already responding; cancel it first")
+        self._finish_audio_part(s)
+        if s._turn_parts:
+            s.messages.append({"role": "user", "content": [
+                {"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in s._turn_parts]})
+            s._turn_parts = []
+        if len(s.messages) < 2 and forced_text is None:
+            raise EngineError("nothing to respond to: add the user's audio or text first")
+        ids = self._prompt(s)
+        forced = None
+        if forced_text is not None:
+            forced = self.tokenizer.encode(forced_text) + [self.cfg.im_end_token_id]
+        max_frames = min(max_frames or self.max_response_frames, self.max_response_frames)
+        if len(ids) + max_frames // 2 + 4 > self.max_context:
+            raise ContextFull(f"the conversation ({len(ids)} tokens) leaves no room to answer within the "
+                              f"{self.max_context}-token context; start a new session")
+        # Reuse what the reasoner's cache already holds (earlier turns, audio encoded while it arrived).
+        common = 0
+        for a, b in zip(s.ctx_ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)
+        h_last = self.stepper.thinker_prefill(s.slot, self._embed_ids(s, ids, common), common)
+        s.ctx_ids = list(ids)
+        first = forced[0] if forced else int(self.model.thinker_logits(h_last).argmax(-1))
+        voice = self.voices.get(s.voice)
+        if voice is None:
+            raise UnknownVoice(f"unknown voice {s.voice!r}")
+        if voice.kv is not None:
+            self.stepper.load_backbone_rows(s.slot, *voice.kv)
+        else:
+            self.stepper.backbone_prefill(s.slot, voice.embeds)
+        resp = Response(self, s)
+        row = self.stepper.start(s.slot, voice.length, h_last, first, len(ids), sampling or s.sampling, max_frames,
+                                 forced)
+        resp.row = row
+        self._responses[s.slot] = resp
+        s.response = resp
+        return resp
+
+    def _cancel(self, s: Session) -> None:
+        self.stepper.cancel(s.slot)
+
+    def _deliver(self, out: StepOutput) -> None:
+        resp = self._responses.get(out.slot)
+        if resp is None:
+            return
+        if out.text_token is not None:
+            resp.tokens.append(out.text_token)
+            text = self._spoken_text(resp.tokens)
+            if text.startswith(resp._text) and not text.endswith("\ufffd"):
+                delta = text[len(resp._text):]
+                resp._text = text
+                if delta:
+                    resp._emit(TextDelta(delta, out.text_token))
+        if out.audio is not None:
+            if resp.t_first_audio is None:
+                resp.t_first_audio = time.perf_counter()
+            resp.codes.append(out.codes)
+            resp._emit(AudioChunk(out.audio.numpy(), resp.frames, self.sample_rate))
+            resp.frames += 1
+            self.frames_generated += 1
+        if out.finished:
+            self._finish(resp, out.finished)
+
+    def _spoken_text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t != self.cfg.im_end_token_id])
+
+    def _finish(self, resp: Response, reason: str) -> None:
+        s = resp.session
+        self._responses.pop(s.slot, None)
+        row = getattr(resp, "row", None)
+        # The reasoner's cache holds the prompt and the tokens it consumed; history keeps what was spoken.
+        if row is not None:
+            s.ctx_ids = s.ctx_ids[: row.prompt_len] + row.tokens[: row.thinker_pos - row.prompt_len]
+        text = self._spoken_text(resp.tokens)
+        s.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        now = time.perf_counter()
+        secs = resp.frames * self.cfg.audio_frame_freq / self.sample_rate
+        timings = {"ttft_ms": (resp.t_first_audio - resp.t_start) * 1000 if resp.t_first_audio else float("nan"),
+                   "seconds": now - resp.t_start, "audio_seconds": secs,
+                   "rtf": (now - resp.t_start) / secs if secs else float("nan")}
+        codes = torch.stack(resp.codes) if resp.codes else torch.zeros(0, self.cfg.audio_num_codebooks,
+                                                                     dtype=torch.long)
+        resp.done = ResponseDone(text, list(resp.tokens), reason, resp.frames, timings, codes)
+        resp._emit(resp.done)
+
+
+__all__ = ["Engine", "Session", "Response", "TextDelta", "AudioChunk", "ResponseDone", "Voice", "EngineError",
+           "UnknownVoice", "SessionLimit", "ContextFull"]

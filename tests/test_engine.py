@@ -1,0 +1,279 @@
+"""The streaming engine: exactly the model, incremental audio, cached voices, batching, barge-in, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from openchroma.audio import AudioError
+from openchroma.engine import AudioChunk, ContextFull, Engine, EngineError, ResponseDone, TextDelta, UnknownVoice
+from openchroma.generation import SamplingParams, generate
+from openchroma.pipeline import DEFAULT_SYSTEM_PROMPT, Chroma
+
+FRAMES = 24
+
+
+@pytest.fixture(scope="module")
+def chroma(tiny_random_dir):
+    return Chroma.from_pretrained(tiny_random_dir, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def ref_audio():
+    rng = np.random.default_rng(1)
+    return (rng.standard_normal(24000 * 2) * 0.1).astype(np.float32)
+
+
+def user_audio(seed: int, seconds: float = 2.5) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
+
+
+@pytest.fixture
+def engine(chroma, ref_audio):
+    eng = Engine(chroma, max_sessions=3, max_context=512, max_response_frames=FRAMES)
+    eng.register_voice("ref", ref_audio, "hello there", sample_rate=24000)
+    yield eng
+    eng.close()
+
+
+def run(resp):
+    chunks, text, done = [], "", None
+    for ev in resp:
+        if isinstance(ev, AudioChunk):
+            chunks.append(ev.audio)
+        elif isinstance(ev, TextDelta):
+            text += ev.text
+        elif isinstance(ev, ResponseDone):
+            done = ev
+    return done, (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), text
+
+
+def reference(chroma, voice, messages, audios, sampling=None):
+    feats = [chroma.user_features(a, 16000) for a in audios]
+    ids = chroma.prompt_ids(messages, feats)
+    embeds = None
+    if feats:
+        enc = chroma.model.thinker.audio_tower
+        embeds = torch.cat([enc(f) for f in feats])
+    from openchroma.generation import Generation
+
+    gen = Generation(chroma.model, ids, voice, max_new_frames=FRAMES, sampling=sampling, audio_embeds=embeds)
+    for _ in gen:
+        pass
+    result = gen.result()
+    audio = chroma.model.codec_model.decode(result.codes.T[None])[0].numpy() if len(result.codes) else None
+    return result, audio
+
+
+def system():
+    return {"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]}
+
+
+def test_streamed_response_equals_the_non_streaming_path(chroma, engine):
+    audio = user_audio(2)
+    s = engine.create_session("ref")
+    for i in range(0, len(audio), 1600):
+        s.append_audio(audio[i:i + 1600], 16000)
+    done, pcm, text = run(s.respond())
+    voice = engine.voices["ref"].prompt
+    ref, ref_pcm = reference(chroma, voice, [system(), {"role": "user", "content": [{"type": "audio"}]}], [audio])
+    assert done.tokens == ref.text_tokens[: len(done.tokens)]
+    assert torch.equal(done.codes, ref.codes)
+    assert done.frames == FRAMES and done.stop_reason == "length"
+    np.testing.assert_allclose(pcm, ref_pcm, atol=1e-5)
+    assert len(pcm) == FRAMES * 1920
+    assert text == chroma.tokenizer.decode([t for t in done.tokens if t != chroma.config.im_end_token_id])
+    assert done.timings["ttft_ms"] > 0 and done.timings["rtf"] > 0
+
+
+def test_generate_with_whole_features_equals_engine_text_turn(chroma, engine):
+    s = engine.create_session("ref")
+    s.add_text("What is the weather like?")
+    done, _, _ = run(s.respond())
+    voice = engine.voices["ref"].prompt
+    msgs = [system(), {"role": "user", "content": [{"type": "text", "text": "What is the weather like?"}]}]
+    ids = chroma.prompt_ids(msgs)
+    ref = generate(chroma.model, ids, voice, max_new_frames=FRAMES, decode_audio=False)
+    assert torch.equal(done.codes, ref.codes)
+
+
+@pytest.mark.parametrize("chunk", [1, 777, 16000])
+def test_incremental_user_audio_equals_one_shot(chroma, engine, chunk):
+    # Silence first, loudest at the end: windows encoded early see a different floor and must be redone.
+    audio = np.concatenate([np.zeros(16000 * 3, np.float32), user_audio(3, 1.0) * 5])
+    if chunk == 1:
+        audio = audio[: 16000 * 3 + 400]  # keep the 1-sample case quick
+    a = engine.create_session("ref")
+    for i in range(0, len(audio), chunk):
+        a.append_audio(audio[i:i + chunk], 16000)
+    b = engine.create_session("ref")
+    b.append_audio(audio, 16000)
+    da, pa, _ = run(a.respond())
+    db, pb, _ = run(b.respond())
+    # Mel frames computed chunk by chunk may differ from one-shot in the last float bit (FFT batch sizes).
+    torch.testing.assert_close(a.audio_embeds[0], b.audio_embeds[0], atol=1e-5, rtol=1e-5)
+    assert da.tokens == db.tokens and torch.equal(da.codes, db.codes)
+    np.testing.assert_allclose(pa, pb, atol=1e-5)
+
+
+def test_user_audio_at_another_rate_is_resampled_as_a_stream(engine):
+    rng = np.random.default_rng(4)
+    audio = (rng.standard_normal(44100 * 2) * 0.1).astype(np.float32)
+    a = engine.create_session("ref")
+    for i in range(0, len(audio), 4410):
+        a.append_audio(audio[i:i + 4410], 44100)
+    done, pcm, _ = run(a.respond())
+    assert done.frames == FRAMES and a.audio_embeds[0].shape[0] > 0
+
+
+def test_cached_voice_equals_uncached(chroma, ref_audio):
+    outs = []
+    for cache in (True, False):
+        with Engine(chroma, max_sessions=1, max_context=512, max_response_frames=FRAMES, cache_voices=cache) as eng:
+            eng.register_voice("ref", ref_audio, "hello there", sample_rate=24000)
+            assert (eng.voices["ref"].kv is not None) == cache
+            s = eng.create_session("ref")
+            s.append_audio(user_audio(5), 16000)
+            outs.append(run(s.respond()))
+    (d1, p1, _), (d2, p2, _) = outs
+    assert d1.tokens == d2.tokens and torch.equal(d1.codes, d2.codes)
+    np.testing.assert_allclose(p1, p2, atol=1e-6)
+
+
+def test_batched_sessions_equal_each_alone(engine):
+    inputs = [user_audio(10 + i, 1.5 + 0.5 * i) for i in range(3)]
+    alone = []
+    for audio in inputs:
+        s = engine.create_session("ref")
+        s.append_audio(audio, 16000)
+        alone.append(run(s.respond()))
+        s.close()
+    sessions = [engine.create_session("ref") for _ in inputs]
+    for s, audio in zip(sessions, inputs, strict=True):
+        s.append_audio(audio, 16000)
+    # Start them together (the second and third join while the first is already generating).
+    responses = [s.respond() for s in sessions]
+    together = [run(r) for r in responses]
+    for (d1, p1, _), (d2, p2, _) in zip(alone, together, strict=True):
+        assert d1.tokens == d2.tokens
+        assert torch.equal(d1.codes, d2.codes)
+        np.testing.assert_allclose(p1, p2, atol=1e-5)
+
+
+def test_sampling_is_seeded_and_matches_generate(chroma, engine):
+    sp = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    s = engine.create_session("ref", sampling=sp)
+    s.add_text("Tell me a story.")
+    d1, _, _ = run(s.respond())
+    s2 = engine.create_session("ref", sampling=sp)
+    s2.add_text("Tell me a story.")
+    d2, _, _ = run(s2.respond())
+    assert torch.equal(d1.codes, d2.codes)
+    msgs = [system(), {"role": "user", "content": [{"type": "text", "text": "Tell me a story."}]}]
+    ref = generate(chroma.model, chroma.prompt_ids(msgs), engine.voices["ref"].prompt, max_new_frames=FRAMES,
+                   sampling=sp, decode_audio=False)
+    assert torch.equal(d1.codes, ref.codes)
+
+
+def test_cancel_stops_within_one_frame_frees_the_slot_and_keeps_what_was_said(engine):
+    s = engine.create_session("ref")
+    s.add_text("Hello?")
+    resp = s.respond()
+    frames_at_cancel = None
+    frames = 0
+    for ev in resp:
+        if isinstance(ev, AudioChunk):
+            frames += 1
+            if frames == 5:
+                resp.cancel()
+                frames_at_cancel = frames
+        elif isinstance(ev, ResponseDone):
+            done = ev
+    assert done.stop_reason == "cancelled"
+    assert frames - frames_at_cancel <= 1
+    assert s.slot not in engine.stepper.rows
+    assert s.history[-1]["role"] == "assistant"
+    assert s.history[-1]["content"][0]["text"] == done.text
+    # The session and engine go on: a new turn works.
+    s.add_text("Are you there?")
+    d2, _, _ = run(s.respond())
+    assert d2.frames == FRAMES
+
+
+def test_second_turn_sees_the_first(chroma, engine):
+    s = engine.create_session("ref")
+    audio = user_audio(20)
+    s.append_audio(audio, 16000)
+    d1, _, _ = run(s.respond())
+    s.add_text("And then?")
+    d2, _, _ = run(s.respond())
+    msgs = [system(), {"role": "user", "content": [{"type": "audio"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": d1.text}]},
+            {"role": "user", "content": [{"type": "text", "text": "And then?"}]}]
+    assert s.history == msgs + [{"role": "assistant", "content": [{"type": "text", "text": d2.text}]}]
+    ref, _ = reference(chroma, engine.voices["ref"].prompt, msgs, [audio])
+    assert d2.tokens == ref.text_tokens[: len(d2.tokens)]
+    assert torch.equal(d2.codes, ref.codes)
+
+
+def test_forced_text_speaks_the_given_tokens(chroma, engine):
+    s = engine.create_session("ref")
+    done, pcm, text = run(s.respond(forced_text="hello world"))
+    want = chroma.tokenizer.encode("hello world") + [chroma.config.im_end_token_id]
+    assert done.tokens == want[: len(done.tokens)]
+    assert len(pcm) == done.frames * 1920
+
+
+def test_async_iteration(engine):
+    import asyncio
+
+    s = engine.create_session("ref")
+    s.add_text("Hi")
+
+    async def consume():
+        n = 0
+        async for ev in s.respond():
+            if isinstance(ev, AudioChunk):
+                n += 1
+            if isinstance(ev, ResponseDone):
+                return n, ev
+
+    n, done = asyncio.run(consume())
+    assert n == done.frames == FRAMES
+
+
+def test_bad_input_raises_clear_errors_and_engine_stays_usable(engine):
+    s = engine.create_session("ref")
+    with pytest.raises(AudioError, match="empty"):
+        s.append_audio(np.zeros(0, np.float32), 16000)
+    with pytest.raises(AudioError, match="NaN"):
+        s.append_audio(np.array([0.0, np.nan], np.float32), 16000)
+    with pytest.raises(AudioError):
+        s.append_audio(np.zeros((2, 2, 2), np.float32), 16000)
+    with pytest.raises(AudioError):
+        s.append_audio(np.array(["a", "b"]), 16000)
+    with pytest.raises(AudioError, match="sample_rate"):
+        s.append_audio(np.zeros(100, np.float32), 0)
+    with pytest.raises(UnknownVoice, match="unknown voice 'nobody'"):
+        engine.create_session("nobody")
+    with pytest.raises(EngineError, match="nothing to respond to"):
+        s.respond()
+    with pytest.raises(EngineError, match="empty"):
+        s.add_text("   ")
+    s.add_text("word " * 600)
+    with pytest.raises(ContextFull, match="context"):
+        s.respond()
+    t = engine.create_session("ref")
+    t.add_text("Still fine?")
+    done, _, _ = run(t.respond())
+    assert done.frames == FRAMES
+
+
+def test_session_limit(engine):
+    sessions = [engine.create_session("ref") for _ in range(engine.max_sessions - len(engine.sessions))]
+    with pytest.raises(EngineError, match="sessions are in use"):
+        engine.create_session("ref")
+    sessions[0].close()
+    engine.create_session("ref")
