@@ -21,6 +21,7 @@ import soxr
 import torch
 
 __all__ = [
+    "ACCEPTED_DTYPES",
     "AudioError",
     "AudioSource",
     "HOP_LENGTH",
@@ -79,8 +80,9 @@ def load_audio(
 
     ``source`` is a path, the bytes of an encoded file (wav, flac, ogg/vorbis, mp3, anything libsndfile
     reads), a binary file object, or a numpy array / torch tensor of samples, in which case ``source_rate``
-    gives their sample rate. Arrays are 1-D or 2-D, with the channel axis the smaller one (``[channels,
-    samples]`` or ``[samples, channels]``); channels are averaged. See ``ACCEPTED_DTYPES`` for array dtypes.
+    gives their sample rate (for files it may be left out; if given it must match the file's rate). Arrays
+    are 1-D or 2-D, with the channel axis the smaller one (``[channels, samples]`` or ``[samples,
+    channels]``); channels are averaged. See ``ACCEPTED_DTYPES`` for array dtypes.
     Resampling uses soxr's high-quality filter. Raises ``AudioError`` naming the problem.
     """
     _check_rate(sample_rate, "sample_rate")
@@ -107,11 +109,12 @@ def load_audio(
                 f"unsupported audio source of type {type(source).__name__}: expected a path, bytes of an "
                 "encoded file, a binary file object, a numpy array or a torch tensor"
             )
-        if source_rate is not None:
-            raise AudioError(
-                "source_rate applies to array and tensor inputs only; files carry their own rate"
-            )
         samples, rate, name = _decode(source, max_seconds)
+        if source_rate is not None and float(source_rate) != float(rate):
+            raise AudioError(
+                f"{name}: the file's sample rate is {rate} Hz but source_rate={source_rate!r} was given "
+                "(files carry their own rate; leave source_rate out)"
+            )
 
     _check_samples(samples, name)
     duration = samples.shape[0] / rate
@@ -149,7 +152,7 @@ def resample(audio: torch.Tensor | np.ndarray, from_rate: int, to_rate: int) -> 
 
 def _resample_np(samples: np.ndarray, from_rate: float, to_rate: float) -> np.ndarray:
     if from_rate == to_rate:
-        return np.ascontiguousarray(samples, dtype=np.float32)
+        return np.array(samples, dtype=np.float32, order="C", copy=True)  # never alias the caller's array
     out = soxr.resample(np.ascontiguousarray(samples, dtype=np.float32), from_rate, to_rate, quality="HQ")
     return np.ascontiguousarray(out, dtype=np.float32)
 

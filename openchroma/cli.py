@@ -108,6 +108,35 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,4, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,2,4, got {text!r}")
+    return values
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .tools.bench import bench, markdown_table
+
+    command = shlex.join(["openchroma", "bench", "--model", str(args.model)]
+                         + (["--device", args.device] if args.device else [])
+                         + ["--dtype", args.dtype, "--sessions", ",".join(map(str, args.sessions)),
+                            "--frames", str(args.frames), "--user-seconds", f"{args.user_seconds:g}",
+                            "--turns", str(args.turns), "--warmup", str(args.warmup), "--out", str(args.out)])
+    results, paths = bench(args.model, device=args.device, dtype=args.dtype, sessions=args.sessions,
+                           frames=args.frames, user_seconds=args.user_seconds, turns=args.turns,
+                           warmup=args.warmup, out_dir=args.out, command=command)
+    print()
+    print(markdown_table(results), end="")
+    print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openchroma",
@@ -150,6 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="load a checkpoint and print its size, load time and peak memory")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="measure time to first audio and real-time factor under concurrent sessions",
+                       description="Benchmark the streaming engine. For each concurrency level N, N sessions each "
+                                   "stream a turn of synthetic user audio (100 ms chunks), then all N ask for a "
+                                   "response at the same moment. Reports TTFT (respond() to first audio chunk), "
+                                   "RTF (generation time / audio time; < 1 is faster than real time) and "
+                                   "aggregate frames/s, and writes bench.json, bench.md and bench.png to --out. "
+                                   "Works with random-weight checkpoints from init-random (they speak noise).")
+    _add_model_args(p)
+    p.add_argument("--sessions", type=_int_list, default=[1, 2, 4], metavar="N,N,...",
+                   help="concurrency levels to measure, comma-separated (default: 1,2,4)")
+    p.add_argument("--frames", type=int, default=50, metavar="F",
+                   help="80 ms frames per response; each response runs to F frames unless the model stops "
+                        "(default: 50 = 4 s)")
+    p.add_argument("--user-seconds", type=float, default=2.0, metavar="S",
+                   help="seconds of synthetic 16 kHz user audio per turn (default: 2)")
+    p.add_argument("--turns", type=int, default=2, metavar="T",
+                   help="measured rounds (conversation turns) per concurrency level (default: 2)")
+    p.add_argument("--warmup", type=int, default=1, metavar="W",
+                   help="warm-up rounds per level, not recorded (default: 1)")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="directory for bench.json, bench.md and bench.png (default: bench-results)")
+    p.set_defaults(func=cmd_bench)
 
     return parser
 

@@ -24,6 +24,8 @@ import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from .models.audio_encoder import audio_token_count  # noqa: F401  (re-exported: prompt building uses it)
+
 __all__ = [
     "AUDIO_BOS_ID",
     "AUDIO_EOS_ID",
@@ -133,16 +135,6 @@ class TokenizerNotFoundError(FileNotFoundError):
     """A checkpoint directory without a usable tokenizer."""
 
 
-def audio_token_count(mel_frames: int) -> int:
-    """Number of ``<|AUDIO|>`` placeholders (audio-tower outputs) for ``mel_frames`` valid mel frames.
-
-    Zero for 1-2 frames (under 321 samples), as in the Qwen2.5-Omni processor.
-    """
-    if mel_frames < 1:
-        raise ValueError(f"mel_frames must be at least 1, got {mel_frames}")
-    return ((mel_frames - 1) // 2 + 1 - 2) // 2 + 1
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Chat template rendering (the transformers recipe: sandboxed jinja2, trim_blocks, lstrip_blocks)
 # ----------------------------------------------------------------------------------------------------------
@@ -193,8 +185,6 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, str):
         return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
@@ -302,14 +292,10 @@ class ChatTokenizer:
         """The chat template source, if the checkpoint has one."""
         return self._chat_template
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        """One past the largest token id (model vocabulary and added tokens)."""
-        ids = [self._tok.get_vocab_size(with_added_tokens=False) - 1, *self._added]
-        vocab = self._tok.get_vocab(with_added_tokens=False)
-        if vocab:
-            ids.append(max(vocab.values()))
-        return max(ids) + 1
+        """One past the largest token id (model vocabulary and added tokens; ids may have gaps)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
@@ -626,7 +612,10 @@ class IncrementalDecoder:
         """Emit whatever is held back (incomplete UTF-8 becomes U+FFFD) and start a fresh window."""
         prefix_text = self._decode(self._ids[self._prefix : self._read])
         full_text = self._decode(self._ids[self._prefix :])
-        delta = full_text[len(prefix_text) :] if full_text.startswith(prefix_text) else ""
+        common = 0  # normally all of prefix_text; be robust to decoders that rewrite earlier text
+        while common < min(len(prefix_text), len(full_text)) and prefix_text[common] == full_text[common]:
+            common += 1
+        delta = full_text[common:]
         self._prefix = self._read = len(self._ids)
         if delta:
             self._parts.append(delta)

@@ -376,8 +376,10 @@ def test_load_errors_name_the_problem(tmp_path):
 def test_load_array_errors():
     with pytest.raises(AudioError, match="source_rate is required"):
         load_audio(np.zeros(10, np.float32), 16000)
-    with pytest.raises(AudioError, match="source_rate applies"):
-        load_audio(_encode(_tone(100), 16000, "WAV"), 16000, source_rate=16000)
+    wav = _encode(_tone(100), 16000, "WAV")
+    assert load_audio(wav, 16000, source_rate=16000).shape == (100,)  # a matching rate is accepted
+    with pytest.raises(AudioError, match="file's sample rate is 16000 Hz but source_rate=8000"):
+        load_audio(wav, 16000, source_rate=8000)
     with pytest.raises(AudioError, match=r"empty audio \(0 samples\)"):
         load_audio(np.zeros(0, np.float32), 16000, source_rate=16000)
     with pytest.raises(AudioError, match="1 NaN/inf sample.*index 3"):
@@ -409,8 +411,13 @@ def test_resample_helper():
     audio = torch.from_numpy(_tone(48000, rate=48000))
     out = resample(audio, 48000, 16000)
     assert out.shape == (16000,) and out.dtype == torch.float32
-    assert resample(audio, 16000, 16000).data_ptr() != 0
-    torch.testing.assert_close(resample(audio, 16000, 16000), audio)
+    same = resample(audio, 16000, 16000)
+    torch.testing.assert_close(same, audio)
+    assert same.data_ptr() != audio.data_ptr()  # a copy, not a view of the caller's tensor
+    samples = _tone(100)
+    loaded = load_audio(samples, 16000, source_rate=16000)
+    loaded[0] = 5.0
+    assert samples[0] != 5.0
     stereo = torch.stack([audio, -audio])
     out2 = resample(stereo, 48000, 24000)
     assert out2.shape == (2, 24000)

@@ -29,7 +29,12 @@ def conv_output_frames(mel_frames: int) -> int:
 
 
 def audio_token_count(mel_frames: int) -> int:
-    """Reasoner embeddings an utterance of ``mel_frames`` mel frames turns into."""
+    """Reasoner embeddings (``<|AUDIO|>`` placeholders) for ``mel_frames`` valid mel frames.
+
+    Zero for 1-2 frames (under 321 samples), as in the Qwen2.5-Omni processor.
+    """
+    if mel_frames < 1:
+        raise ValueError(f"mel_frames must be at least 1, got {mel_frames}")
     return (conv_output_frames(mel_frames) - 2) // 2 + 1
 
 
