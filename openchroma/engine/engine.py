@@ -185,7 +185,10 @@ class Session:
         """End the user's turn (if any) and start a response; with ``forced_text``, speak exactly that."""
         if forced_text is not None and not forced_text.strip():
             raise EngineError("forced_text is empty: nothing to say")
-        return self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling)
+        t0 = time.perf_counter()  # timings count from the caller's request, queueing and prefill included
+        resp = self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling)
+        resp.t_start = t0
+        return resp
 
     def close(self) -> None:
         self.engine._call(self.engine._close_session, self)

@@ -47,7 +47,6 @@ class Row:
     fed_done: bool                # the im_end pair has entered the backbone
     emitted: int = 0              # tokens emitted by the reasoner so far
     queue: deque = field(default_factory=deque)   # (hidden [H] tensor, token tensor or int) ready pairs
-    queue_tokens_known: int = 0   # how many queue entries have their token value on the host
     spoken_tokens: list[int] = field(default_factory=list)
     step: int = 0
     prompt_len: int = 0           # reasoner positions before the response

@@ -83,6 +83,8 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "ram_gib": _ram_gib(),
     }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1m"] = round(os.getloadavg()[0], 2)  # other work competing for the CPU at the start
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         info["gpu"] = torch.cuda.get_device_name(idx)
@@ -183,6 +185,7 @@ def run_bench(
     cfg = chroma.config
     frame_seconds = cfg.audio_frame_freq / cfg.sample_rate
     max_context = max(2048, _context_needed(cfg, frames, user_seconds, turns + warmup))
+    # One engine sized for the largest level, as a server would be (idle slots still cost Mimi work per step).
     engine = Engine(chroma, max_sessions=max(sessions), max_context=max_context, max_response_frames=frames)
     levels: list[dict[str, Any]] = []
     try:
@@ -238,6 +241,7 @@ def run_bench(
     return {
         "settings": {"sessions": sessions, "frames": frames, "user_seconds": user_seconds, "turns": turns,
                      "warmup": warmup, "seed": seed, "frame_seconds": frame_seconds, "max_context": max_context,
+                     "max_sessions": max(sessions),
                      "user_chunk_seconds": CHUNK_SECONDS, "voice_seconds": VOICE_SECONDS},
         "levels": levels,
     }
@@ -263,6 +267,7 @@ def _level_summary(n: int, records: list[dict], rounds: list[dict], frame_second
         "all_faster_than_real_time": bool(rtfs) and all(x == x and x < 1.0 for x in rtfs),
         "stop_reasons": stops,
         "engine_ttft_ms": _summary([r["engine_ttft_ms"] for r in records]),
+        "chunk_interval_ms": _summary([r["chunk_gap_ms_mean"] for r in records], quantiles=(50, 90)),
         "max_chunk_gap_ms": _summary([r["chunk_gap_ms_max"] for r in records], quantiles=(50, 90)),
         "rounds": rounds,
         "per_response": records,
@@ -304,7 +309,8 @@ def markdown_table(results: dict[str, Any]) -> str:
              "| all faster than real time? |",
              "|---:|---:|---:|---:|---:|---:|:---|"]
     for lv in results["levels"]:
-        ok = "yes" if lv["all_faster_than_real_time"] else f"no ({lv['faster_than_real_time']}/{lv['responses']})"
+        ok = "yes" if lv["all_faster_than_real_time"] else (
+            f"no ({lv['faster_than_real_time']} of {lv['responses']} responses)")
         lines.append(f"| {lv['sessions']} | {_fmt(lv['ttft_ms']['p50'])} | {_fmt(lv['ttft_ms']['p90'])} "
                      f"| {_fmt(lv['rtf']['mean'], 2)} | {_fmt(lv['rtf']['max'], 2)} "
                      f"| {_fmt(lv['frames_per_second'])} | {ok} |")
