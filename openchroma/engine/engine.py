@@ -100,6 +100,7 @@ class Response:
         self.codes: list[torch.Tensor] = []
         self.tokens: list[int] = []
         self._text = ""
+        self._detok = engine.tokenizer.incremental_decoder()
 
     def cancel(self) -> None:
         self._engine._submit(self._engine._cancel, self.session)
@@ -522,11 +523,10 @@ class Engine:
             return
         if out.text_token is not None:
             resp.tokens.append(out.text_token)
-            text = self._spoken_text(resp.tokens)
-            if text.startswith(resp._text) and not text.endswith("\ufffd"):
-                delta = text[len(resp._text):]
-                resp._text = text
+            if out.text_token != self.cfg.im_end_token_id:
+                delta = resp._detok.push(out.text_token)  # holds back incomplete UTF-8 sequences
                 if delta:
+                    resp._text += delta
                     resp._emit(TextDelta(delta, out.text_token))
         if out.audio is not None:
             if resp.t_first_audio is None:
