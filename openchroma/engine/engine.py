@@ -99,6 +99,7 @@ class Response:
         self.frames = 0
         self.codes: list[torch.Tensor] = []
         self.tokens: list[int] = []
+        self.token_frames: list[int] = []   # the audio frame each text token entered the speech at
         self._text = ""
         self._detok = engine.tokenizer.incremental_decoder()
 
@@ -174,6 +175,43 @@ class Session:
     def clear_audio(self) -> None:
         """Drop the user audio received since the last turn ended."""
         self.engine._call(self.engine._clear_audio, self)
+
+    def commit_audio(self) -> float:
+        """Close the user's current audio part (it becomes one audio message part); returns its seconds."""
+        return self.engine._call(self.engine._commit_audio, self)
+
+    @property
+    def buffered_audio_seconds(self) -> float:
+        """Seconds of user audio received since the last commit (at 16 kHz, after resampling)."""
+        return self._mel.num_samples / USER_RATE
+
+    def set_voice(self, voice: str) -> None:
+        """Speak later responses in another registered voice."""
+        self.engine._call(self.engine._set_voice, self, voice)
+
+    def set_instructions(self, system_prompt: str) -> None:
+        """Replace the system prompt; the reasoner re-reads the conversation from the first change."""
+        if not isinstance(system_prompt, str):
+            raise EngineError("instructions must be a string")
+        self.engine._call(self.engine._set_instructions, self, system_prompt)
+
+    def add_message(self, role: str, text: str) -> None:
+        """Add a whole text message from ``user``, ``assistant`` or ``system`` to the history."""
+        if role not in ("user", "assistant", "system"):
+            raise EngineError(f"unknown role {role!r}: expected user, assistant or system")
+        if not isinstance(text, str) or not text.strip():
+            raise EngineError(f"the {role} text is empty")
+        if role == "user":
+            self.add_text(text)
+        else:
+            self.engine._call(self.engine._add_message, self, role, text)
+
+    def truncate_response(self, audio_ms: float) -> str:
+        """Keep in the history only the words of the last response spoken in its first ``audio_ms`` ms.
+
+        Used when the listener interrupted playback: the model should remember what was heard, not what was
+        generated. Returns the kept text."""
+        return self.engine._call(self.engine._truncate_response, self, audio_ms)
 
     def add_text(self, text: str) -> None:
         """Add a user text message to the current turn."""
@@ -259,7 +297,14 @@ class Engine:
     def remove_voice(self, name: str) -> None:
         self.voices.pop(name, None)
 
-    def create_session(self, voice: str, system_prompt: str | None = None,
+    def encode_voice(self, audio, transcript: str, sample_rate: int | None = None) -> VoicePrompt:
+        """Mimi-encode reference audio and tokenize its transcript (to store, then ``add_voice`` later)."""
+        if not transcript or not transcript.strip():
+            raise EngineError("the voice's transcript is empty")
+        wav = load_audio(audio, self.sample_rate, source_rate=sample_rate, max_seconds=MAX_VOICE_SECONDS)
+        return self._call(lambda: encode_voice(self.model, wav, self.tokenizer.encode(transcript)))
+
+    def create_session(self, voice: str | None, system_prompt: str | None = None,
                        sampling: SamplingParams | None = None) -> Session:
         return self._call(self._create_session, voice, system_prompt or DEFAULT_SYSTEM_PROMPT,
                           sampling or SamplingParams())
@@ -346,9 +391,12 @@ class Engine:
         prompt = encode_voice(self.model, wav, self.tokenizer.encode(transcript))
         return self._add_voice(name, prompt, transcript)
 
-    def _create_session(self, voice: str, system_prompt: str, sampling: SamplingParams) -> Session:
-        if voice not in self.voices:
-            raise UnknownVoice(f"unknown voice {voice!r} (registered: {', '.join(sorted(self.voices)) or 'none'})")
+    def _unknown_voice(self, voice: str) -> UnknownVoice:
+        return UnknownVoice(f"unknown voice {voice!r} (registered: {', '.join(sorted(self.voices)) or 'none'})")
+
+    def _create_session(self, voice: str | None, system_prompt: str, sampling: SamplingParams) -> Session:
+        if voice is not None and voice not in self.voices:
+            raise self._unknown_voice(voice)
         free = [s for s in range(self.max_sessions) if s not in self._slot_session]
         if not free:
             raise SessionLimit(f"all {self.max_sessions} sessions are in use; try again later")
@@ -448,6 +496,55 @@ class Engine:
         s.audio_embeds.append(embeds)
         self._reset_audio(s)
 
+    def _commit_audio(self, s: Session) -> float:
+        self._check_open(s)
+        if s._mel.num_samples == 0 and s._resampler is None:
+            raise EngineError("the input audio buffer is empty: nothing to commit")
+        self._flush_resampler(s)
+        secs = s._mel.num_samples / USER_RATE
+        self._finish_audio_part(s)
+        return secs
+
+    def _set_voice(self, s: Session, voice: str) -> None:
+        self._check_open(s)
+        if voice not in self.voices:
+            raise self._unknown_voice(voice)
+        s.voice = voice
+
+    def _set_instructions(self, s: Session, text: str) -> None:
+        self._check_open(s)
+        s.system_prompt = text
+        s.messages[0] = {"role": "system", "content": [{"type": "text", "text": text}]}
+
+    def _close_turn(self, s: Session) -> None:
+        """Move the user's pending parts into a user message."""
+        self._finish_audio_part(s)
+        if s._turn_parts:
+            s.messages.append({"role": "user", "content": [
+                {"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in s._turn_parts]})
+            s._turn_parts = []
+
+    def _add_message(self, s: Session, role: str, text: str) -> None:
+        self._check_open(s)
+        if s.slot in self.stepper.rows:
+            raise EngineError(f"session {s.id} is responding; wait for the response or cancel it first")
+        self._close_turn(s)
+        s.messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+
+    def _truncate_response(self, s: Session, audio_ms: float) -> str:
+        self._check_open(s)
+        resp = s.response
+        if resp is None or resp.done is None:
+            raise EngineError("no finished response to truncate")
+        if not s.messages or s.messages[-1]["role"] != "assistant":
+            raise EngineError("the last message is not the response's: nothing to truncate")
+        frame_ms = 1000 * self.cfg.audio_frame_freq / self.sample_rate
+        frames = max(0, int(audio_ms // frame_ms))
+        kept = [t for t, f in zip(resp.tokens, resp.token_frames, strict=True) if f < frames]
+        text = self._spoken_text(kept)
+        s.messages[-1] = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+        return text
+
     def _add_text(self, s: Session, text: str) -> None:
         self._check_open(s)
         self._finish_audio_part(s)
@@ -474,11 +571,11 @@ class Engine:
         self._check_open(s)
         if s.slot in self.stepper.rows:
             raise EngineError(f"session {s.id} is already responding; cancel it first")
-        self._finish_audio_part(s)
-        if s._turn_parts:
-            s.messages.append({"role": "user", "content": [
-                {"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in s._turn_parts]})
-            s._turn_parts = []
+        voice = self.voices.get(s.voice) if s.voice is not None else None
+        if voice is None:
+            raise self._unknown_voice(s.voice) if s.voice is not None else UnknownVoice(
+                "no voice chosen for this session: register one and select it first")
+        self._close_turn(s)
         if len(s.messages) < 2 and forced_text is None:
             raise EngineError("nothing to respond to: add the user's audio or text first")
         ids = self._prompt(s)
@@ -499,9 +596,6 @@ class Engine:
         h_last = self.stepper.thinker_prefill(s.slot, self._embed_ids(s, ids, common), common)
         s.ctx_ids = list(ids)
         first = forced[0] if forced else int(self.model.thinker_logits(h_last).argmax(-1))
-        voice = self.voices.get(s.voice)
-        if voice is None:
-            raise UnknownVoice(f"unknown voice {s.voice!r}")
         if voice.kv is not None:
             self.stepper.load_backbone_rows(s.slot, *voice.kv)
         else:
@@ -523,6 +617,7 @@ class Engine:
             return
         if out.text_token is not None:
             resp.tokens.append(out.text_token)
+            resp.token_frames.append(resp.frames)
             if out.text_token != self.cfg.im_end_token_id:
                 delta = resp._detok.push(out.text_token)  # holds back incomplete UTF-8 sequences
                 if delta:
