@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 COMMON_MODEL_HELP = "checkpoint directory or Hugging Face hub repo id (e.g. FlashLabs/Chroma-4B)"
@@ -137,6 +138,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    import uvicorn
+
+    from .serving.app import ServerConfig, create_app
+
+    dtype = args.dtype
+    if dtype is None:
+        import torch
+
+        dtype = "bfloat16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda") \
+            else "float32"
+    api_key = args.api_key or None
+    config = ServerConfig(
+        model=args.model, device=args.device, dtype=dtype, api_key=api_key, data_dir=Path(args.data_dir),
+        max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=args.max_response_seconds,
+        max_upload_bytes=int(args.max_upload_mb * 2**20), default_voice=args.default_voice,
+        allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
+    print(f"OpenChroma: loading {args.model} ({dtype}) in the background; GET /health says when it is ready.\n"
+          f"  browser client:  http://{shown}:{args.port}/\n"
+          f"  OpenAI base_url: http://{shown}:{args.port}/v1   (realtime: ws://{shown}:{args.port}/v1/realtime)\n"
+          f"  voice library:   {config.data_dir / 'voices'}" + ("\n  API key required" if api_key else ""))
+    app = create_app(config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets",
+                ws_max_size=config.max_ws_message_bytes + 1024, timeout_graceful_shutdown=5)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openchroma",
@@ -203,7 +236,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for bench.json, bench.md and bench.png (default: bench-results)")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("serve", help="run the real-time voice server (OpenAI Realtime, chat, speech, browser client)",
+                       description="Serve one model over HTTP and WebSocket: the OpenAI Realtime protocol at "
+                                   "/v1/realtime (server VAD, barge-in), /v1/chat/completions and /v1/audio/speech "
+                                   "(streaming), a persistent voice library at /v1/voices, /v1/models, /metrics "
+                                   "(Prometheus), /health, and a browser client at /. The model loads in the "
+                                   "background; /health answers 503 until it is ready.")
+    p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("OPENCHROMA_API_KEY"),
+                   help="require this key on every API route and the WebSocket (default: $OPENCHROMA_API_KEY; "
+                        "unset = no key)")
+    p.add_argument("--data-dir", default=str(_default_data_dir()),
+                   help=f"where the voice library lives (default: {_default_data_dir()})")
+    p.add_argument("--max-sessions", type=int, default=8,
+                   help="conversations served at once; more get HTTP 503 / a realtime error (default: 8)")
+    p.add_argument("--max-context", type=int, default=4096, help="reasoner context per conversation, tokens")
+    p.add_argument("--max-response-seconds", type=float, default=60.0,
+                   help="longest single spoken response (default: 60)")
+    p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest HTTP request body (default: 25)")
+    p.add_argument("--default-voice", default=None,
+                   help="library voice used when a request names none or an OpenAI stock voice (alloy, ...); "
+                        "default: the library's only voice, if it has exactly one")
+    p.add_argument("--allow-local-audio", action="store_true",
+                   help="let chat requests name audio files on the server's disk (the published Chroma "
+                        "server's path form); off by default")
+    p.add_argument("--model-id", default=None, help="model id reported by /v1/models (default: the model's name)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
     return parser
+
+
+def _default_data_dir():
+    from .serving import default_data_dir
+
+    return default_data_dir()
 
 
 def main(argv: list[str] | None = None) -> int:

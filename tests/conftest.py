@@ -36,3 +36,11 @@ def tiny_random_dir(tmp_path_factory) -> Path:
     from openchroma.tools.init_random import write_random_checkpoint
 
     return write_random_checkpoint("tiny", tmp_path_factory.mktemp("tiny-random"), seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tiny_random_dir):
+    """The random 'tiny' checkpoint loaded once for the whole session (servers build fresh engines over it)."""
+    from openchroma.pipeline import Chroma
+
+    return Chroma.from_pretrained(tiny_random_dir, device="cpu", progress=False)

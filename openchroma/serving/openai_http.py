@@ -1,0 +1,466 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/audio/speech``: OpenAI's HTTP shapes (and the published Chroma
+server's), streaming as server-sent events or chunked audio while the engine speaks.
+
+Each request is a short-lived engine session: it holds a slot only while it runs and frees it when the
+response ends or the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import json
+import re
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.concurrency import run_in_threadpool
+
+from ..audio import AudioError, load_audio
+from ..engine import AudioChunk, ContextFull, Engine, EngineError, ResponseDone, SessionLimit, TextDelta
+from ..generation import SamplingParams
+from ..pipeline import DEFAULT_SYSTEM_PROMPT
+from .app import OPENAI_STOCK_VOICES, APIError, ServerState, get_state
+from .codecs import encode_wav, float_to_pcm16, wav_header
+
+router = APIRouter()
+
+MAX_ADHOC_VOICES = 8
+SPEECH_FORMATS = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
+CHAT_AUDIO_FORMATS = {"wav", "pcm16", "flac"}
+MAX_SPEECH_CHARS = 4096
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    return_audio: bool | None = None          # the published Chroma server's shape
+    prompt_text: str | None = None
+    prompt_audio: str | None = None
+    voice: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    n: int | None = None
+
+
+class SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: str
+    voice: str | dict[str, Any] | None = None
+    response_format: str = "wav"
+    speed: float | None = None
+    stream_format: str | None = None
+    instructions: str | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+
+# ----- audio inputs -------------------------------------------------------------------------------------
+DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?:;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
+
+
+def decode_audio_ref(ref: Any, where: str, state: ServerState) -> bytes:
+    """Audio given as a data URL, plain base64, a ``file://`` URL or (with --allow-local-audio) a server path."""
+    if not isinstance(ref, str) or not ref:
+        raise APIError(400, f"{where}: expected audio as a data URL, base64 or a path", param=where)
+    m = DATA_URL.match(ref)
+    if m:
+        ref = m.group("data")
+    elif ref.startswith("file://") or ref.startswith("/") or (len(ref) < 1024 and Path(ref).suffix.lower() in
+                                                               (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")):
+        path = Path(urllib.parse.unquote(ref[7:]) if ref.startswith("file://") else ref)
+        if not state.config.allow_local_audio:
+            raise APIError(400, f"{where}: audio paths on the server are disabled; send the audio as base64 or a "
+                                "data URL (or start the server with --allow-local-audio)", param=where)
+        if not path.is_file():
+            raise APIError(400, f"{where}: no audio file at {str(path)!r} on the server", param=where)
+        return path.read_bytes()
+    try:
+        return base64.b64decode(ref, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, f"{where}: not valid base64 audio (nor a data URL or a path)", param=where) from None
+
+
+def read_audio(data: bytes, where: str, fmt: str | None = None, rate: int = 16000) -> np.ndarray:
+    if not data:
+        raise APIError(400, f"{where}: the audio is empty", param=where)
+    try:
+        if fmt in ("pcm16", "pcm"):
+            if len(data) % 2:
+                raise AudioError("pcm16 audio has an odd number of bytes")
+            return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+        return load_audio(data, rate).numpy()
+    except AudioError as e:
+        raise APIError(400, f"{where}: {e}", code="invalid_audio", param=where) from None
+
+
+# ----- voices ---------------------------------------------------------------------------------------------
+class AdhocVoices:
+    """Voices cloned from a request's own reference (``prompt_audio`` + ``prompt_text``), kept for reuse."""
+
+    def __init__(self) -> None:
+        self.names: OrderedDict[str, None] = OrderedDict()
+        self.lock = asyncio.Lock()
+
+    async def get(self, engine: Engine, audio: bytes, transcript: str) -> str:
+        name = "_adhoc_" + hashlib.sha256(audio + b"\0" + transcript.encode()).hexdigest()[:16]
+        async with self.lock:
+            if name in engine.voices:
+                self.names.move_to_end(name)
+                return name
+            try:
+                await run_in_threadpool(engine.register_voice, name, audio, transcript)
+            except (AudioError, EngineError) as e:
+                raise APIError(400, f"prompt_audio: {e}", code="invalid_audio", param="prompt_audio") from None
+            self.names[name] = None
+            while len(self.names) > MAX_ADHOC_VOICES:
+                engine.remove_voice(self.names.popitem(last=False)[0])
+            return name
+
+
+def adhoc(state: ServerState) -> AdhocVoices:
+    if not hasattr(state, "adhoc_voices"):
+        state.adhoc_voices = AdhocVoices()
+    return state.adhoc_voices
+
+
+# ----- sessions -------------------------------------------------------------------------------------------
+async def open_session(state: ServerState, route: str, voice: str, system_prompt: str | None):
+    engine = state.require_engine()
+    try:
+        session = await run_in_threadpool(engine.create_session, voice, system_prompt)
+    except SessionLimit as e:
+        state.metrics.sessions_rejected.inc()
+        raise APIError(503, str(e), "server_error", "session_limit_reached") from None
+    state.metrics.sessions_total.labels(route).inc()
+    state.metrics.sessions_active.labels(route).inc()
+    return session
+
+
+async def close_session(state: ServerState, route: str, session) -> None:
+    try:
+        await run_in_threadpool(session.close)
+    finally:
+        state.metrics.sessions_active.labels(route).dec()
+
+
+def sampling_from(req: ChatRequest | SpeechRequest) -> SamplingParams | None:
+    t = getattr(req, "temperature", None)
+    if t is None and getattr(req, "seed", None) is None:
+        return None
+    try:
+        return SamplingParams(temperature=float(t or 0.0), top_k=int(getattr(req, "top_k", None) or 0),
+                              top_p=float(getattr(req, "top_p", None) or 1.0), seed=getattr(req, "seed", None))
+    except ValueError as e:
+        raise APIError(400, str(e), param="temperature") from None
+
+
+def text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") in
+                       ("text", "input_text", "output_text"))
+    if content is None:
+        return ""
+    raise APIError(400, f"{where}: content must be a string or a list of parts", param=where)
+
+
+async def feed_messages(state: ServerState, session, messages: list[dict[str, Any]]) -> None:
+    """Replay the request's conversation into the session; the last message must be the user's."""
+    rest = [m for m in messages if m.get("role") not in ("system", "developer")]
+    if not rest or rest[-1].get("role") != "user":
+        raise APIError(400, "messages: the last message must be the user's (what should be answered)",
+                       param="messages")
+    for i, m in enumerate(messages):
+        role, content, where = m.get("role"), m.get("content"), f"messages[{i}]"
+        if role in ("system", "developer"):
+            continue
+        if role == "assistant":
+            text = text_of(content, where + ".content")
+            if text.strip():
+                await run_in_threadpool(session.add_message, "assistant", text)
+            continue
+        if role != "user":
+            raise APIError(400, f"{where}: role {role!r} is not supported (system, user, assistant)",
+                           param=where + ".role")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list) or not parts:
+            raise APIError(400, f"{where}: empty user message", param=where + ".content")
+        for j, p in enumerate(parts):
+            pw = f"{where}.content[{j}]"
+            ptype = p.get("type") if isinstance(p, dict) else None
+            if ptype in ("text", "input_text"):
+                if not isinstance(p.get("text"), str) or not p["text"].strip():
+                    raise APIError(400, f"{pw}: empty text", param=pw)
+                await run_in_threadpool(session.add_text, p["text"])
+                continue
+            if ptype == "input_audio":            # OpenAI: {"input_audio": {"data": b64, "format": "wav"}}
+                ia = p.get("input_audio") or {}
+                raw = decode_audio_ref(ia.get("data"), pw + ".input_audio.data", state)
+                wav = read_audio(raw, pw, ia.get("format"))
+            elif ptype in ("audio", "audio_url"):  # Chroma / Qwen-Omni: {"audio": path|b64|data URL}
+                ref = p.get("audio") or p.get("audio_url")
+                if isinstance(ref, dict):
+                    ref = ref.get("url") or ref.get("data")
+                wav = read_audio(decode_audio_ref(ref, pw, state), pw)
+            else:
+                raise APIError(400, f"{pw}: content part type {ptype!r} is not supported (text, input_audio, "
+                                    "audio)", param=pw + ".type")
+            if len(wav) / 16000 > state.config.max_input_audio_seconds:
+                raise APIError(400, f"{pw}: {len(wav) / 16000:.1f} s of audio is over the limit of "
+                                    f"{state.config.max_input_audio_seconds:.0f} s", param=pw)
+            await run_in_threadpool(session.append_audio, wav, 16000)
+            await run_in_threadpool(session.commit_audio)
+
+
+# ----- chat completions -----------------------------------------------------------------------------------
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request):
+    state = get_state(request)
+    engine = state.require_engine()
+    if req.n not in (None, 1):
+        raise APIError(400, "n must be 1", param="n")
+    if not req.messages:
+        raise APIError(400, "messages must not be empty", param="messages")
+    audio_opts = req.audio or {}
+    fmt = audio_opts.get("format") or ("pcm16" if req.stream else "wav")
+    want_audio = bool(req.return_audio) or "audio" in (req.modalities or []) or (
+        req.return_audio is None and req.modalities is None and req.prompt_audio is not None)
+    if req.modalities is not None and any(m not in ("text", "audio") for m in req.modalities):
+        raise APIError(400, "modalities may hold 'text' and 'audio' only", param="modalities")
+    if want_audio and fmt not in CHAT_AUDIO_FORMATS:
+        raise APIError(400, f"audio.format {fmt!r} is not supported; use one of "
+                            f"{', '.join(sorted(CHAT_AUDIO_FORMATS))}", param="audio.format")
+    if want_audio and req.stream and fmt != "pcm16":
+        raise APIError(400, "streamed audio is pcm16 (24 kHz, mono); set audio.format to 'pcm16'",
+                       param="audio.format")
+    if (req.prompt_audio is None) != (req.prompt_text is None):
+        raise APIError(400, "prompt_audio and prompt_text go together: the reference audio and its transcript",
+                       param="prompt_audio" if req.prompt_audio is None else "prompt_text")
+    if req.prompt_audio is not None:
+        if not req.prompt_text.strip():
+            raise APIError(400, "prompt_text is empty", param="prompt_text")
+        ref = decode_audio_ref(req.prompt_audio, "prompt_audio", state)
+        voice = await adhoc(state).get(engine, ref, req.prompt_text)
+    else:
+        voice = state.resolve_voice(audio_opts.get("voice") or req.voice)
+    system = "\n".join(text_of(m.get("content"), f"messages[{i}].content") for i, m in enumerate(req.messages)
+                       if m.get("role") in ("system", "developer")).strip() or DEFAULT_SYSTEM_PROMPT
+    sampling = sampling_from(req)
+    limit = req.max_completion_tokens or req.max_tokens
+    if limit is not None and limit < 1:
+        raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
+    max_frames = engine.max_response_frames if limit is None else min(engine.max_response_frames, 2 * limit)
+
+    session = await open_session(state, "chat", voice, system)
+    try:
+        await feed_messages(state, session, req.messages)
+        resp = await run_in_threadpool(session.respond, max_frames, None, sampling)
+    except (EngineError, ContextFull) as e:
+        await close_session(state, "chat", session)
+        raise APIError(400, str(e), code="context_full" if isinstance(e, ContextFull) else None) from None
+    except BaseException:
+        await close_session(state, "chat", session)
+        raise
+    cid = "chatcmpl-" + hashlib.sha1(f"{time.time_ns()}{id(resp)}".encode()).hexdigest()[:24]
+    created = int(time.time())
+    model = req.model or state.config.model_id
+    if req.stream:
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return StreamingResponse(stream_chat(state, session, resp, cid, created, model, want_audio, include_usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        text, audio, done = "", [], None
+        async for ev in resp:
+            if isinstance(ev, AudioChunk):
+                audio.append(ev.audio)
+            elif isinstance(ev, ResponseDone):
+                done = ev
+        state.metrics.observe_response("chat", done)
+        if done.stop_reason == "error":
+            raise APIError(500, f"generation failed: {done.error}", "server_error", "generation_failed")
+        text = done.text
+    finally:
+        if resp.done is None:
+            resp.cancel()
+        await close_session(state, "chat", session)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if want_audio:
+        pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+        message["audio"] = {"id": "audio_" + cid[9:], "data": base64.b64encode(encode_audio(pcm, fmt,
+                            engine.sample_rate)).decode(), "expires_at": created + 3600, "transcript": text}
+    return JSONResponse({
+        "id": cid, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": "length" if done.stop_reason == "length" else "stop"}],
+        "usage": usage(resp, done), "timings": done.timings,
+    })
+
+
+def usage(resp, done: ResponseDone) -> dict[str, Any]:
+    row = getattr(resp, "row", None)
+    prompt = row.prompt_len if row is not None else 0
+    out = len(done.tokens) + done.frames
+    return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+            "completion_tokens_details": {"text_tokens": len(done.tokens), "audio_tokens": done.frames}}
+
+
+def encode_audio(pcm: np.ndarray, fmt: str, rate: int) -> bytes:
+    if fmt == "pcm16":
+        return float_to_pcm16(pcm)
+    if fmt == "flac":
+        buf = io.BytesIO()
+        sf.write(buf, pcm, rate, format="FLAC", subtype="PCM_16")
+        return buf.getvalue()
+    return encode_wav(pcm, rate)
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def stream_chat(state: ServerState, session, resp, cid: str, created: int, model: str, want_audio: bool,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+    audio_id = "audio_" + cid[9:]
+    done = None
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for ev in resp:
+            if isinstance(ev, TextDelta):
+                # As OpenAI streams audio: the words go in audio.transcript; text-only output uses content.
+                yield chunk({"audio": {"id": audio_id, "transcript": ev.text}} if want_audio else {"content": ev.text})
+            elif isinstance(ev, AudioChunk) and want_audio:
+                yield chunk({"audio": {"id": audio_id, "data": base64.b64encode(float_to_pcm16(ev.audio)).decode()}})
+            elif isinstance(ev, ResponseDone):
+                done = ev
+        state.metrics.observe_response("chat", done)
+        if done.stop_reason == "error":
+            yield sse({"error": {"message": f"generation failed: {done.error}", "type": "server_error",
+                                 "code": "generation_failed"}})
+        else:
+            last = {"audio": {"id": audio_id, "expires_at": created + 3600}} if want_audio else {}
+            yield chunk(last, "length" if done.stop_reason == "length" else "stop")
+            if include_usage:
+                yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [], "usage": usage(resp, done)})
+        yield b"data: [DONE]\n\n"
+    finally:  # also when the client disconnects: stop generating and free the slot at once
+        if resp.done is None:
+            resp.cancel()
+        await asyncio.shield(close_session(state, "chat", session))
+
+
+# ----- speech ---------------------------------------------------------------------------------------------
+@router.post("/v1/audio/speech")
+async def audio_speech(req: SpeechRequest, request: Request):
+    state = get_state(request)
+    engine = state.require_engine()
+    fmt = req.response_format
+    if fmt not in SPEECH_FORMATS:
+        raise APIError(400, f"response_format {fmt!r} is not supported; use one of {', '.join(SPEECH_FORMATS)}",
+                       param="response_format")
+    if req.stream_format not in (None, "audio", "sse"):
+        raise APIError(400, "stream_format must be 'audio' or 'sse'", param="stream_format")
+    if req.speed not in (None, 1, 1.0):
+        raise APIError(400, "speed other than 1.0 is not supported: Chroma speaks at its own pace", param="speed")
+    text = req.input
+    if not text.strip():
+        raise APIError(400, "input is empty: nothing to say", param="input")
+    if len(text) > MAX_SPEECH_CHARS:
+        raise APIError(400, f"input is {len(text)} characters; the limit is {MAX_SPEECH_CHARS}", param="input")
+    n_tokens = len(engine.tokenizer.encode(text))
+    if 2 * n_tokens + 8 > engine.max_response_frames:
+        raise APIError(400, f"input is {n_tokens} tokens; at 2 audio frames per token it needs more than the server's "
+                            f"{engine.max_response_frames * 0.08:.0f} s per response: split it", param="input")
+    voice = state.resolve_voice(req.voice)
+    sampling = sampling_from(req)
+    session = await open_session(state, "speech", voice, req.instructions)
+    try:
+        resp = await run_in_threadpool(session.respond, None, text, sampling)
+    except (EngineError, ContextFull) as e:
+        await close_session(state, "speech", session)
+        raise APIError(400, str(e)) from None
+    except BaseException:
+        await close_session(state, "speech", session)
+        raise
+    rate = engine.sample_rate
+    if req.stream_format == "sse":
+        return StreamingResponse(stream_speech_sse(state, session, resp, n_tokens), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    if fmt == "flac":  # FLAC needs the whole signal; everything else streams
+        pcm, done = [], None
+        try:
+            async for ev in resp:
+                if isinstance(ev, AudioChunk):
+                    pcm.append(ev.audio)
+                elif isinstance(ev, ResponseDone):
+                    done = ev
+        finally:
+            if resp.done is None:
+                resp.cancel()
+            await close_session(state, "speech", session)
+        state.metrics.observe_response("speech", done)
+        data = encode_audio(np.concatenate(pcm) if pcm else np.zeros(0, np.float32), "flac", rate)
+        return StreamingResponse(iter([data]), media_type=SPEECH_FORMATS[fmt])
+    return StreamingResponse(stream_speech(state, session, resp, fmt, rate), media_type=SPEECH_FORMATS[fmt],
+                             headers={"X-Sample-Rate": str(rate)})
+
+
+async def stream_speech(state: ServerState, session, resp, fmt: str, rate: int) -> AsyncIterator[bytes]:
+    try:
+        if fmt == "wav":
+            yield wav_header(rate)  # length unknown while streaming, as OpenAI's streamed wav
+        async for ev in resp:
+            if isinstance(ev, AudioChunk):
+                yield float_to_pcm16(ev.audio)
+            elif isinstance(ev, ResponseDone):
+                state.metrics.observe_response("speech", ev)
+    finally:
+        if resp.done is None:
+            resp.cancel()
+        await asyncio.shield(close_session(state, "speech", session))
+
+
+async def stream_speech_sse(state: ServerState, session, resp, n_tokens: int) -> AsyncIterator[bytes]:
+    try:
+        async for ev in resp:
+            if isinstance(ev, AudioChunk):
+                yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(float_to_pcm16(ev.audio)).decode()})
+            elif isinstance(ev, ResponseDone):
+                state.metrics.observe_response("speech", ev)
+                yield sse({"type": "speech.audio.done", "usage": {
+                    "input_tokens": n_tokens, "output_tokens": ev.frames, "total_tokens": n_tokens + ev.frames}})
+    finally:
+        if resp.done is None:
+            resp.cancel()
+        await asyncio.shield(close_session(state, "speech", session))
+
+
+__all__ = ["router", "OPENAI_STOCK_VOICES"]

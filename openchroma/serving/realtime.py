@@ -1,0 +1,736 @@
+"""``/v1/realtime``: the OpenAI Realtime protocol (GA event names) over a WebSocket, one engine session each.
+
+The connection reads client events as they come and keeps their order through one processor task:
+user audio is decoded, run through the server VAD and fed to the engine as it arrives (consecutive
+appends are merged into one engine call, so a busy engine never makes the socket fall behind), so the
+reasoner has encoded the turn by the time the user stops. Responses stream on their own task; a
+``response.cancel`` or the user starting to speak (barge-in) stops one within a frame, and the history
+keeps only what the listener heard (the client may say exactly how much with ``conversation.item.truncate``).
+Engine calls block, so each connection runs them on its own single thread, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import json
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+
+from ..engine import AudioChunk, ContextFull, EngineError, ResponseDone, SessionLimit, TextDelta, UnknownVoice
+from ..engine.engine import Response as EngineResponse
+from .app import APIError, ServerState, check_api_key
+from .codecs import OutputEncoder, alaw_decode, pcm16_to_float, ulaw_decode
+from .vad import StreamingVAD, VADConfig
+
+log = logging.getLogger("openchroma.realtime")
+router = APIRouter()
+
+MIN_COMMIT_MS = 100
+DEFAULT_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+               "create_response": True, "interrupt_response": True, "idle_timeout_ms": None}
+SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}
+INPUT_RATES = {"audio/pcm": None, "audio/pcmu": 8000, "audio/pcma": 8000}
+BETA_FORMATS = {"pcm16": {"type": "audio/pcm", "rate": 24000}, "g711_ulaw": {"type": "audio/pcmu"},
+                "g711_alaw": {"type": "audio/pcma"}}
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(10)}"
+
+
+class ClientError(Exception):
+    """A problem with one client event: answered with an ``error`` event; the connection stays up."""
+
+    def __init__(self, message: str, code: str, param: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.message, self.code, self.param, self.type = message, code, param, type
+
+
+class RealtimeConnection:
+    def __init__(self, ws: WebSocket, state: ServerState):
+        self.ws = ws
+        self.state = state
+        self.engine = state.require_engine()
+        self.cfg = state.config
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="realtime-conn")
+        self.session = None
+        self.sid = _id("sess")
+        self.conversation_id = _id("conv")
+        self.send_lock = asyncio.Lock()
+        self.closed = False
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.items: list[str] = []              # conversation item ids, in order
+        self.last_assistant_item: str | None = None
+        self.response_task: asyncio.Task | None = None
+        self.engine_response: EngineResponse | None = None
+        self.cancel_reason: str | None = None
+        self.played: tuple[float, int] | None = None   # (time the first audio delta was sent, ms sent)
+        # Session settings, in the GA shape they are reported in.
+        self.instructions: str | None = None
+        self.voice: str | None = None
+        self.output_modalities = ["audio"]
+        self.max_output_tokens: int | str = "inf"
+        self.input_format: dict[str, Any] = {"type": "audio/pcm", "rate": 24000}
+        self.output_format: dict[str, Any] = {"type": "audio/pcm", "rate": 24000}
+        self.turn_detection: dict[str, Any] | None = dict(DEFAULT_VAD)
+        # Input audio state.
+        self.vad: StreamingVAD | None = None
+        self.in_rate = 24000
+        self.clock_ms = 0.0                     # ms of audio received since the connection opened
+        self.buffer_ms = 0.0                    # ms in the input buffer since the last commit
+        self.prefix: collections.deque = collections.deque()   # (start_ms, samples) kept before speech starts
+        self.speech_item: str | None = None
+
+    # ----- plumbing --------------------------------------------------------------------------------------
+    async def run_blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def send(self, event: dict[str, Any]) -> None:
+        event.setdefault("event_id", _id("event"))
+        data = json.dumps(event, separators=(",", ":"))
+        async with self.send_lock:
+            if self.closed:
+                return
+            try:
+                await self.ws.send_text(data)
+            except Exception:  # the client went away: the reader will notice and clean up
+                self.closed = True
+
+    async def send_error(self, message: str, code: str, param: str | None = None,
+                         type: str = "invalid_request_error", event_id: str | None = None) -> None:
+        self.state.metrics.errors.labels(type).inc()
+        await self.send({"type": "error", "error": {"type": type, "code": code, "message": message, "param": param,
+                                                     "event_id": event_id}})
+
+    def session_object(self) -> dict[str, Any]:
+        return {
+            "type": "realtime", "object": "realtime.session", "id": self.sid, "model": self.cfg.model_id,
+            "output_modalities": list(self.output_modalities), "instructions": self.instructions or "",
+            "max_output_tokens": self.max_output_tokens, "tools": [], "tool_choice": "auto",
+            "audio": {
+                "input": {"format": dict(self.input_format), "transcription": None, "noise_reduction": None,
+                          "turn_detection": dict(self.turn_detection) if self.turn_detection else None},
+                "output": {"format": dict(self.output_format), "voice": self.voice, "speed": 1.0},
+            },
+        }
+
+    # ----- lifecycle -------------------------------------------------------------------------------------
+    async def open(self) -> bool:
+        try:
+            voice = None
+            try:
+                voice = self.state.resolve_voice(None)
+            except APIError:
+                pass  # no default voice: the client must choose one before the first response
+            from ..pipeline import DEFAULT_SYSTEM_PROMPT
+
+            self.instructions = DEFAULT_SYSTEM_PROMPT
+            self.session = await self.run_blocking(self.engine.create_session, voice, self.instructions)
+            self.voice = voice
+        except SessionLimit as e:
+            self.state.metrics.sessions_rejected.inc()
+            await self.send_error(str(e), "session_limit_reached", type="server_error")
+            return False
+        self.new_vad()
+        self.state.metrics.sessions_total.labels("realtime").inc()
+        self.state.metrics.sessions_active.labels("realtime").inc()
+        await self.send({"type": "session.created", "session": self.session_object()})
+        return True
+
+    async def close(self) -> None:
+        if self.session is None:
+            return
+        self.closed = True
+        if self.engine_response is not None and self.engine_response.done is None:
+            self.engine_response.cancel()
+        session, self.session = self.session, None
+        try:
+            await self.run_blocking(session.close)
+        except Exception:  # the engine may be closing too
+            pass
+        self.state.metrics.sessions_active.labels("realtime").dec()
+        self.pool.shutdown(wait=False)
+
+    async def serve(self) -> None:
+        processor = asyncio.create_task(self.process())
+        try:
+            while True:
+                msg = await self.ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    break
+                text = msg.get("text")
+                if text is None:
+                    data = msg.get("bytes") or b""
+                    try:
+                        text = data.decode()
+                    except UnicodeDecodeError:
+                        await self.send_error("binary WebSocket messages are not events: send JSON text",
+                                              "invalid_event")
+                        continue
+                await self.receive_event(text)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            processor.cancel()
+            task = self.response_task
+            if task is not None and not task.done():
+                # Stop generating at once; let the task record how the response ended, briefly.
+                if self.engine_response is not None and self.engine_response.done is None:
+                    self.engine_response.cancel()
+                await asyncio.wait([task], timeout=0.5)
+                task.cancel()
+            await self.close()
+
+    async def receive_event(self, text: str) -> None:
+        if len(text) > self.cfg.max_ws_message_bytes:
+            await self.send_error(f"event of {len(text)} bytes is over the limit of {self.cfg.max_ws_message_bytes}; "
+                                  "send audio in smaller appends", "message_too_large")
+            return
+        try:
+            event = json.loads(text)
+        except json.JSONDecodeError as e:
+            await self.send_error(f"the message is not valid JSON: {e}", "invalid_json")
+            return
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            await self.send_error("an event must be a JSON object with a string 'type'", "invalid_event")
+            return
+        kind = event["type"]
+        eid = event.get("event_id")
+        if kind == "input_audio_buffer.append":
+            audio = event.get("audio")
+            if not isinstance(audio, str):
+                await self.send_error("input_audio_buffer.append needs 'audio': base64 audio in the input format",
+                                      "invalid_value", "audio", event_id=eid)
+                return
+            try:
+                raw = base64.b64decode(audio, validate=True)
+                samples = self.decode_input(raw)
+            except (binascii.Error, ValueError) as e:
+                await self.send_error(f"'audio' is not valid base64 {self.input_format['type']}: {e}",
+                                      "invalid_value", "audio", event_id=eid)
+                return
+            await self.queue.put(("audio", samples, eid))
+        else:  # response.cancel too: a cancel right after response.create must find that response
+            await self.queue.put(("event", event, eid))
+
+    async def process(self) -> None:
+        """Apply client events in order; merge runs of audio appends into one engine call."""
+        while True:
+            kind, payload, eid = await self.queue.get()
+            try:
+                if kind == "audio":
+                    chunks = [payload]
+                    while not self.queue.empty() and self.queue._queue[0][0] == "audio":  # type: ignore[attr-defined]
+                        chunks.append(self.queue.get_nowait()[1])
+                    await self.ingest(np.concatenate(chunks), eid)
+                else:
+                    await self.handle(payload, eid)
+            except ClientError as e:
+                await self.send_error(e.message, e.code, e.param, e.type, event_id=eid)
+            except APIError as e:
+                await self.send_error(e.message, e.code or "invalid_request", e.param, e.type, event_id=eid)
+            except (EngineError, ValueError) as e:
+                await self.send_error(str(e), "invalid_request", event_id=eid)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # never drop the connection over one event
+                log.exception("realtime event failed")
+                await self.send_error(f"internal error: {type(e).__name__}: {e}", "internal_error",
+                                      type="server_error", event_id=eid)
+
+    # ----- input audio -----------------------------------------------------------------------------------
+    def decode_input(self, raw: bytes) -> np.ndarray:
+        fmt = self.input_format["type"]
+        if fmt == "audio/pcmu":
+            return ulaw_decode(raw)
+        if fmt == "audio/pcma":
+            return alaw_decode(raw)
+        return pcm16_to_float(raw)
+
+    def new_vad(self) -> None:
+        """A VAD for the current settings; its clock starts now, so its times are offset by ``vad_origin_ms``."""
+        td = self.turn_detection
+        self.vad = StreamingVAD(self._vad_config(td), self.in_rate) if td else None
+        self.vad_origin_ms = self.clock_ms
+
+    async def ingest(self, x: np.ndarray, eid: str | None) -> None:
+        ms = 1000 * len(x) / self.in_rate
+        if self.buffer_ms + ms > 1000 * self.cfg.max_input_audio_seconds:
+            raise ClientError(f"the input audio buffer would exceed {self.cfg.max_input_audio_seconds:.0f} s; "
+                              "commit or clear it (this append was dropped)", "input_audio_buffer_too_long")
+        start_ms = self.clock_ms
+        self.clock_ms += ms
+        if self.vad is None or not self.turn_detection:
+            self.buffer_ms += ms
+            await self.run_blocking(self.session.append_audio, x, self.in_rate)
+            return
+        events, fed = await self.run_blocking(self._vad_step, x, start_ms)
+        self.buffer_ms += fed
+        for ev in events:
+            at_ms = int(ev.audio_ms + self.vad_origin_ms)
+            if ev.kind == "speech_started":
+                self.speech_item = _id("item")
+                await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": at_ms,
+                                 "item_id": self.speech_item})
+                if self.turn_detection.get("interrupt_response", True):
+                    await self.cancel_response(None, "turn_detected")
+            else:
+                item = self.speech_item or _id("item")
+                self.speech_item = None
+                await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": at_ms,
+                                 "item_id": item})
+                await self.commit(eid, item)
+                if self.turn_detection.get("create_response", True):
+                    await self.start_response({}, None)
+
+    def _vad_step(self, x: np.ndarray, start_ms: float) -> tuple[list, float]:
+        """On the connection's thread: VAD, then feed the engine the speech (with its prefix padding) only."""
+        was_speaking = self.vad.speaking
+        events = self.vad.push(x)
+        fed = 0.0
+        pad = self.turn_detection.get("prefix_padding_ms", 300)
+        if not was_speaking and not self.vad.speaking and not events:
+            self.prefix.append((start_ms, x))
+            while self.prefix and self.prefix[0][0] + 1000 * len(self.prefix[0][1]) / self.in_rate < \
+                    start_ms - pad:
+                self.prefix.popleft()
+            return events, fed
+        if not was_speaking:
+            # Speech began in this chunk: feed the padding before it, from the kept audio.
+            onset = next((e.audio_ms + self.vad_origin_ms for e in events if e.kind == "speech_started"), start_ms)
+            for s_ms, chunk in self.prefix:
+                skip = max(0, int((onset - s_ms) * self.in_rate / 1000))
+                if skip < len(chunk):
+                    self.session.append_audio(chunk[skip:], self.in_rate)
+                    fed += 1000 * (len(chunk) - skip) / self.in_rate
+            self.prefix.clear()
+        self.session.append_audio(x, self.in_rate)
+        fed += 1000 * len(x) / self.in_rate
+        return events, fed
+
+    async def commit(self, eid: str | None, item_id: str | None = None) -> None:
+        if self.buffer_ms < MIN_COMMIT_MS:
+            raise ClientError(f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, but the buffer "
+                              f"holds {self.buffer_ms:.0f} ms", "input_audio_buffer_commit_empty")
+        await self.run_blocking(self.session.commit_audio)
+        self.buffer_ms = 0.0
+        if self.vad is not None:
+            await self.run_blocking(self.vad.reset)
+        self.prefix.clear()
+        item_id = item_id or self.speech_item or _id("item")
+        self.speech_item = None
+        prev = self.items[-1] if self.items else None
+        await self.send({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": prev})
+        await self.item_added({"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
+                               "status": "completed", "content": [{"type": "input_audio", "transcript": None}]})
+
+    async def item_added(self, item: dict[str, Any]) -> None:
+        prev = self.items[-1] if self.items else None
+        self.items.append(item["id"])
+        # GA clients listen for conversation.item.added, beta clients for conversation.item.created.
+        await self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
+        await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item})
+        if item.get("status") == "completed":
+            await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
+
+    # ----- client events ---------------------------------------------------------------------------------
+    async def handle(self, event: dict[str, Any], eid: str | None) -> None:
+        kind = event["type"]
+        if kind == "session.update":
+            await self.update_session(event.get("session"))
+        elif kind == "input_audio_buffer.commit":
+            await self.commit(eid)
+        elif kind == "input_audio_buffer.clear":
+            await self.run_blocking(self.session.clear_audio)
+            self.buffer_ms = 0.0
+            if self.vad is not None:
+                await self.run_blocking(self.vad.reset)
+            self.prefix.clear()
+            await self.send({"type": "input_audio_buffer.cleared"})
+        elif kind == "conversation.item.create":
+            await self.create_item(event.get("item"))
+        elif kind == "conversation.item.truncate":
+            await self.truncate(event)
+        elif kind == "response.create":
+            await self.start_response(event.get("response") or {}, eid)
+        elif kind == "response.cancel":
+            await self.cancel_response(eid, "client_cancelled")
+        elif kind in ("conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear",
+                      "transcription_session.update"):
+            raise ClientError(f"{kind} is not supported by this server", "unsupported_event")
+        else:
+            raise ClientError(f"unknown event type {kind!r}", "invalid_event_type", "type")
+
+    @staticmethod
+    def _vad_config(td: dict[str, Any] | None) -> VADConfig:
+        td = td or DEFAULT_VAD
+        return VADConfig(threshold=float(td.get("threshold", 0.5)),
+                         prefix_padding_ms=int(td.get("prefix_padding_ms", 300)),
+                         silence_duration_ms=int(td.get("silence_duration_ms", 500)))
+
+    async def update_session(self, s: Any) -> None:
+        if not isinstance(s, dict):
+            raise ClientError("session.update needs a 'session' object", "invalid_value", "session")
+        if s.get("type") not in (None, "realtime"):
+            raise ClientError(f"session type {s.get('type')!r} is not supported: only 'realtime'", "invalid_value",
+                              "session.type")
+        audio = s.get("audio") if isinstance(s.get("audio"), dict) else {}
+        a_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
+        a_out = audio.get("output") if isinstance(audio.get("output"), dict) else {}
+        # Older (beta) clients send flat fields; accept both.
+        voice = a_out.get("voice", s.get("voice"))
+        in_fmt = a_in.get("format", s.get("input_audio_format"))
+        out_fmt = a_out.get("format", s.get("output_audio_format"))
+        has_td = "turn_detection" in a_in or "turn_detection" in s
+        td = a_in.get("turn_detection", s.get("turn_detection"))
+        modalities = s.get("output_modalities", s.get("modalities"))
+
+        # Validate everything before changing anything.
+        new_voice = None
+        if voice is not None:
+            name = voice.get("id") if isinstance(voice, dict) else voice
+            if not isinstance(name, str) or not name:
+                raise ClientError("voice must be a voice name", "invalid_value", "session.audio.output.voice")
+            try:
+                new_voice = self.state.resolve_voice(name)
+            except APIError as e:
+                raise ClientError(e.message, e.code or "invalid_value", "session.audio.output.voice") from None
+        new_in = self._format(in_fmt, "session.audio.input.format", inputs=True) if in_fmt is not None else None
+        new_out = self._format(out_fmt, "session.audio.output.format", inputs=False) if out_fmt is not None else None
+        new_td = self.turn_detection
+        if has_td:
+            new_td = self._turn_detection(td)
+        if modalities is not None:
+            if not isinstance(modalities, list) or not modalities or \
+                    any(m not in ("audio", "text") for m in modalities):
+                raise ClientError("output_modalities must be ['audio'] or ['text']", "invalid_value",
+                                  "session.output_modalities")
+            modalities = ["audio"] if "audio" in modalities else ["text"]
+        mot = s.get("max_output_tokens", s.get("max_response_output_tokens"))
+        if mot is not None and mot != "inf" and not (isinstance(mot, int) and 1 <= mot <= 4096):
+            raise ClientError("max_output_tokens must be an integer from 1 to 4096 or 'inf'", "invalid_value",
+                              "session.max_output_tokens")
+        instructions = s.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise ClientError("instructions must be a string", "invalid_value", "session.instructions")
+
+        if instructions is not None:
+            await self.run_blocking(self.session.set_instructions, instructions)
+            self.instructions = instructions
+        if new_voice is not None:
+            await self.run_blocking(self.session.set_voice, new_voice)
+            self.voice = new_voice
+        if new_in is not None:
+            if self.buffer_ms:
+                await self.run_blocking(self.session.clear_audio)
+                self.buffer_ms = 0.0
+            self.input_format = new_in
+            self.in_rate = new_in.get("rate") or INPUT_RATES[new_in["type"]]
+        if new_out is not None:
+            self.output_format = new_out
+        if has_td or new_in is not None:
+            self.turn_detection = new_td
+            self.new_vad()
+            self.prefix.clear()
+        if modalities is not None:
+            self.output_modalities = modalities
+        if mot is not None:
+            self.max_output_tokens = mot
+        await self.send({"type": "session.updated", "session": self.session_object()})
+
+    @staticmethod
+    def _format(fmt: Any, param: str, inputs: bool) -> dict[str, Any]:
+        if isinstance(fmt, str):
+            if fmt not in BETA_FORMATS:
+                raise ClientError(f"unknown audio format {fmt!r}; use one of {', '.join(BETA_FORMATS)}",
+                                  "invalid_value", param)
+            fmt = dict(BETA_FORMATS[fmt])
+        if not isinstance(fmt, dict) or fmt.get("type") not in INPUT_RATES:
+            raise ClientError(f"audio format must be one of {', '.join(INPUT_RATES)}", "invalid_value", param)
+        if fmt["type"] == "audio/pcm":
+            rate = fmt.get("rate", 24000)
+            ok = rate in (8000, 16000, 24000, 44100, 48000) if inputs else rate == 24000
+            if not ok:
+                allowed = "8000, 16000, 24000, 44100 or 48000" if inputs else "24000"
+                raise ClientError(f"audio/pcm rate {rate!r} is not supported here; use {allowed}", "invalid_value",
+                                  param + ".rate")
+            return {"type": "audio/pcm", "rate": rate}
+        return {"type": fmt["type"]}
+
+    @staticmethod
+    def _turn_detection(td: Any) -> dict[str, Any] | None:
+        if td is None:
+            return None
+        if not isinstance(td, dict) or td.get("type") not in ("server_vad", "semantic_vad"):
+            raise ClientError("turn_detection must be null or {'type': 'server_vad', ...}", "invalid_value",
+                              "session.audio.input.turn_detection")
+        out = dict(DEFAULT_VAD)
+        if td["type"] == "semantic_vad":  # approximated by the server VAD with a silence matching the eagerness
+            out["silence_duration_ms"] = SEMANTIC_SILENCE_MS.get(td.get("eagerness") or "auto", 600)
+        for k in ("threshold", "prefix_padding_ms", "silence_duration_ms", "create_response", "interrupt_response",
+                  "idle_timeout_ms"):
+            if td.get(k) is not None:
+                out[k] = td[k]
+        try:
+            RealtimeConnection._vad_config(out)
+        except (TypeError, ValueError) as e:
+            raise ClientError(f"bad turn_detection: {e}", "invalid_value", "session.audio.input.turn_detection") \
+                from None
+        return out
+
+    async def create_item(self, item: Any) -> None:
+        if not isinstance(item, dict):
+            raise ClientError("conversation.item.create needs an 'item' object", "invalid_value", "item")
+        if item.get("type", "message") != "message":
+            raise ClientError(f"items of type {item.get('type')!r} are not supported: only messages",
+                              "unsupported_item", "item.type")
+        role = item.get("role")
+        content = item.get("content")
+        if role not in ("user", "assistant", "system") or not isinstance(content, list) or not content:
+            raise ClientError("a message item needs a role (user, assistant or system) and a non-empty content list",
+                              "invalid_value", "item")
+        if self.engine_response is not None and self.engine_response.done is None and role != "user":
+            raise ClientError("a response is in progress: cancel it before adding assistant or system messages",
+                              "conversation_already_has_active_response")
+        out_content = []
+        for i, part in enumerate(content):
+            ptype = part.get("type") if isinstance(part, dict) else None
+            if ptype in ("input_text", "text", "output_text"):
+                text = part.get("text")
+                if not isinstance(text, str) or not text.strip():
+                    raise ClientError("a text part needs non-empty 'text'", "invalid_value", f"item.content[{i}].text")
+                await self.run_blocking(self.session.add_message, role, text)
+                out_content.append({"type": ptype, "text": text})
+            elif ptype == "input_audio" and role == "user":
+                try:
+                    samples = self.decode_input(base64.b64decode(part.get("audio") or "", validate=True))
+                except (binascii.Error, ValueError) as e:
+                    raise ClientError(f"'audio' is not valid base64 audio: {e}", "invalid_value",
+                                      f"item.content[{i}].audio") from None
+                if len(samples) < self.in_rate * MIN_COMMIT_MS / 1000:
+                    raise ClientError(f"an audio part needs at least {MIN_COMMIT_MS} ms of audio", "invalid_value",
+                                      f"item.content[{i}].audio")
+                if self.buffer_ms:
+                    await self.run_blocking(self.session.commit_audio)   # keep the buffered audio its own part
+                    self.buffer_ms = 0.0
+                await self.run_blocking(self.session.append_audio, samples, self.in_rate)
+                await self.run_blocking(self.session.commit_audio)
+                out_content.append({"type": "input_audio", "transcript": None})
+            else:
+                raise ClientError(f"content part type {ptype!r} is not supported for a {role} message",
+                                  "unsupported_content", f"item.content[{i}].type")
+        await self.item_added({"id": item.get("id") or _id("item"), "object": "realtime.item", "type": "message",
+                               "role": role, "status": "completed", "content": out_content})
+
+    async def truncate(self, event: dict[str, Any]) -> None:
+        item_id, ms = event.get("item_id"), event.get("audio_end_ms")
+        if not isinstance(ms, (int, float)) or ms < 0:
+            raise ClientError("audio_end_ms must be a non-negative number", "invalid_value", "audio_end_ms")
+        if item_id != self.last_assistant_item or item_id is None:
+            raise ClientError(f"only the last assistant item ({self.last_assistant_item}) can be truncated",
+                              "invalid_value", "item_id")
+        if self.engine_response is None or self.engine_response.done is None:
+            raise ClientError("the response is still in progress: cancel it first", "invalid_value", "item_id")
+        await self.run_blocking(self.session.truncate_response, float(ms))
+        await self.send({"type": "conversation.item.truncated", "item_id": item_id,
+                         "content_index": event.get("content_index", 0), "audio_end_ms": int(ms)})
+
+    # ----- responses -------------------------------------------------------------------------------------
+    async def cancel_response(self, eid: str | None, reason: str) -> None:
+        resp = self.engine_response
+        if resp is None or resp.done is not None:
+            if reason == "client_cancelled":
+                await self.send_error("there is no response in progress to cancel", "response_cancel_not_active",
+                                      event_id=eid)
+            return
+        self.cancel_reason = reason
+        resp.cancel()
+        if self.response_task is not None and self.response_task is not asyncio.current_task():
+            await asyncio.wait([self.response_task])   # response.done goes out before any later event
+
+    async def start_response(self, params: dict[str, Any], eid: str | None) -> None:
+        if not isinstance(params, dict):
+            raise ClientError("'response' must be an object", "invalid_value", "response")
+        if self.engine_response is not None and self.engine_response.done is None:
+            raise ClientError("the conversation already has an active response; cancel it first",
+                              "conversation_already_has_active_response")
+        if params.get("conversation") == "none" or params.get("input") is not None:
+            raise ClientError("out-of-band responses (conversation 'none' or 'input') are not supported",
+                              "unsupported_value", "response.conversation")
+        if self.session.voice is None:
+            raise ClientError("no voice is selected: set session.audio.output.voice to a library voice (GET "
+                              "/v1/voices) first", "voice_required", "session.audio.output.voice")
+        modalities = params.get("output_modalities") or self.output_modalities
+        mot = params.get("max_output_tokens") or self.max_output_tokens
+        max_frames = self.cfg.max_response_frames if mot == "inf" else min(self.cfg.max_response_frames, 2 * int(mot))
+        response_id = _id("resp")
+        item_id = _id("item")
+        self.cancel_reason = None
+        self.played = None
+        await self.send({"type": "response.created", "response": self._response_obj(
+            response_id, "in_progress", modalities, [], None)})
+        try:
+            engine_resp = await self.run_blocking(self.session.respond, max_frames)
+        except (EngineError, UnknownVoice, ContextFull) as e:
+            await self.send({"type": "response.done", "response": self._response_obj(
+                response_id, "failed", modalities, [], None,
+                {"type": "failed", "error": {"type": "invalid_request_error", "code": "response_failed"}})})
+            self.state.metrics.responses.labels("realtime", "failed").inc()
+            raise ClientError(str(e), "context_full" if isinstance(e, ContextFull) else "response_failed") from None
+        self.engine_response = engine_resp
+        self.last_assistant_item = item_id
+        self.response_task = asyncio.create_task(self.stream_response(engine_resp, response_id, item_id, modalities))
+
+    def _response_obj(self, rid: str, status: str, modalities: list[str], output: list, usage,
+                      details: dict | None = None, metadata: dict | None = None) -> dict[str, Any]:
+        return {"id": rid, "object": "realtime.response", "status": status, "status_details": details,
+                "conversation_id": self.conversation_id, "output_modalities": modalities, "output": output,
+                "max_output_tokens": self.max_output_tokens, "usage": usage, "metadata": metadata,
+                "audio": {"output": {"format": dict(self.output_format), "voice": self.session.voice}}}
+
+    async def stream_response(self, resp: EngineResponse, rid: str, item_id: str, modalities: list[str]) -> None:
+        try:
+            await self._stream_response(resp, rid, item_id, modalities)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("streaming a response failed")
+            if resp.done is None:
+                resp.cancel()
+            await self.send_error(f"the response failed: {type(e).__name__}: {e}", "response_failed",
+                                  type="server_error")
+
+    async def _stream_response(self, resp: EngineResponse, rid: str, item_id: str, modalities: list[str]) -> None:
+        audio_out = "audio" in modalities
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+                "status": "in_progress", "content": []}
+        base = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
+        await self.send({"type": "response.output_item.added", "response_id": rid, "output_index": 0, "item": item})
+        await self.item_added(item)
+        part_type = "audio" if audio_out else "text"
+        await self.send({"type": "response.content_part.added", **base,
+                         "part": {"type": part_type, "transcript": ""} if audio_out else {"type": "text", "text": ""}})
+        encoder = OutputEncoder(self.output_format["type"]) if audio_out else None
+        ms_per_frame = 1000 * self.engine.cfg.audio_frame_freq / self.engine.sample_rate
+        sent_ms = 0.0
+        done: ResponseDone | None = None
+        transcript = ""
+        async for ev in resp:
+            if isinstance(ev, AudioChunk):
+                if encoder is not None:
+                    data = encoder.encode(ev.audio)
+                    if data:
+                        await self.send({"type": "response.output_audio.delta", **base,
+                                         "delta": base64.b64encode(data).decode()})
+                    if self.played is None:
+                        self.played = (time.monotonic(), 0)
+                    sent_ms += ms_per_frame
+            elif isinstance(ev, TextDelta):
+                transcript += ev.text
+                kind = "response.output_audio_transcript.delta" if audio_out else "response.output_text.delta"
+                await self.send({"type": kind, **base, "delta": ev.text})
+            elif isinstance(ev, ResponseDone):
+                done = ev
+        assert done is not None
+        if encoder is not None:
+            tail = encoder.flush()
+            if tail:
+                await self.send({"type": "response.output_audio.delta", **base,
+                                 "delta": base64.b64encode(tail).decode()})
+        status = {"eos": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(done.stop_reason, "failed")
+        text = done.text
+        if status == "cancelled" and audio_out:
+            # Barge-in or cancel: keep in the history what the listener can have heard by now (playback starts
+            # with the first delta and runs in real time); a conversation.item.truncate can correct it later.
+            heard = 0.0 if self.played is None else min(sent_ms, 1000 * (time.monotonic() - self.played[0]))
+            text = await self.run_blocking(self.session.truncate_response, heard)
+        self.state.metrics.observe_response("realtime", done)
+        if audio_out:
+            await self.send({"type": "response.output_audio.done", **base})
+            await self.send({"type": "response.output_audio_transcript.done", **base, "transcript": text})
+            part = {"type": "audio", "transcript": text}
+        else:
+            await self.send({"type": "response.output_text.done", **base, "text": text})
+            part = {"type": "text", "text": text}
+        await self.send({"type": "response.content_part.done", **base, "part": part})
+        item = {**item, "status": "completed" if status == "completed" else "incomplete",
+                "content": [{"type": "output_audio" if audio_out else "output_text",
+                             **({"transcript": text} if audio_out else {"text": text})}]}
+        await self.send({"type": "response.output_item.done", "response_id": rid, "output_index": 0, "item": item})
+        prev = self.items[-2] if len(self.items) > 1 else None
+        await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
+        details = None
+        if status == "cancelled":
+            details = {"type": "cancelled", "reason": self.cancel_reason or "client_cancelled"}
+        elif status == "incomplete":
+            details = {"type": "incomplete", "reason": "max_output_tokens"}
+        elif status == "failed":
+            details = {"type": "failed", "error": {"type": "server_error", "code": "generation_failed",
+                                                   "message": done.error}}
+        t = done.timings or {}
+        metadata = {k: f"{t[k]:.4g}" for k in ("ttft_ms", "rtf", "audio_seconds") if k in t and t[k] == t[k]}
+        await self.send({"type": "response.done", "response": self._response_obj(
+            rid, status, modalities, [item], self._usage(resp, done), details, metadata)})
+
+    def _usage(self, resp: EngineResponse, done: ResponseDone) -> dict[str, Any]:
+        row = getattr(resp, "row", None)
+        prompt_len = row.prompt_len if row is not None else 0
+        ctx = self.session.ctx_ids[:prompt_len] if self.session is not None else []
+        audio_in = sum(1 for t in ctx if t == self.engine.cfg.audio_token_index)
+        out_text = len(done.tokens)
+        return {"total_tokens": prompt_len + out_text + done.frames, "input_tokens": prompt_len,
+                "output_tokens": out_text + done.frames,
+                "input_token_details": {"text_tokens": prompt_len - audio_in, "audio_tokens": audio_in,
+                                        "cached_tokens": 0, "image_tokens": 0},
+                "output_token_details": {"text_tokens": out_text, "audio_tokens": done.frames}}
+
+
+@router.websocket("/v1/realtime")
+async def realtime_endpoint(ws: WebSocket) -> None:
+    state: ServerState = ws.app.state.oc
+    offered = list(ws.scope.get("subprotocols") or [])
+    if not check_api_key(state.config, ws.headers, ws.query_params, offered):
+        state.metrics.errors.labels("authentication_error").inc()
+        body = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' (or, from a browser, the "
+                             "'openai-insecure-api-key.KEY' subprotocol)", "authentication_error",
+                        "invalid_api_key").body()
+        try:
+            await ws.send_denial_response(JSONResponse(body, status_code=401))
+        except RuntimeError:  # the server cannot answer a WebSocket with HTTP: refuse with a policy close
+            await ws.close(code=1008, reason="invalid API key")
+        return
+    await ws.accept(subprotocol="realtime" if "realtime" in offered else (offered[0] if offered else None))
+    try:
+        conn = RealtimeConnection(ws, state)
+    except APIError as e:  # still loading, or failed to load
+        await ws.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": {
+            "type": e.type, "code": e.code, "message": e.message, "param": None, "event_id": None}}))
+        await ws.close(code=1013, reason="model not ready")
+        return
+    if not await conn.open():
+        await ws.close(code=1013, reason="session limit reached")
+        return
+    state.connections.add(conn)
+    try:
+        await conn.serve()
+    finally:
+        state.connections.discard(conn)
+
+
+async def close_all(state: ServerState) -> None:
+    for conn in list(getattr(state, "connections", ())):
+        try:
+            await conn.ws.close(code=1001, reason="server shutting down")
+        except Exception:
+            pass
+        await conn.close()

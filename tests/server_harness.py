@@ -1,0 +1,60 @@
+"""Run the real server (uvicorn) on a free loopback port in a background thread, for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from openchroma.engine import Engine
+from openchroma.pipeline import Chroma
+from openchroma.serving.app import ServerConfig, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEECH_WAV = ROOT / "tests" / "data" / "speech.wav"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app) -> Iterator[str]:
+    """Serve ``app`` on 127.0.0.1 until the block ends; yields the base URL (``http://127.0.0.1:PORT``)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", ws="websockets",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def chroma_server(chroma: Chroma, data_dir: Path, **config) -> Iterator[tuple[str, object]]:
+    """A fresh engine over ``chroma`` behind a fresh app (as after a restart); yields (base URL, app state)."""
+    config.setdefault("max_response_seconds", 2.0)
+    cfg = ServerConfig(model="tiny-random", data_dir=data_dir, model_id="chroma-tiny", **config)
+    engine = Engine(chroma, max_sessions=cfg.max_sessions, max_context=cfg.max_context,
+                    max_response_frames=cfg.max_response_frames)
+    app = create_app(cfg, engine)
+    try:
+        with running_server(app) as url:
+            yield url, app.state.oc
+    finally:
+        engine.close()

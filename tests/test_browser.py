@@ -1,0 +1,333 @@
+"""The browser client (openchroma/serving/static) in headless Chromium against the real server.
+
+Chromium's fake microphone plays a WAV (silence, the espeak speech sample, silence, looped); the page talks to
+``/v1/realtime`` exactly as a person's browser would. The tiny random-weight model answers with noise and random
+tokens, so the checks are on the plumbing: a turn completes, its audio is played, the bubble shows exactly the
+transcript the server sent, and TTFT/RTF are displayed. Screenshots go to ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import wave
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from server_harness import ROOT, SPEECH_WAV, chroma_server
+
+from openchroma.audio import load_audio
+
+CHROMIUM = Path("/usr/bin/chromium")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
+                                                            "(pip install playwright)")
+if not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None:
+    pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+
+TRANSCRIPT = "Hello there. Could you tell me what the weather will be like tomorrow?"
+VOICE = "browser-voice"
+ARTIFACTS = ROOT / "test-artifacts"
+FAKE_MIC_RATE = 48000
+TURN_DONE = "() => window.__oc && window.__oc.turns.some(t => t.status === 'completed' || t.status === 'incomplete')"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chroma, tmp_path_factory):
+    with chroma_server(tiny_chroma, tmp_path_factory.mktemp("browser-data"), max_response_seconds=2.0) as (url, state):
+        with open(SPEECH_WAV, "rb") as f:
+            r = httpx.post(f"{url}/v1/voices", files={"file": ("speech.wav", f, "audio/wav")},
+                           data={"name": VOICE, "transcript": TRANSCRIPT}, timeout=60)
+        assert r.status_code == 201, r.text
+        yield url
+
+
+def write_wav(path: Path, x: np.ndarray, rate: int) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def fake_mic(path: Path, lead_s: float, tail_s: float) -> Path:
+    """Silence, the speech sample, silence: a 16-bit mono WAV for Chromium's fake microphone (which loops it)."""
+    speech = load_audio(SPEECH_WAV, FAKE_MIC_RATE).numpy().astype(np.float32)
+    speech = 0.8 * speech / max(1e-6, float(np.abs(speech).max()))
+    silence = lambda s: np.zeros(int(s * FAKE_MIC_RATE), np.float32)  # noqa: E731
+    return write_wav(path, np.concatenate([silence(lead_s), speech, silence(tail_s)]), FAKE_MIC_RATE)
+
+
+@pytest.fixture(scope="module")
+def playwright():
+    with sync_api.sync_playwright() as p:
+        yield p
+
+
+def launch(playwright, mic_wav: Path):
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={mic_wav}", "--autoplay-policy=no-user-gesture-required"])
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, tmp_path_factory):
+    """Chromium whose microphone says the sample once every few seconds: 1 s silence, speech, 3 s silence."""
+    b = launch(playwright, fake_mic(tmp_path_factory.mktemp("fake-mic") / "mic.wav", 1.0, 3.0))
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+class Page:
+    """A fresh page on the client, recording page errors, console messages and the raw WebSocket frames."""
+
+    def __init__(self, browser, url: str, voice: str | None = VOICE):
+        self.context = browser.new_context(viewport={"width": 1280, "height": 860})
+        self.context.grant_permissions(["microphone"], origin=url)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.console: list[str] = []
+        self.received: list[dict] = []
+        self.sent: list[dict] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("websocket", self._on_ws)
+        self.page.goto(url + "/")
+        if voice:  # the voice list loads and the first (only) voice is selected by itself
+            self.page.locator(f'#voice-list li.voice.selected[data-voice="{voice}"]').wait_for(timeout=10_000)
+
+    def _on_ws(self, ws):
+        ws.on("framereceived", lambda payload: self.received.append(_json(payload)))
+        ws.on("framesent", lambda payload: self.sent.append(_json(payload)))
+
+    def received_of(self, kind: str) -> list[dict]:
+        return [e for e in self.received if e.get("type") == kind]
+
+    def sent_of(self, kind: str) -> list[dict]:
+        return [e for e in self.sent if e.get("type") == kind]
+
+    def diagnostics(self) -> str:
+        oc = self.page.evaluate("() => window.__oc && {turns: window.__oc.turns, sent: window.__oc.sent, "
+                                "playedSamples: window.__oc.playedSamples, events: window.__oc.events.filter("
+                                "t => t !== 'response.output_audio.delta')}")
+        banner = self.page.locator("#banner-text").text_content()
+        errors = [e.get("error") for e in self.received_of("error")]
+        return (f"\n__oc: {json.dumps(oc)[:3000]}\nbanner: {banner!r}\nserver errors: {errors}"
+                f"\npage errors: {self.errors}\nconsole: {self.console[-30:]}")
+
+    def wait(self, js: str, timeout_s: float, what: str) -> None:
+        try:
+            self.page.wait_for_function(js, timeout=timeout_s * 1000, polling=100)
+        except sync_api.TimeoutError:
+            pytest.fail(f"{what} did not happen within {timeout_s:.0f} s" + self.diagnostics())
+
+    def screenshot(self, name: str) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def _json(payload) -> dict:
+    try:
+        ev = json.loads(payload)
+    except (TypeError, ValueError):
+        return {}
+    return ev if isinstance(ev, dict) else {}
+
+
+@pytest.fixture
+def page(browser, server):
+    p = Page(browser, server)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def check_finished_turn(p: Page) -> dict:
+    """The first finished turn: its audio played; its bubble shows the server's transcript, TTFT and RTF."""
+    oc = p.page.evaluate("() => window.__oc")
+    turn = next(t for t in oc["turns"] if t["status"] in ("completed", "incomplete"))
+    p.wait("() => window.__oc.playedSamples > 0", 10, "playback")
+    # The server's own events for this response, from the raw WebSocket frames.
+    done = next(e for e in p.received_of("response.done") if e["response"]["id"] == turn["response_id"])
+    item_id = done["response"]["output"][0]["id"]
+    assert turn["item_id"] == item_id
+    said = [e for e in p.received_of("response.output_audio_transcript.done") if e["item_id"] == item_id]
+    assert len(said) == 1, p.diagnostics()
+    assert [e for e in p.received_of("response.output_audio.delta") if e["item_id"] == item_id]
+
+    bubble = p.page.locator(f'#log .msg.assistant[data-item-id="{item_id}"]')
+    bubble.wait_for(state="visible")
+    assert bubble.locator(".text").text_content() == said[0]["transcript"] == turn["transcript"]
+    meta = done["response"]["metadata"]
+    ttft, rtf = round(float(meta["ttft_ms"])), float(meta["rtf"])
+    shown = bubble.locator(".meta").text_content()
+    assert f"TTFT {ttft} ms" in shown and f"RTF {rtf:.2f}" in shown, shown
+    assert turn["ttft_ms"] == pytest.approx(float(meta["ttft_ms"])) and turn["rtf"] == pytest.approx(rtf)
+    # The stats panel shows a turn's numbers too (the last turn's, which may be a later one by now).
+    assert re.fullmatch(r"\d+ ms", p.page.locator("#stat-ttft").text_content()), p.diagnostics()
+    assert re.fullmatch(r"\d+\.\d\d", p.page.locator("#stat-rtf").text_content()), p.diagnostics()
+    assert re.fullmatch(r"\d+ ms", p.page.locator("#stat-played").text_content())
+    # The user's turn is shown as speech, before the answer.
+    user = p.page.locator("#log .msg.user").first
+    assert user.locator(".text").text_content() == "🎤 speech"
+    assert p.page.locator("#banner").is_hidden(), p.diagnostics()
+    assert not p.errors, p.diagnostics()
+    # The session was set up as the page asked: the library voice, pcm16 at 24 kHz.
+    update = p.sent_of("session.update")[0]["session"]
+    assert update["audio"]["output"]["voice"] == VOICE
+    assert update["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    return turn
+
+
+def test_hands_free_turn_in_chromium(page):
+    p = page
+    p.page.click("#start")
+    p.wait(TURN_DONE, 60, "a hands-free turn")
+    check_finished_turn(p)
+    kinds = [e.get("type") for e in p.received]
+    for kind in ("session.created", "session.updated", "input_audio_buffer.speech_started",
+                 "input_audio_buffer.speech_stopped", "input_audio_buffer.committed", "response.created"):
+        assert kind in kinds, f"no {kind}" + p.diagnostics()
+    td = p.sent_of("session.update")[0]["session"]["audio"]["input"]["turn_detection"]
+    assert td == {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+    appends = p.sent_of("input_audio_buffer.append")
+    assert appends, "the microphone was never streamed"
+    # ~50 ms of pcm16 at 24 kHz per append.
+    assert all(abs(len(e["audio"]) * 3 / 4 / 2 - 1200) < 10 for e in appends[:-1]), {
+        len(e["audio"]) for e in appends}
+    p.screenshot("browser-turn.png")
+
+
+def test_push_to_talk_turn_in_chromium(page):
+    p = page
+    p.page.check('input[name="mode"][value="ptt"]')
+    p.page.click("#start")
+    p.wait("() => window.__oc.connected && window.__oc.events.includes('session.updated')", 15, "connecting")
+    talk = p.page.locator("#ptt")
+    assert talk.is_visible() and talk.is_enabled()
+    box = talk.bounding_box()
+    p.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    p.page.mouse.down()
+    p.page.wait_for_timeout(2500)
+    p.page.mouse.up()
+    p.wait(TURN_DONE, 45, "a push-to-talk turn")
+    check_finished_turn(p)
+    updated = p.received_of("session.updated")[-1]["session"]
+    assert updated["audio"]["input"]["turn_detection"] is None
+    assert not p.received_of("input_audio_buffer.speech_started")   # no server VAD in this mode
+    sent = [e.get("type") for e in p.sent]
+    commit = sent.index("input_audio_buffer.commit")
+    assert sent[commit + 1] == "response.create"
+    clear = sent.index("input_audio_buffer.clear")
+    held = [e for e in p.sent[clear:commit] if e.get("type") == "input_audio_buffer.append"]
+    seconds = sum(len(e["audio"]) * 3 / 4 / 2 for e in held) / 24000
+    assert 2.0 < seconds < 3.2, seconds   # what was captured while the button was held
+    p.screenshot("browser-ptt.png")
+
+
+def test_barge_in_stops_playback_and_truncates_what_was_heard(playwright, server, tmp_path):
+    """The sample comes back ~1.2 s after the assistant starts its 2 s answer: talking over it stops playback
+    at once and tells the server how much of the answer was heard."""
+    b = launch(playwright, fake_mic(tmp_path / "mic.wav", 0.5, 1.2))
+    p = Page(b, server)
+    try:
+        p.page.click("#start")
+        p.wait("() => window.__oc.truncates.length >= 1", 45, "a barge-in")
+        p.wait("() => window.__oc.events.includes('conversation.item.truncated')", 10, "the truncation")
+        trunc = p.sent_of("conversation.item.truncate")[0]
+        item = trunc["item_id"]
+        assert item in [e["item"]["id"] for e in p.received_of("response.output_item.added")]
+        assert trunc["content_index"] == 0
+        sent_ms = sum(len(base64.b64decode(e["delta"])) // 2 for e in p.received_of("response.output_audio.delta")
+                      if e["item_id"] == item) / 24
+        assert 0 <= trunc["audio_end_ms"] <= sent_ms, (trunc, sent_ms)   # no more than was played
+        assert trunc["audio_end_ms"] < 2000, trunc                        # ... which was not the whole answer
+        done = p.received_of("conversation.item.truncated")[0]
+        assert done["item_id"] == item and done["audio_end_ms"] == trunc["audio_end_ms"]
+        # The barge-in came from the server's VAD (the sample again), while the answer was playing.
+        kinds = [e.get("type") for e in p.received]
+        assert kinds.count("input_audio_buffer.speech_started") >= 2
+        # Playback stopped there: nothing more is played while the user is still talking.
+        at_flush = p.page.evaluate("() => window.__oc.truncates[0].played")
+        p.page.wait_for_timeout(500)
+        assert p.page.evaluate("() => window.__oc.playedSamples") == at_flush
+        assert p.page.locator(f'#log .msg.assistant[data-item-id="{item}"].interrupted').count() == 1
+        assert not [e for e in p.received_of("error")], p.diagnostics()
+        assert not p.errors, p.diagnostics()
+        p.screenshot("browser-barge-in.png")
+    finally:
+        p.close()
+        b.close()
+
+
+def test_api_key_voice_library_and_typed_message(browser, tiny_chroma, tmp_path):
+    """A server with an API key: the page asks for it, then uploads (and is refused) voices, sends a typed message
+    over the key-carrying WebSocket, plays a reference and deletes the voice."""
+    key = "browser-test-key"
+    auth = {"Authorization": f"Bearer {key}"}
+    short = write_wav(tmp_path / "short.wav", np.zeros(2400, np.float32), 24000)
+    with chroma_server(tiny_chroma, tmp_path / "data", api_key=key, max_response_seconds=1.0) as (url, _):
+        p = Page(browser, url, voice=None)
+        try:
+            pg = p.page
+            pg.locator("#key-panel").wait_for(state="visible", timeout=10_000)
+            pg.fill("#api-key", key)
+            pg.click('#key-form button[type="submit"]')
+            pg.locator("#key-panel").wait_for(state="hidden", timeout=10_000)
+            assert pg.evaluate("() => localStorage.getItem('openchroma.apiKey')") == key
+            pg.locator("#voice-list li.empty").wait_for()
+
+            # A refused upload shows the server's own message.
+            with open(short, "rb") as f:
+                r = httpx.post(f"{url}/v1/voices", files={"file": ("short.wav", f, "audio/wav")},
+                               data={"name": "short", "transcript": "Hi."}, headers=auth, timeout=60)
+            assert r.status_code >= 400
+            pg.click("#voice-add summary")
+            pg.fill("#voice-name", "short")
+            pg.fill("#voice-transcript", "Hi.")
+            pg.set_input_files("#voice-file", str(short))
+            pg.click("#voice-submit")
+            msg = pg.locator("#voice-form-msg.bad")
+            msg.wait_for(timeout=30_000)
+            assert msg.text_content() == r.json()["error"]["message"]
+
+            # A good one is added and selected.
+            pg.fill("#voice-name", "typed")
+            pg.fill("#voice-transcript", TRANSCRIPT)
+            pg.set_input_files("#voice-file", str(SPEECH_WAV))
+            pg.click("#voice-submit")
+            pg.locator('#voice-list li.voice.selected[data-voice="typed"]').wait_for(timeout=30_000)
+
+            # A typed message: connects (the key goes as a WebSocket subprotocol) and gets an answer.
+            pg.fill("#text-input", "What's the weather like?")
+            pg.press("#text-input", "Enter")
+            p.wait(TURN_DONE, 30, "a typed turn")
+            user = pg.locator("#log .msg.user .text").first
+            assert user.text_content() == "What's the weather like?"
+            item = p.sent_of("conversation.item.create")[0]["item"]
+            assert item == {"type": "message", "role": "user",
+                            "content": [{"type": "input_text", "text": "What's the weather like?"}]}
+            assert p.sent_of("session.update")[0]["session"]["audio"]["output"]["voice"] == "typed"
+
+            # The reference plays (fetched with the key), then the voice is deleted.
+            pg.click('#voice-list li[data-voice="typed"] button:has-text("Play")')
+            pg.wait_for_timeout(300)
+            assert pg.locator("#banner").is_hidden(), p.diagnostics()
+            pg.once("dialog", lambda d: d.accept())
+            pg.click('#voice-list li[data-voice="typed"] button:has-text("Delete")')
+            pg.locator("#voice-list li.empty").wait_for(timeout=10_000)
+            assert httpx.get(f"{url}/v1/voices", headers=auth).json()["data"] == []
+            assert not p.errors, p.diagnostics()
+        finally:
+            p.close()

@@ -1,0 +1,254 @@
+"""/v1/chat/completions and /v1/audio/speech through the official ``openai`` SDK and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import pytest
+import soundfile as sf
+from openai import APIStatusError, OpenAI
+from server_harness import SPEECH_WAV, chroma_server
+
+from openchroma.engine import AudioChunk, Engine
+from openchroma.serving.codecs import float_to_pcm16
+
+TRANSCRIPT = "Hello there. Could you tell me what the weather will be like tomorrow?"
+FRAME_BYTES = 1920 * 2
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chroma, tmp_path_factory):
+    with chroma_server(tiny_chroma, tmp_path_factory.mktemp("data"), max_response_seconds=4.0,
+                       max_sessions=2) as (url, state):
+        add_voice(url)
+        yield url, state
+
+
+def add_voice(url: str) -> None:
+    with open(SPEECH_WAV, "rb") as f:
+        r = httpx.post(f"{url}/v1/voices", files={"file": ("speech.wav", f, "audio/wav")},
+                       data={"name": "lib", "transcript": TRANSCRIPT}, timeout=60)
+    assert r.status_code == 201, r.text
+
+
+@pytest.fixture
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server[0]}/v1", api_key="unused", max_retries=0)
+
+
+def speech_b64() -> str:
+    return base64.b64encode(SPEECH_WAV.read_bytes()).decode()
+
+
+def engine_reference(tiny_chroma, state, *, user_text=None, forced=None) -> bytes:
+    frames = state.engine.max_response_frames
+    engine = Engine(tiny_chroma, max_sessions=1, max_response_frames=frames)
+    try:
+        engine.add_voice("lib", state.engine.voices["lib"].prompt)
+        s = engine.create_session("lib", None)
+        if user_text:
+            s.add_text(user_text)
+        return b"".join(float_to_pcm16(e.audio) for e in s.respond(frames, forced) if isinstance(e, AudioChunk))
+    finally:
+        engine.close()
+
+
+def test_chat_completion_with_audio_output(client, server, tiny_chroma):
+    r = client.chat.completions.create(model="chroma-tiny", modalities=["text", "audio"],
+                                       audio={"voice": "lib", "format": "wav"},
+                                       messages=[{"role": "user", "content": "Tell me a joke."}])
+    msg = r.choices[0].message
+    assert msg.audio.transcript == msg.content
+    wav, rate = sf.read(io.BytesIO(base64.b64decode(msg.audio.data)), dtype="int16")
+    assert rate == 24000 and len(wav) > 0
+    assert wav.tobytes() == engine_reference(tiny_chroma, server[1], user_text="Tell me a joke.")
+    assert r.usage.completion_tokens_details.audio_tokens == len(wav) // 1920
+
+
+def test_chat_completion_streams_audio_and_transcript(client, server, tiny_chroma):
+    stream = client.chat.completions.create(
+        model="chroma-tiny", modalities=["text", "audio"], audio={"voice": "lib", "format": "pcm16"}, stream=True,
+        stream_options={"include_usage": True}, messages=[{"role": "user", "content": "Tell me a joke."}])
+    audio, transcript, finish, usage = b"", "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        if not chunk.choices:
+            continue
+        delta = chunk.choices[0].delta
+        extra = getattr(delta, "audio", None) or (delta.model_extra or {}).get("audio")
+        if extra is not None and not isinstance(extra, dict):
+            extra = extra.model_dump(exclude_none=True)
+        if extra:
+            audio += base64.b64decode(extra.get("data", "")) if extra.get("data") else b""
+            transcript += extra.get("transcript", "")
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish in ("stop", "length")
+    assert audio == engine_reference(tiny_chroma, server[1], user_text="Tell me a joke.")
+    assert usage.completion_tokens_details.audio_tokens == len(audio) // FRAME_BYTES
+    assert isinstance(transcript, str)
+
+
+def test_chat_completion_text_only_streams_content(client):
+    stream = client.chat.completions.create(model="chroma-tiny", stream=True,
+                                            messages=[{"role": "user", "content": "Hi"}])
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_completion_with_openai_input_audio(client):
+    r = client.chat.completions.create(
+        model="chroma-tiny", modalities=["text", "audio"], audio={"voice": "lib", "format": "wav"},
+        messages=[{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": [{"type": "input_audio",
+                                                "input_audio": {"data": speech_b64(), "format": "wav"}}]}])
+    assert r.choices[0].message.audio.data
+    assert r.usage.prompt_tokens > 30
+
+
+def test_published_chroma_request_shape(server, tmp_path):
+    url, state = server
+    body = {
+        "model": "chroma-tiny",
+        "messages": [{"role": "system", "content": [{"type": "text", "text": "You are Chroma."}]},
+                     {"role": "user", "content": [{"type": "audio",
+                                                   "audio": "data:audio/wav;base64," + speech_b64()}]}],
+        "prompt_text": TRANSCRIPT, "prompt_audio": speech_b64(), "return_audio": True,
+    }
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    wav, rate = sf.read(io.BytesIO(base64.b64decode(out["choices"][0]["message"]["audio"]["data"])))
+    assert rate == 24000 and len(wav)
+    # The reference given in the request is cloned once and reused.
+    n_voices = len(state.engine.voices)
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200 and len(state.engine.voices) == n_voices
+    # Server-side paths only with --allow-local-audio.
+    body["messages"][1]["content"][0]["audio"] = str(SPEECH_WAV)
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 400 and "allow-local-audio" in r.json()["error"]["message"]
+
+
+def test_speech_streams_wav_and_pcm_of_the_forced_text(client, server, tiny_chroma):
+    text = "Hello from OpenChroma."
+    with client.audio.speech.with_streaming_response.create(model="chroma-tiny", voice="lib", input=text,
+                                                            response_format="wav") as r:
+        data = b"".join(r.iter_bytes())
+    assert data[:4] == b"RIFF" and data[36:40] == b"data"
+    ref = engine_reference(tiny_chroma, server[1], forced=text)
+    assert data[44:] == ref
+    pcm = client.audio.speech.create(model="chroma-tiny", voice="alloy", input=text, response_format="pcm").content
+    assert pcm == ref   # 'alloy' falls back to the library's only voice
+    r = httpx.post(f"{server[0]}/v1/audio/speech", json={"model": "chroma-tiny", "voice": "lib", "input": text,
+                                                         "stream_format": "sse"}, timeout=60)
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1]["type"] == "speech.audio.done"
+    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == ref
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"model": "m", "input": "", "voice": "lib"}, 400, "input is empty"),
+    ({"model": "m", "input": "hi", "voice": "nobody"}, 404, "unknown voice"),
+    ({"model": "m", "input": "hi", "voice": "lib", "response_format": "mp3"}, 400, "response_format"),
+    ({"model": "m", "input": "hi", "voice": "lib", "speed": 2.0}, 400, "speed"),
+    ({"model": "m", "input": "x" * 5000, "voice": "lib"}, 400, "limit"),
+    ({"model": "m", "voice": "lib"}, 400, "input"),
+])
+def test_speech_bad_requests(server, body, status, needle):
+    r = httpx.post(f"{server[0]}/v1/audio/speech", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, "last message"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "@@"}}]}]},
+     "base64"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": base64.b64encode(b"not audio at all").decode(), "format": "wav"}}]}]}, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["audio"], "audio": {"voice": "lib",
+                                                                                         "format": "mp3"}},
+     "audio.format"),
+    ({"messages": [{"role": "user", "content": "hi"}], "prompt_text": "only half"}, "prompt_audio"),
+])
+def test_chat_bad_requests(server, body, needle):
+    r = httpx.post(f"{server[0]}/v1/chat/completions", json={"model": "chroma-tiny", **body}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]["message"]
+
+
+def test_malformed_json_and_wrong_types(server):
+    r = httpx.post(f"{server[0]}/v1/chat/completions", content=b"{oops", timeout=10,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{server[0]}/v1/chat/completions", json={"messages": "nope"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_session_limit_answers_503_and_a_dropped_stream_frees_its_slot(tiny_chroma, tmp_path):
+    body = {"model": "chroma-tiny", "stream": True, "modalities": ["text", "audio"],
+            "audio": {"voice": "lib", "format": "pcm16"}, "messages": [{"role": "user", "content": "hi"}]}
+    with chroma_server(tiny_chroma, tmp_path, max_sessions=2, max_response_seconds=60) as (url, state):
+        add_voice(url)
+        # Fill both slots with streams that run long, then ask for a third.
+        with httpx.Client(timeout=30) as c1, httpx.Client(timeout=30) as c2:
+            with c1.stream("POST", f"{url}/v1/chat/completions", json=body) as r1, \
+                    c2.stream("POST", f"{url}/v1/chat/completions", json=body) as r2:
+                lines1, lines2 = r1.iter_lines(), r2.iter_lines()   # (a dropped iterator closes the stream)
+                next(lines1)
+                next(lines2)
+                r3 = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+                assert r3.status_code == 503
+                assert r3.json()["error"]["code"] == "session_limit_reached"
+                assert len(state.engine.sessions) == 2
+                t0 = time.time()
+        while state.engine.sessions and time.time() - t0 < 1.0:
+            time.sleep(0.01)
+        assert not state.engine.sessions, "dropped streams did not free their slots within 1 s"
+
+
+def test_api_key_guards_every_route(tiny_chroma, tmp_path):
+    with chroma_server(tiny_chroma, tmp_path, api_key="sekret") as (url, _):
+        for method, path in [("GET", "/v1/models"), ("GET", "/v1/voices"), ("GET", "/metrics"),
+                             ("POST", "/v1/chat/completions"), ("POST", "/v1/audio/speech")]:
+            r = httpx.request(method, f"{url}{path}", json={})
+            assert r.status_code == 401, path
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/").status_code == 200     # the page itself asks for the key
+        bad = OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(APIStatusError) as err:
+            bad.models.list()
+        assert err.value.status_code == 401
+        assert OpenAI(base_url=f"{url}/v1", api_key="sekret").models.list().data[0].id == "chroma-tiny"
+
+
+def test_request_body_cap(tiny_chroma, tmp_path):
+    with chroma_server(tiny_chroma, tmp_path, max_upload_bytes=10_000) as (url, _):
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 20_000}]})
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
+def test_health_says_loading_until_ready(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from openchroma.serving.app import ServerConfig, create_app
+
+    app = create_app(ServerConfig(model=str(tmp_path / "missing"), data_dir=tmp_path))
+    with TestClient(app) as c:
+        deadline = time.time() + 10
+        while c.get("/health").json()["status"] == "loading" and time.time() < deadline:
+            time.sleep(0.05)
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "error"
+        r = c.post("/v1/audio/speech", json={"model": "m", "input": "hi", "voice": "x"})
+        assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
