@@ -165,7 +165,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"  OpenAI base_url: http://{shown}:{args.port}/v1   (realtime: ws://{shown}:{args.port}/v1/realtime)\n"
           f"  voice library:   {config.data_dir / 'voices'}" + ("\n  API key required" if api_key else ""))
     app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets",
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets-sansio",
                 ws_max_size=config.max_ws_message_bytes + 1024, timeout_graceful_shutdown=5)
     return 0
 
