@@ -10,11 +10,12 @@ import sys
 COMMON_MODEL_HELP = "checkpoint directory or Hugging Face hub repo id (e.g. FlashLabs/Chroma-4B)"
 
 
-def _add_model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
+def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32") -> None:
+    """``--model/--device/--dtype``; ``dtype=None`` means bfloat16 on CUDA, float32 on CPU."""
     p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"],
-                   help=f"weights and activations dtype (default: {dtype})")
+                   help=f"weights and activations dtype (default: {dtype or 'bfloat16 on CUDA, float32 on CPU'})")
 
 
 def _peak_rss_mib() -> float:
@@ -242,10 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(streaming), a persistent voice library at /v1/voices, /v1/models, /metrics "
                                    "(Prometheus), /health, and a browser client at /. The model loads in the "
                                    "background; /health answers 503 until it is ready.")
-    p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    _add_model_args(p, dtype=None)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("OPENCHROMA_API_KEY"),

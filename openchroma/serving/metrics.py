@@ -8,6 +8,11 @@ TTFT_BUCKETS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.
 RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 4.0)
 
 
+def response_status(stop_reason: str) -> str:
+    """The OpenAI response status for an engine stop reason (eos, length, cancelled, error)."""
+    return {"eos": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(stop_reason, "failed")
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -30,8 +35,7 @@ class Metrics:
 
     def observe_response(self, route: str, done) -> None:
         """Record a finished engine response (an ``engine.ResponseDone``)."""
-        status = {"eos": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(done.stop_reason, "failed")
-        self.responses.labels(route, status).inc()
+        self.responses.labels(route, response_status(done.stop_reason)).inc()
         t = done.timings or {}
         ttft = t.get("ttft_ms")
         if ttft is not None and ttft == ttft:

@@ -33,7 +33,7 @@ from ..engine import AudioChunk, ContextFull, Engine, EngineError, ResponseDone,
 from ..generation import SamplingParams
 from ..pipeline import DEFAULT_SYSTEM_PROMPT
 from .app import OPENAI_STOCK_VOICES, APIError, ServerState, get_state
-from .codecs import encode_wav, float_to_pcm16, wav_header
+from .codecs import encode_wav, float_to_pcm16, pcm16_to_float, wav_header
 
 router = APIRouter()
 
@@ -108,11 +108,9 @@ def read_audio(data: bytes, where: str, fmt: str | None = None, rate: int = 1600
         raise APIError(400, f"{where}: the audio is empty", param=where)
     try:
         if fmt in ("pcm16", "pcm"):
-            if len(data) % 2:
-                raise AudioError("pcm16 audio has an odd number of bytes")
-            return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+            return pcm16_to_float(data)
         return load_audio(data, rate).numpy()
-    except AudioError as e:
+    except (AudioError, ValueError) as e:
         raise APIError(400, f"{where}: {e}", code="invalid_audio", param=where) from None
 
 
@@ -164,6 +162,25 @@ async def close_session(state: ServerState, route: str, session) -> None:
         await run_in_threadpool(session.close)
     finally:
         state.metrics.sessions_active.labels(route).dec()
+
+
+async def respond(state: ServerState, route: str, session, *args):
+    """Start the session's response; on any failure free the session (engine errors become 400s)."""
+    try:
+        return await run_in_threadpool(session.respond, *args)
+    except (EngineError, ContextFull) as e:
+        await close_session(state, route, session)
+        raise APIError(400, str(e), code="context_full" if isinstance(e, ContextFull) else None) from None
+    except BaseException:
+        await close_session(state, route, session)
+        raise
+
+
+async def end(state: ServerState, route: str, session, resp) -> None:
+    """Stop the response if it still runs (the client left) and free the slot, even while being cancelled."""
+    if resp.done is None:
+        resp.cancel()
+    await asyncio.shield(close_session(state, route, session))
 
 
 def sampling_from(req: ChatRequest | SpeechRequest) -> SamplingParams | None:
@@ -278,13 +295,10 @@ async def chat_completions(req: ChatRequest, request: Request):
     session = await open_session(state, "chat", voice, system)
     try:
         await feed_messages(state, session, req.messages)
-        resp = await run_in_threadpool(session.respond, max_frames, None, sampling)
-    except (EngineError, ContextFull) as e:
-        await close_session(state, "chat", session)
-        raise APIError(400, str(e), code="context_full" if isinstance(e, ContextFull) else None) from None
     except BaseException:
         await close_session(state, "chat", session)
         raise
+    resp = await respond(state, "chat", session, max_frames, None, sampling)
     cid = "chatcmpl-" + hashlib.sha1(f"{time.time_ns()}{id(resp)}".encode()).hexdigest()[:24]
     created = int(time.time())
     model = req.model or state.config.model_id
@@ -304,9 +318,7 @@ async def chat_completions(req: ChatRequest, request: Request):
             raise APIError(500, f"generation failed: {done.error}", "server_error", "generation_failed")
         text = done.text
     finally:
-        if resp.done is None:
-            resp.cancel()
-        await close_session(state, "chat", session)
+        await end(state, "chat", session, resp)
     message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
     if want_audio:
         pcm = np.concatenate(audio) if audio else np.zeros(0, np.float32)
@@ -371,10 +383,8 @@ async def stream_chat(state: ServerState, session, resp, cid: str, created: int,
                 yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": usage(resp, done)})
         yield b"data: [DONE]\n\n"
-    finally:  # also when the client disconnects: stop generating and free the slot at once
-        if resp.done is None:
-            resp.cancel()
-        await asyncio.shield(close_session(state, "chat", session))
+    finally:  # also when the client disconnects
+        await end(state, "chat", session, resp)
 
 
 # ----- speech ---------------------------------------------------------------------------------------------
@@ -402,14 +412,7 @@ async def audio_speech(req: SpeechRequest, request: Request):
     voice = state.resolve_voice(req.voice)
     sampling = sampling_from(req)
     session = await open_session(state, "speech", voice, req.instructions)
-    try:
-        resp = await run_in_threadpool(session.respond, None, text, sampling)
-    except (EngineError, ContextFull) as e:
-        await close_session(state, "speech", session)
-        raise APIError(400, str(e)) from None
-    except BaseException:
-        await close_session(state, "speech", session)
-        raise
+    resp = await respond(state, "speech", session, None, text, sampling)
     rate = engine.sample_rate
     if req.stream_format == "sse":
         return StreamingResponse(stream_speech_sse(state, session, resp, n_tokens), media_type="text/event-stream",
@@ -423,9 +426,7 @@ async def audio_speech(req: SpeechRequest, request: Request):
                 elif isinstance(ev, ResponseDone):
                     done = ev
         finally:
-            if resp.done is None:
-                resp.cancel()
-            await close_session(state, "speech", session)
+            await end(state, "speech", session, resp)
         state.metrics.observe_response("speech", done)
         data = encode_audio(np.concatenate(pcm) if pcm else np.zeros(0, np.float32), "flac", rate)
         return StreamingResponse(iter([data]), media_type=SPEECH_FORMATS[fmt])
@@ -443,9 +444,7 @@ async def stream_speech(state: ServerState, session, resp, fmt: str, rate: int) 
             elif isinstance(ev, ResponseDone):
                 state.metrics.observe_response("speech", ev)
     finally:
-        if resp.done is None:
-            resp.cancel()
-        await asyncio.shield(close_session(state, "speech", session))
+        await end(state, "speech", session, resp)
 
 
 async def stream_speech_sse(state: ServerState, session, resp, n_tokens: int) -> AsyncIterator[bytes]:
@@ -458,9 +457,7 @@ async def stream_speech_sse(state: ServerState, session, resp, n_tokens: int) ->
                 yield sse({"type": "speech.audio.done", "usage": {
                     "input_tokens": n_tokens, "output_tokens": ev.frames, "total_tokens": n_tokens + ev.frames}})
     finally:
-        if resp.done is None:
-            resp.cancel()
-        await asyncio.shield(close_session(state, "speech", session))
+        await end(state, "speech", session, resp)
 
 
 __all__ = ["router", "OPENAI_STOCK_VOICES"]

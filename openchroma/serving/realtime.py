@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse
 from ..engine import AudioChunk, ContextFull, EngineError, ResponseDone, SessionLimit, TextDelta, UnknownVoice
 from ..engine.engine import Response as EngineResponse
 from .app import APIError, ServerState, check_api_key
-from .codecs import OutputEncoder, alaw_decode, pcm16_to_float, ulaw_decode
+from .codecs import InputDecoder, OutputEncoder
+from .metrics import response_status
 from .vad import StreamingVAD, VADConfig
 
 log = logging.getLogger("openchroma.realtime")
@@ -250,12 +251,8 @@ class RealtimeConnection:
 
     # ----- input audio -----------------------------------------------------------------------------------
     def decode_input(self, raw: bytes) -> np.ndarray:
-        fmt = self.input_format["type"]
-        if fmt == "audio/pcmu":
-            return ulaw_decode(raw)
-        if fmt == "audio/pcma":
-            return alaw_decode(raw)
-        return pcm16_to_float(raw)
+        # pcm16 decodes the same at any rate; the rate is kept in ``in_rate``.
+        return InputDecoder(self.input_format["type"]).decode(raw)
 
     def new_vad(self) -> None:
         """A VAD for the current settings; its clock starts now, so its times are offset by ``vad_origin_ms``."""
@@ -647,7 +644,7 @@ class RealtimeConnection:
             if tail:
                 await self.send({"type": "response.output_audio.delta", **base,
                                  "delta": base64.b64encode(tail).decode()})
-        status = {"eos": "completed", "length": "incomplete", "cancelled": "cancelled"}.get(done.stop_reason, "failed")
+        status = response_status(done.stop_reason)
         text = done.text
         if status == "cancelled" and audio_out:
             # Barge-in or cancel: keep in the history what the listener can have heard by now (playback starts
