@@ -7,14 +7,16 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from .generation import Generation, GenerationResult, SamplingParams, VoicePrompt, generate  # noqa: F401
+    from .engine.generate import GenerationResult, generate  # noqa: F401
+    from .engine.sampling import SamplingParams  # noqa: F401
     from .loading import CheckpointError, LoadedModel, load  # noqa: F401
     from .pipeline import Chroma  # noqa: F401
+    from .voice import VoicePrompt  # noqa: F401
 
 _EXPORTS = {
     "load": "loading", "LoadedModel": "loading", "CheckpointError": "loading",
-    "generate": "generation", "Generation": "generation", "GenerationResult": "generation",
-    "SamplingParams": "generation", "VoicePrompt": "generation", "Chroma": "pipeline",
+    "generate": "engine.generate", "GenerationResult": "engine.generate",
+    "SamplingParams": "engine.sampling", "VoicePrompt": "voice", "Chroma": "pipeline",
 }
 
 

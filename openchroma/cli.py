@@ -18,6 +18,33 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32") -
                    help=f"weights and activations dtype (default: {dtype or 'bfloat16 on CUDA, float32 on CPU'})")
 
 
+def _add_compile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the frame step with torch.compile (and capture CUDA graphs on a GPU) before "
+                        "the first response; takes a while at load (default: on with CUDA, off on the CPU)")
+
+
+def _warmup(stepper, quiet: bool = False) -> None:
+    """Compile/capture every variant of the frame step, with a progress bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(stepper.variants()), desc="compiling the frame step", unit="graph", disable=quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    stepper.warmup(progress)
+    bar.close()
+
+
+def _compile_default(flag: bool | None, device) -> bool:
+    import torch
+
+    return torch.device(device).type == "cuda" if flag is None else flag
+
+
 def _peak_rss_mib() -> float:
     import resource
 
@@ -48,10 +75,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_conformance(args: argparse.Namespace) -> int:
     from .loading import load
-    from .tools.conformance import run_case
+    from .tools.conformance import case_runner, load_case, run_case
 
+    for c in args.case:  # a missing or broken case file is reported before the model loads
+        load_case(c)
     lm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
-    reports = [run_case(lm, c) for c in args.case]
+    runner = case_runner(lm, args.case, compile=_compile_default(args.compile, lm.device))
+    if runner.stepper.compile:
+        _warmup(runner.stepper, quiet=args.json)
+    reports = [run_case(lm, c, runner) for c in args.case]
     if args.json:
         out = [r.to_dict() for r in reports]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
@@ -62,7 +94,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace):
-    from .generation import SamplingParams
+    from .engine.sampling import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
 
@@ -199,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--case", required=True, action="append", help="case file (repeat for several)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_compile_arg(p)
     p.set_defaults(func=cmd_conformance)
 
     p = sub.add_parser("init-random", help="write a random-weight checkpoint (speaks noise; for tests/benchmarks)",

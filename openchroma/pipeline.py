@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 
 from .audio import load_audio, log_mel_features
-from .generation import GenerationResult, SamplingParams, VoicePrompt, encode_voice, generate
+from .engine.generate import GenerationResult, generate
+from .engine.sampling import SamplingParams
 from .loading import LoadedModel, load
 from .models.audio_encoder import audio_token_count
-from .tokenizer import ChatTokenizer, build_chat_prompt
+from .tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
+from .voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-    "auditory and visual inputs, as well as generating text and speech."
-)
-MAX_VOICE_SECONDS = 30.0
+DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
+
+__all__ = ["Chroma", "Reply", "save_wav", "DEFAULT_SYSTEM_PROMPT", "MAX_VOICE_SECONDS"]
 
 
 @dataclass

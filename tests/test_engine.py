@@ -7,9 +7,20 @@ import pytest
 import torch
 
 from openchroma.audio import AudioError
-from openchroma.engine import AudioChunk, ContextFull, Engine, EngineError, ResponseDone, TextDelta, UnknownVoice
-from openchroma.generation import SamplingParams, generate
-from openchroma.pipeline import DEFAULT_SYSTEM_PROMPT, Chroma
+from openchroma.engine import (
+    DEFAULT_SYSTEM_PROMPT,
+    AudioChunk,
+    ContextFull,
+    Engine,
+    EngineError,
+    ResponseDone,
+    SamplingParams,
+    TextDelta,
+    UnknownVoice,
+)
+from openchroma.engine.generate import generate
+from openchroma.pipeline import Chroma
+from tests.reference_generation import Generation
 
 FRAMES = 24
 
@@ -57,8 +68,6 @@ def reference(chroma, voice, messages, audios, sampling=None):
     if feats:
         enc = chroma.model.thinker.audio_tower
         embeds = torch.cat([enc(f) for f in feats])
-    from openchroma.generation import Generation
-
     gen = Generation(chroma.model, ids, voice, max_new_frames=FRAMES, sampling=sampling, audio_embeds=embeds)
     for _ in gen:
         pass

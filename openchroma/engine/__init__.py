@@ -1,6 +1,7 @@
 """The streaming engine: sessions, voices, batched frame stepping."""
 
 from .engine import (  # noqa: F401
+    DEFAULT_SYSTEM_PROMPT,
     AudioChunk,
     ContextFull,
     Engine,
@@ -13,4 +14,5 @@ from .engine import (  # noqa: F401
     UnknownVoice,
     Voice,
 )
-from .stepper import BatchStepper  # noqa: F401
+from .sampling import SamplingParams  # noqa: F401
+from .stepper import Stepper  # noqa: F401

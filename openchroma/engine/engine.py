@@ -22,13 +22,16 @@ import soxr
 import torch
 
 from ..audio import AudioError, StreamingMelExtractor, load_audio
-from ..generation import SamplingParams, VoicePrompt, encode_voice
+from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
-from ..pipeline import DEFAULT_SYSTEM_PROMPT, MAX_VOICE_SECONDS, Chroma
-from ..tokenizer import build_chat_prompt
-from .stepper import BatchStepper, ContextFull, StepOutput
+from ..tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
+from ..voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
+from .sampling import SamplingParams
+from .schedule import USER_SAMPLE_RATE as USER_RATE
+from .schedule import backbone_budget
+from .stepper import ContextFull, StepOutput, Stepper
 
-USER_RATE = 16000
+DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
 
 
 class EngineError(ValueError):
@@ -81,6 +84,20 @@ class Voice:
     @property
     def length(self) -> int:
         return self.embeds.shape[0]
+
+
+@dataclass
+class _Loaded:
+    lm: LoadedModel
+    tokenizer: ChatTokenizer
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def config(self):
+        return self.lm.config
 
 
 class Response:
@@ -242,14 +259,19 @@ class Engine:
 
     def __init__(
         self,
-        chroma: Chroma,
+        chroma,
         max_sessions: int = 8,
         max_context: int = 4096,
         max_response_frames: int = 750,
         max_voice_seconds: float = MAX_VOICE_SECONDS,
         lookahead: int = 2,
         cache_voices: bool = True,
+        compile: bool | None = None,
+        warmup_progress=None,
     ):
+        """``chroma``: a loaded model with its tokenizer (``openchroma.Chroma``, or anything with ``model``,
+        ``config`` and ``tokenizer``). ``compile``: compile the frame step (and capture CUDA graphs on a GPU)
+        now, before any session; default on with CUDA, off on the CPU."""
         self.chroma = chroma
         self.model = chroma.model
         self.cfg = chroma.config
@@ -259,8 +281,13 @@ class Engine:
         self.max_response_frames = max_response_frames
         self.cache_voices = cache_voices
         voice_len = int(max_voice_seconds * self.cfg.frame_rate) + 3 + 256  # frames + transcript tokens
-        self.stepper = BatchStepper(self.model, max_sessions, max_context, voice_len + 3 * max_response_frames + 4,
-                                    lookahead)
+        device = self.model.audio_embedding.weight.device
+        if compile is None:
+            compile = device.type == "cuda"
+        self.stepper = Stepper(self.model, max_sessions, max_context, backbone_budget(voice_len, max_response_frames),
+                               lookahead, compile=compile)
+        if compile:
+            self.stepper.warmup(warmup_progress)
         self.voices: dict[str, Voice] = {}
         self.sessions: dict[int, Session] = {}
         self._slot_session: dict[int, Session] = {}
@@ -274,7 +301,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
-        return cls(Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress), **kw)
+        lm = load(model, device=device, dtype=dtype, progress=progress)
+        return cls(_Loaded(lm, ChatTokenizer.from_dir(lm.path)), **kw)
 
     @property
     def sample_rate(self) -> int:
@@ -593,13 +621,13 @@ class Engine:
                 break
             common += 1
         common = min(common, len(ids) - 1)
-        h_last = self.stepper.thinker_prefill(s.slot, self._embed_ids(s, ids, common), common)
+        h_last = self.stepper.thinker_prefill([(s.slot, self._embed_ids(s, ids, common), common)])[0]
         s.ctx_ids = list(ids)
         first = forced[0] if forced else int(self.model.thinker_logits(h_last).argmax(-1))
         if voice.kv is not None:
             self.stepper.load_backbone_rows(s.slot, *voice.kv)
         else:
-            self.stepper.backbone_prefill(s.slot, voice.embeds)
+            self.stepper.backbone_prefill([(s.slot, voice.embeds, 0)])
         resp = Response(self, s)
         row = self.stepper.start(s.slot, voice.length, h_last, first, len(ids), sampling or s.sampling, max_frames,
                                  forced)

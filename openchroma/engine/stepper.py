@@ -1,27 +1,49 @@
-"""The engine's hot path: every generating session advanced by one 80 ms frame per step, batched.
+"""The engine's hot path: every generating response advanced by one 80 ms frame per step, batched.
 
-Each session owns a slot: a row of the reasoner's, backbone's and decoder's KV caches and of the
-Mimi decoder state, all allocated once. A step runs, for all slots at once: one reasoner forward
-(the text runs ahead of the audio by ``lookahead`` tokens, so a frame never waits for text), one
-backbone forward (1 to 3 new vectors per row; shorter rows write their padding to a scratch cache
-slot nobody attends to), the decoder loop, and one Mimi frame decode. The host reads everything it
-needs in a single transfer at the end of the step.
+Each response owns a slot: a row of the reasoner's, backbone's and decoder's KV caches, of the Mimi
+decoder state and of a small ring of ready text pairs, all allocated once. A step is planned on the host
+(which rows think, which feed a text pair, sampling settings, positions), written into persistent input
+buffers, and run on the device by at most two functions whose shapes depend only on the batch bucket:
+
+* ``think``: one reasoner token for every row of the bucket (rows that do not think write to scratch
+  slots), its argmax, or the forced token, written into the row's ring. The text runs ahead of the audio
+  by ``lookahead`` tokens, so a frame never waits for text;
+* ``frame``: the backbone over 1 vector per row (``[A]``) or, when any row feeds a text pair, 3
+  (``[A H E]``, right-aligned and padded into a scratch cache slot nobody attends to); codebook 0; the
+  7-pass decoder loop; one Mimi frame; end-of-audio flags.
+
+Both can be compiled with ``torch.compile(fullgraph=True)`` and, on CUDA, captured as CUDA graphs per
+bucket. The host reads codes, flags, tokens and audio once per step.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from ..generation import SamplingParams
-from ..models.chroma import ChromaModel, mask_undecodable, sample_logits
+from ..models.chroma import ChromaModel
+from ..models.mimi import MimiDecoderState
 from ..models.transformer import KVCache
+from .sampling import SamplingParams, sample_codes
+from .schedule import backbone_vectors_at, frames_within, pair_index_at
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+# Integer inputs, one row per slot.
+THINK_ID, THINK_POS, RING_W, FORCE_TOK, FORCE, MODE, RING_R, BB_POS, BB_SLOT, SEED, COUNTER, TOP_K = (
+    0, 1, 2, 3, 4, 5, 6, 7, 10, 13, 14, 15)
+N_INT = 16
+TEMPERATURE, TOP_P, N_FLOAT = 0, 1, 2
+# Backbone input layouts (right-aligned in 3 entries): [pad pad A], [A H E], [pad H E].
+MODE_A, MODE_PAIR, MODE_FIRST = 0, 1, 2
 
 
 class RowCache:
-    """A view of some rows of a KVCache (shares its storage)."""
+    """A view of the first rows of a KVCache (shares its storage)."""
 
     def __init__(self, cache: KVCache, start: int, stop: int):
         self.k = cache.k[:, start:stop]
@@ -30,30 +52,38 @@ class RowCache:
         self.batch_size = stop - start
 
 
+class ContextFull(ValueError):
+    """The conversation no longer fits the context the engine was configured with."""
+
+
 @dataclass
 class Row:
     """Host-side state of one response in progress."""
 
     slot: int
     sampling: SamplingParams
+    seed: int
     max_frames: int
     forced: list[int] | None
-    thinker_pos: int              # next reasoner position (its cache holds the context before it)
+    prompt_len: int               # reasoner positions before the response
+    thinker_pos: int              # next reasoner position
     bb_pos: int                   # next backbone position
-    pending: list                 # backbone vectors to feed at the next step (device tensors [H])
-    pending_token: int | None     # the text token of the pair in `pending` (emitted with the frame)
-    last_token: int               # the reasoner's last emitted token, not yet consumed by it
-    text_done: bool               # the reasoner has emitted im_end
-    fed_done: bool                # the im_end pair has entered the backbone
-    emitted: int = 0              # tokens emitted by the reasoner so far
-    queue: deque = field(default_factory=deque)   # (hidden [H] tensor, token tensor or int) ready pairs
-    spoken_tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)   # every token the reasoner emitted, in order
+    fed: int = 0                  # text pairs that entered the backbone
     step: int = 0
-    prompt_len: int = 0           # reasoner positions before the response
-    tokens: list[int] = field(default_factory=list)   # every token the reasoner emitted, in order (host)
+    text_done: bool = False       # the reasoner has emitted im_end
     cancelled: bool = False
-    finished: str | None = None
-    generator: torch.Generator | None = None
+    # the step in flight
+    thinking: bool = False
+    pair: int | None = None
+
+    @property
+    def emitted(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def fed_done(self) -> bool:
+        return self.text_done and self.fed >= len(self.tokens)
 
 
 @dataclass
@@ -65,7 +95,11 @@ class StepOutput:
     finished: str | None           # stop reason when the row ended
 
 
-class BatchStepper:
+def buckets_for(slots: int) -> list[int]:
+    return [b for b in BUCKETS if b < slots] + [slots]
+
+
+class Stepper:
     def __init__(
         self,
         model: ChromaModel,
@@ -73,45 +107,204 @@ class BatchStepper:
         thinker_len: int,
         backbone_len: int,
         lookahead: int = 2,
+        compile: bool = False,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model
-        self.cfg = model.cfg
+        self.cfg = cfg = model.cfg
         self.slots = slots
         p = model.audio_embedding.weight
         self.device, self.dtype = p.device, p.dtype
-        k = self.cfg.audio_num_codebooks
+        self.K = k = cfg.audio_num_codebooks
+        self.lookahead = lookahead
+        self.ring_size = lookahead + 2          # tokens emitted but not yet fed never exceed lookahead + 1
+        self.thinker_len = thinker_len
+        self.backbone_len = backbone_len
+        self.buckets = buckets_for(slots)
+        self.compile = compile
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        dev, dt = self.device, self.dtype
         # One extra cache slot at the end of each row: the scratch slot padding entries write to.
         self.thinker_cache = model.thinker.model.new_cache(slots, thinker_len + 1)
         self.backbone_cache = model.backbone.model.new_cache(slots, backbone_len + 1)
         self.decoder_cache = model.decoder.model.new_cache(slots, k)
-        self.thinker_scratch = thinker_len
-        self.backbone_scratch = backbone_len
-        self.thinker_len = thinker_len
-        self.backbone_len = backbone_len
-        codec = model.codec_model
-        self.mimi_state = codec.decoder_state(slots)
-        self.lookahead = lookahead
+        self.thinker_scratch, self.backbone_scratch = thinker_len, backbone_len
+        self.mimi_state = model.codec_model.decoder_state(slots)
+        self._mimi_views = {b: _mimi_rows(self.mimi_state, b) for b in self.buckets}
+        hidden = cfg.thinker.hidden_size
+        self.ring_h = torch.zeros(slots, self.ring_size + 1, hidden, device=dev, dtype=dt)   # last: scratch
+        self.ring_tok = torch.zeros(slots, self.ring_size + 1, dtype=torch.long, device=dev)
+        self.last_codes = torch.zeros(slots, k, dtype=torch.long, device=dev)
+        self.frame_samples = cfg.audio_frame_freq
+        # Persistent inputs and outputs. On CUDA the host writes pinned copies and sends them non-blocking.
+        self.in_i = torch.zeros(slots, N_INT, dtype=torch.long, device=dev)
+        self.in_f = torch.zeros(slots, N_FLOAT, dtype=torch.float32, device=dev)
+        self.out_i = torch.zeros(slots, k + 2, dtype=torch.long, device=dev)      # codes, eos, token
+        self.out_audio = torch.zeros(slots, self.frame_samples, dtype=torch.float32, device=dev)
+        if dev.type == "cuda":
+            pin = dict(pin_memory=True)
+            self.host_in_i = torch.zeros(slots, N_INT, dtype=torch.long, **pin)
+            self.host_in_f = torch.zeros(slots, N_FLOAT, dtype=torch.float32, **pin)
+            self.host_out_i = torch.zeros(slots, k + 2, dtype=torch.long, **pin)
+            self.host_out_audio = torch.zeros(slots, self.frame_samples, dtype=torch.float32, **pin)
+            self._done = torch.cuda.Event()
+        else:
+            self.host_in_i, self.host_in_f = self.in_i, self.in_f
+            self.host_out_i, self.host_out_audio = self.out_i, self.out_audio
+        self._ni = self.host_in_i.numpy()
+        self._nf = self.host_in_f.numpy()
+        self._idle = np.zeros(N_INT, dtype=np.int64)
+        self._idle[THINK_POS] = self.thinker_scratch
+        self._idle[RING_W] = self.ring_size
+        self._idle[BB_SLOT:BB_SLOT + 3] = self.backbone_scratch
+        self._ni[:] = self._idle
         self.rows: dict[int, Row] = {}
-        self.last_codes = torch.zeros(slots, k, dtype=torch.long, device=self.device)
-        self.frame_samples = self.cfg.audio_frame_freq
+        self._fns: dict[tuple, Callable[[], None]] = {}
+        self._graph_pool = None
+        self.timings: dict[str, float] | None = None   # per-stage seconds, when a profiler asks for them
 
-    # ----- single-row operations (prefills) -------------------------------------------------------------
-    def thinker_prefill(self, slot: int, embeds: torch.Tensor, start: int) -> torch.Tensor:
-        """Run the reasoner over ``embeds`` ``[T, H]`` at positions ``start..`` of ``slot``; last hidden ``[H]``."""
-        n = embeds.shape[0]
-        if start + n > self.thinker_len:
-            raise ContextFull(f"the conversation needs {start + n} reasoner positions, the limit is {self.thinker_len}")
-        pos = torch.arange(start, start + n, device=self.device)[None]
-        out = self.model.thinker.model(embeds[None].to(self.dtype), pos, RowCache(self.thinker_cache, slot, slot + 1),
-                                       kv_len=start + n)
-        return out[0, -1]
+    # ----- variants ---------------------------------------------------------------------------------------
+    def variants(self) -> list[tuple]:
+        """Every device function the step may call: ``("think", b)`` and ``("frame", b, width, greedy)``."""
+        out: list[tuple] = []
+        for b in self.buckets:
+            out.append(("think", b))
+            out += [("frame", b, t, g) for t in (1, 3) for g in (True, False)]
+        return out
 
-    def backbone_prefill(self, slot: int, embeds: torch.Tensor) -> None:
-        """Fill ``slot``'s backbone cache with a voice prompt (positions ``0..P-1``)."""
-        n = embeds.shape[0]
-        pos = torch.arange(n, device=self.device)[None]
-        self.model.backbone.model(embeds[None].to(self.dtype), pos, RowCache(self.backbone_cache, slot, slot + 1),
-                                  kv_len=n)
+    def _fn(self, key: tuple) -> Callable[[], None]:
+        fn = self._fns.get(key)
+        if fn is None:
+            if self.cuda_graphs and self.rows:
+                raise RuntimeError(f"CUDA graph variant {key} was not captured at load (call warmup() first)")
+            fn = self._fns[key] = self._build(key)
+        return fn
+
+    def _build(self, key: tuple) -> Callable[[], None]:
+        base = functools.partial(self._think, *key[1:]) if key[0] == "think" else functools.partial(
+            self._frame, *key[1:])
+        fn = base
+        if self.compile:
+            _raise_recompile_limit(len(self.variants()) + 8)
+            fn = torch.compile(base, fullgraph=True, dynamic=False)
+        if not self.cuda_graphs:
+            return fn
+        # CUDA graphs: warm up (compiles) on a side stream, then capture one replayable graph per variant.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            fn()
+        self._graph_pool = graph.pool()
+        return graph.replay
+
+    @torch.inference_mode()
+    def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Compile (and capture) every variant now, with no response running, so none is built mid-stream."""
+        if self.rows:
+            raise RuntimeError("warmup() needs an idle stepper")
+        keys = [k for k in self.variants() if k not in self._fns]
+        self._ni[:] = self._idle
+        self._nf[:] = 0
+        self._send_inputs()
+        for i, key in enumerate(keys):
+            self._fns[key] = self._build(key)
+            self._fns[key]()
+            if progress is not None:
+                progress(i + 1, len(keys))
+        # Warm-up ran on idle rows: it wrote only scratch cache slots, but Mimi's state and the codes moved.
+        self.mimi_state.reset()
+        self.last_codes.zero_()
+
+    # ----- device functions (fixed shapes for a bucket) ---------------------------------------------------
+    def _think(self, b: int) -> None:
+        m = self.model
+        tm = m.thinker.model
+        ii = self.in_i[:b]
+        h = tm(tm.embed_tokens(ii[:, THINK_ID])[:, None], ii[:, THINK_POS:THINK_POS + 1],
+               RowCache(self.thinker_cache, 0, b))[:, 0]
+        tok = m.thinker_logits(h).argmax(-1)
+        tok = torch.where(ii[:, FORCE] > 0, ii[:, FORCE_TOK], tok)
+        rows = torch.arange(b, device=h.device)
+        self.ring_h[rows, ii[:, RING_W]] = h
+        self.ring_tok[rows, ii[:, RING_W]] = tok
+        self.out_i[:b, self.K + 1] = tok
+
+    def _frame(self, b: int, width: int, greedy: bool) -> None:
+        m, k = self.model, self.K
+        ii, ff = self.in_i[:b], self.in_f[:b]
+        a = m.frame_embedding(self.last_codes[:b])                      # A(last frame), [b, H]
+        if width == 1:
+            x = a[:, None]
+        else:
+            rows = torch.arange(b, device=a.device)
+            r = ii[:, RING_R]
+            h_text = self.ring_h[rows, r]
+            e_text = m.text_embedding(self.ring_tok[rows, r])
+            mode = ii[:, MODE, None]
+            zero = torch.zeros_like(a)
+            x = torch.stack([torch.where(mode == MODE_PAIR, a, zero),
+                             torch.where(mode != MODE_A, h_text, zero),
+                             torch.where(mode != MODE_A, e_text, a)], dim=1)
+        cols = slice(3 - width, 3)
+        pos = ii[:, BB_POS:BB_POS + 3][:, cols]
+        slots = ii[:, BB_SLOT:BB_SLOT + 3][:, cols]
+        hidden = m.backbone.model(x, pos, RowCache(self.backbone_cache, 0, b), slots)[:, -1]
+        temperature, top_p = ff[:, TEMPERATURE], ff[:, TOP_P]
+        top_k, seed, counter = ii[:, TOP_K], ii[:, SEED], ii[:, COUNTER] * k
+        cb = self.cfg.codebook_size   # codes >= the codec's codebook size cannot be decoded: never chosen
+
+        def sample(logits: torch.Tensor, i: int) -> torch.Tensor:
+            return sample_codes(logits[:, :cb], temperature, top_k, top_p, seed, counter + i, greedy)
+
+        c0 = sample(m.codebook0_logits(hidden), 0)
+        codes = m.decode_frame(hidden, c0, RowCache(self.decoder_cache, 0, b), sample)
+        self.last_codes[:b] = codes
+        audio = m.codec_model.decode_step(codes[:, :, None], self._mimi_views[b])
+        self.out_i[:b, :k] = codes
+        self.out_i[:b, k] = (codes[:, : k - 1] == self.cfg.codebook_eos_token_id).all(-1).long()
+        self.out_audio[:b] = audio.float()
+
+    # ----- prefills (eager; any length) -------------------------------------------------------------------
+    @torch.inference_mode()
+    def thinker_prefill(self, chunks: Sequence[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """Run the reasoner over each ``(slot, embeds [T, H], start)`` at positions ``start..``, batched.
+
+        Returns each row's last hidden state ``[H]``."""
+        for _slot, embeds, start in chunks:
+            if start + embeds.shape[0] > self.thinker_len:
+                raise ContextFull(f"the conversation needs {start + embeds.shape[0]} reasoner positions, "
+                                  f"the limit is {self.thinker_len}")
+        out = self._prefill(self.model.thinker.model, self.thinker_cache, self.thinker_scratch, chunks)
+        return out
+
+    @torch.inference_mode()
+    def backbone_prefill(self, chunks: Sequence[tuple[int, torch.Tensor, int]]) -> None:
+        """Fill backbone cache rows with voice prompts (``(slot, embeds, start)``, positions ``start..``)."""
+        self._prefill(self.model.backbone.model, self.backbone_cache, self.backbone_scratch, chunks)
+
+    def _prefill(self, model, cache: KVCache, scratch: int, chunks) -> list[torch.Tensor]:
+        if len(chunks) == 1:   # one row: its own cache row, no padding
+            slot, embeds, start = chunks[0]
+            n = embeds.shape[0]
+            pos = torch.arange(start, start + n, device=self.device)[None]
+            out = model(embeds[None].to(self.dtype), pos, RowCache(cache, slot, slot + 1), kv_len=start + n)
+            return [out[0, -1]]
+        b = max(c[0] for c in chunks) + 1
+        t = max(c[1].shape[0] for c in chunks)
+        x = torch.zeros(b, t, chunks[0][1].shape[-1], device=self.device, dtype=self.dtype)
+        pos = torch.full((b, t), scratch, dtype=torch.long)
+        for slot, embeds, start in chunks:
+            n = embeds.shape[0]
+            x[slot, :n] = embeds
+            pos[slot, :n] = torch.arange(start, start + n)
+        kv_len = max(start + e.shape[0] for _, e, start in chunks)
+        out = model(x, pos.to(self.device), RowCache(cache, 0, b), kv_len=kv_len)
+        return [out[slot, e.shape[0] - 1] for slot, e, _ in chunks]
 
     def load_backbone_rows(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Copy a cached voice prompt's keys/values ``[layers, kv_heads, P, head_dim]`` into ``slot``."""
@@ -119,10 +312,8 @@ class BatchStepper:
         self.backbone_cache.k[:, slot, :, :n].copy_(k)
         self.backbone_cache.v[:, slot, :, :n].copy_(v)
 
-    def backbone_rows(self, slot: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.backbone_cache.k[:, slot, :, :n].clone(), self.backbone_cache.v[:, slot, :, :n].clone())
-
     # ----- responses ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
     def start(
         self,
         slot: int,
@@ -136,20 +327,14 @@ class BatchStepper:
     ) -> Row:
         """Begin a response in ``slot`` whose backbone cache holds the voice prompt (``voice_len`` positions)
         and whose reasoner has just produced ``first_token`` from hidden state ``h_last``."""
-        if voice_len + 3 * max_frames + 2 > self.backbone_len:
-            max_frames = max(1, (self.backbone_len - voice_len - 2) // 3)
-        m = self.model
-        im_end = self.cfg.im_end_token_id
-        gen = None
-        if sampling.temperature > 0 and sampling.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        e = m.text_embedding(torch.tensor([first_token], device=self.device))[0]
-        row = Row(slot=slot, sampling=sampling, max_frames=max_frames, forced=forced, thinker_pos=thinker_pos,
-                  bb_pos=voice_len, pending=[h_last.to(self.dtype), e], pending_token=first_token,
-                  last_token=first_token, text_done=first_token == im_end, fed_done=first_token == im_end,
-                  emitted=1, generator=gen, prompt_len=thinker_pos, tokens=[first_token])
-        self.rows[slot] = row
+        max_frames = max(1, min(max_frames, frames_within(self.backbone_len, voice_len)))
+        self.ring_h[slot, 0] = h_last.to(self.dtype)
+        self.ring_tok[slot, 0] = first_token
         self.mimi_state.reset([slot])
+        row = Row(slot=slot, sampling=sampling, seed=sampling.row_seed(), max_frames=max_frames, forced=forced,
+                  prompt_len=thinker_pos, thinker_pos=thinker_pos, bb_pos=voice_len, tokens=[first_token],
+                  text_done=first_token == self.cfg.im_end_token_id)
+        self.rows[slot] = row
         return row
 
     def cancel(self, slot: int) -> None:
@@ -162,6 +347,14 @@ class BatchStepper:
         return bool(self.rows)
 
     # ----- the batched step ------------------------------------------------------------------------------
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _send_inputs(self) -> None:
+        if self.host_in_i is not self.in_i:
+            self.in_i.copy_(self.host_in_i, non_blocking=True)
+            self.in_f.copy_(self.host_in_f, non_blocking=True)
+
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
@@ -171,133 +364,106 @@ class BatchStepper:
                 outputs.append(StepOutput(slot, None, None, None, "cancelled"))
         if not self.rows:
             return outputs
-        m, cfg, dev = self.model, self.cfg, self.device
-        n = max(self.rows) + 1  # rows 0..n-1 take part; idle ones in that range compute into scratch
         rows = self.rows
-
-        # 1. The reasoner runs ahead: rows whose ready text is short get one more token.
-        think = [r for r in rows.values() if not r.text_done and len(r.queue) < self.lookahead]
-        new_tokens: dict[int, torch.Tensor] = {}
+        b = self.bucket(max(rows) + 1)
+        think, wide, greedy = self._plan(b)
+        self._send_inputs()
         if think:
-            ids = torch.zeros(n, 1, dtype=torch.long)
-            pos = torch.full((n, 1), self.thinker_scratch, dtype=torch.long)
-            for r in think:
-                ids[r.slot, 0] = r.last_token
-                pos[r.slot, 0] = r.thinker_pos
-            ids, pos = ids.to(dev), pos.to(dev)
-            kv_len = max(r.thinker_pos for r in think) + 1
-            # Idle rows write to the scratch slot; real queries never attend past their own position.
-            h = m.thinker.model(m.thinker.model.embed_tokens(ids), pos, RowCache(self.thinker_cache, 0, n),
-                                kv_len=kv_len)[:, 0]
-            greedy = m.thinker_logits(h).argmax(-1)
-            for r in think:
-                r.thinker_pos += 1
+            self._fn(("think", b))()
+        self._fn(("frame", b, 3 if wide else 1, greedy))()
+        out_i, audio = self._read_outputs(b)
+        return outputs + self._advance(out_i, audio)
+
+    def _plan(self, b: int) -> tuple[bool, bool, bool]:
+        """Write this step's inputs for rows ``0..b-1``; returns (any row thinks, any row feeds a pair, all greedy)."""
+        ni, nf = self._ni, self._nf
+        ni[:b] = self._idle
+        nf[:b] = 0
+        think = wide = False
+        greedy = True
+        q, im_end = self.ring_size, self.cfg.im_end_token_id
+        for r in self.rows.values():
+            s = r.slot
+            r.thinking = not r.text_done and r.emitted - r.fed <= self.lookahead
+            if r.thinking:
+                think = True
+                ni[s, THINK_ID] = r.tokens[-1]
+                ni[s, THINK_POS] = r.thinker_pos
+                ni[s, RING_W] = r.emitted % q
                 if r.forced is not None:
-                    tok = r.forced[r.emitted]
-                    r.queue.append((h[r.slot], tok))
-                    r.text_done = tok == cfg.im_end_token_id
-                    r.last_token = tok
-                    r.tokens.append(tok)
-                else:
-                    tok_t = greedy[r.slot]
-                    r.queue.append((h[r.slot], tok_t))
-                    new_tokens[r.slot] = tok_t
-                r.emitted += 1
+                    ni[s, FORCE] = 1
+                    ni[s, FORCE_TOK] = r.forced[r.emitted] if r.emitted < len(r.forced) else im_end
+            j = pair_index_at(r.step)
+            r.pair = j if j is not None and not r.fed_done else None
+            p = r.bb_pos
+            if r.step == 0:
+                mode, pos, slots = MODE_FIRST, (p, p, p + 1), (self.backbone_scratch, p, p + 1)
+            elif r.pair is not None:
+                mode, pos, slots = MODE_PAIR, (p, p + 1, p + 2), (p, p + 1, p + 2)
+            else:
+                mode, pos, slots = MODE_A, (p, p, p), (self.backbone_scratch, self.backbone_scratch, p)
+            wide = wide or mode != MODE_A
+            ni[s, MODE] = mode
+            ni[s, RING_R] = (r.pair or 0) % q
+            ni[s, BB_POS:BB_POS + 3] = pos
+            ni[s, BB_SLOT:BB_SLOT + 3] = slots
+            sp = r.sampling
+            if not sp.greedy:
+                greedy = False
+                nf[s, TEMPERATURE] = sp.temperature
+                nf[s, TOP_P] = sp.top_p
+                ni[s, TOP_K] = sp.top_k
+                ni[s, SEED] = r.seed
+                ni[s, COUNTER] = r.step
+        return think, wide, greedy
 
-        # 2. The backbone: A(last frame) for every row past step 0, then the text pair on even steps.
-        feeds: dict[int, list[torch.Tensor]] = {}
-        for r in rows.values():
-            vecs = list(r.pending)
-            r.pending = []
-            if r.step > 0:
-                vecs.insert(0, None)  # A(last frame), filled in batched below
-                if r.step % 2 == 0 and not r.fed_done:
-                    h_t, tok = r.queue.popleft()
-                    tok = int(tok)  # known on the host: produced at least one step ago
-                    r.pending_token = tok
-                    vecs += [h_t.to(self.dtype), m.text_embedding(torch.tensor([tok], device=dev))[0]]
-                    r.fed_done = tok == cfg.im_end_token_id
-            feeds[r.slot] = vecs
-        t = max(len(v) for v in feeds.values())
-        frame_emb = m.frame_embedding(self.last_codes[:n])  # [n, H]
-        x = torch.zeros(n, t, cfg.backbone.hidden_size, device=dev, dtype=self.dtype)
-        pos = torch.full((n, t), self.backbone_scratch, dtype=torch.long)
-        last_idx = torch.zeros(n, dtype=torch.long)
-        for slot, vecs in feeds.items():
-            r = rows[slot]
-            for j, v in enumerate(vecs):
-                x[slot, j] = frame_emb[slot] if v is None else v
-                pos[slot, j] = r.bb_pos + j
-            last_idx[slot] = len(vecs) - 1
-            r.bb_pos += len(vecs)
-        pos = pos.to(dev)
-        kv_len = max(r.bb_pos for r in rows.values())
-        hidden = m.backbone.model(x, pos, RowCache(self.backbone_cache, 0, n), kv_len=kv_len)
-        hidden = hidden[torch.arange(n, device=dev), last_idx.to(dev)]  # [n, H]
+    def _read_outputs(self, b: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The step's one device-to-host transfer (codes, end flags, tokens, audio)."""
+        if self.host_out_i is not self.out_i:
+            self.host_out_i[:b].copy_(self.out_i[:b], non_blocking=True)
+            self.host_out_audio[:b].copy_(self.out_audio[:b], non_blocking=True)
+            self._done.record()
+            self._done.synchronize()
+        return self.host_out_i[:b].numpy(), self.host_out_audio[:b]
 
-        # 3. Codebook 0, then the decoder fills the rest of the frame.
-        sample = self._sampler(n)
-        c0 = sample(m.codebook0_logits(hidden), 0)
-        codes = m.decode_frame(hidden, c0, RowCache(self.decoder_cache, 0, n), sample)  # [n, K]
-        self.last_codes[:n].copy_(codes)
-
-        # 4. Mimi: one frame of audio for every slot (idle slots decode into state that is reset on reuse).
-        all_codes = self.last_codes
-        audio = m.codec_model.decode_step(all_codes[:, :, None], self.mimi_state)  # [slots, frame]
-
-        # 5. One transfer to the host: codes, audio, and the reasoner's new tokens.
-        eos = (codes[:, : cfg.audio_num_codebooks - 1] == cfg.codebook_eos_token_id).all(-1)
-        tok_slots = sorted(new_tokens)
-        packed_tokens = torch.stack([new_tokens[s] for s in tok_slots]) if tok_slots else None
-        host = _to_host(codes, eos, audio[:n].float(), packed_tokens)
-        codes_h, eos_h, audio_h, toks_h = host
-        for i, s in enumerate(tok_slots):
-            r = rows[s]
-            tok = int(toks_h[i])
-            r.queue[-1] = (r.queue[-1][0], tok)
-            r.last_token = tok
-            r.tokens.append(tok)
-            r.text_done = tok == cfg.im_end_token_id
-
-        for slot in list(rows):
-            r = rows[slot]
-            text_token = r.pending_token
-            r.pending_token = None
-            if text_token is not None:
-                r.spoken_tokens.append(text_token)
+    def _advance(self, out_i: np.ndarray, audio: torch.Tensor) -> list[StepOutput]:
+        k, im_end = self.K, self.cfg.im_end_token_id
+        outputs: list[StepOutput] = []
+        for slot in list(self.rows):
+            r = self.rows[slot]
+            if r.thinking:
+                tok = int(out_i[slot, k + 1])
+                r.tokens.append(tok)
+                r.thinker_pos += 1
+                r.text_done = tok == im_end
+            text_token = None
+            if r.pair is not None:
+                text_token = r.tokens[r.pair]
+                r.fed += 1
+            r.bb_pos += backbone_vectors_at(r.step, r.pair is not None)
             r.step += 1
-            if bool(eos_h[slot]):
+            if out_i[slot, k]:
                 outputs.append(StepOutput(slot, None, None, text_token, "eos"))
-                del rows[slot]
+                del self.rows[slot]
                 continue
-            out = StepOutput(slot, codes_h[slot], audio_h[slot], text_token, None)
+            out = StepOutput(slot, torch.from_numpy(out_i[slot, :k].copy()), audio[slot].clone(), text_token, None)
             if r.step >= r.max_frames:
                 out.finished = "length"
-                del rows[slot]
+                del self.rows[slot]
             outputs.append(out)
         return outputs
 
-    def _sampler(self, n: int):
-        rows = self.rows
-        cb = self.cfg.codebook_size
-        if all(r.sampling.temperature <= 0 for r in rows.values()):
-            return lambda logits, _i: mask_undecodable(logits.float(), cb).argmax(-1)
 
-        def sample(logits: torch.Tensor, _i: int) -> torch.Tensor:
-            logits = mask_undecodable(logits.float(), cb)
-            out = logits.argmax(-1)
-            for slot, r in rows.items():
-                s = r.sampling
-                if s.temperature > 0:
-                    out[slot] = sample_logits(logits[slot:slot + 1], s.temperature, s.top_k, s.top_p, r.generator)[0]
-            return out
-
-        return sample
+def _mimi_rows(state: MimiDecoderState, b: int) -> MimiDecoderState:
+    """A view of the first ``b`` rows of a Mimi decoder state (shares its storage)."""
+    return MimiDecoderState([None if x is None else x[:b] for x in state.buffers], state.kv[:, :, :b],
+                            state.kv_pos[:b], state.pos[:b], state.fresh[:b])
 
 
-class ContextFull(ValueError):
-    """The conversation no longer fits the context the engine was configured with."""
+def _raise_recompile_limit(n: int) -> None:
+    # One compiled graph per (function, bucket, width, greedy): more than dynamo's default cache of 8.
+    import torch._dynamo.config as dcfg
 
-
-def _to_host(*tensors):
-    return [None if t is None else t.cpu() for t in tensors]
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dcfg, name) and getattr(dcfg, name) < n:
+            setattr(dcfg, name, n)

@@ -8,7 +8,6 @@ with ``tie_word_embeddings`` the thinker's ``lm_head`` is its ``embed_tokens``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ChromaConfig
@@ -160,32 +159,3 @@ class ChromaModel(nn.Module):
             h = dec.model(e[:, None], pos[i + 1:i + 2].expand(b, 1), cache, slot, kv_len=k)[:, -1]
         return torch.stack(codes, dim=1)
 
-
-def mask_undecodable(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:
-    """Codes at or above the codec's codebook size cannot be decoded: never produce them."""
-    logits[..., codebook_size:] = float("-inf")
-    return logits
-
-
-def sample_logits(
-    logits: torch.Tensor,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Greedy when ``temperature <= 0``; else temperature, top-k and top-p (nucleus) sampling. ``[B, V] -> [B]``."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -443,10 +443,11 @@ class MimiAttention(nn.Module):
     def step(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: Tensor, slots: Tensor) -> Tensor:
         """``cache``: ``[2, B, Hkv, C, D]`` ring buffer, written at ``slots`` ``[B, T]`` before attending."""
         q, k, v = self._qkv(x, cos, sin)
-        B, _, T, D = k.shape
-        idx = slots[:, None, :, None].expand(B, self.num_kv_heads, T, D)
-        cache[0].scatter_(2, idx, k)
-        cache[1].scatter_(2, idx, v)
+        B, _, T, _ = k.shape
+        rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+        # index_put, not scatter_: compiled, it updates the ring in place instead of copying it.
+        cache[0][rows, :, slots] = k.transpose(1, 2)
+        cache[1][rows, :, slots] = v.transpose(1, 2)
         kc, vc = self._expand_kv(cache[0]), self._expand_kv(cache[1])
         o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask)
         return self._out(o)
@@ -524,7 +525,7 @@ class MimiTransformer(nn.Module):
         T = x.shape[1]
         positions = state.pos[:, None] + torch.arange(T, device=x.device)  # [B, T]
         slots = positions % state.kv_pos.shape[1]
-        state.kv_pos.scatter_(1, slots, positions)
+        state.kv_pos[torch.arange(x.shape[0], device=x.device)[:, None].expand_as(slots), slots] = positions
         kv_pos = state.kv_pos[:, None, :]
         delta = positions[:, :, None] - kv_pos
         assert self.sliding_window is not None

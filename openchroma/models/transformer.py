@@ -113,7 +113,8 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        slot_index: torch.Tensor,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
         mask: torch.Tensor,
         kv_len: int,
     ) -> torch.Tensor:
@@ -123,9 +124,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-        # Write this step's keys/values at each row's own slots: fixed shapes, no host sync.
-        k_cache.scatter_(2, slot_index, k)
-        v_cache.scatter_(2, slot_index, v)
+        # Write this step's keys/values at each row's own slots: fixed shapes, no host sync. An index_put
+        # (not scatter_) so that torch.compile updates the cache in place instead of copying it.
+        k_cache[rows, :, slots] = k.transpose(1, 2)
+        v_cache[rows, :, slots] = v.transpose(1, 2)
         out = F.scaled_dot_product_attention(
             q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
             enable_gqa=self.num_kv_heads != self.num_heads,
@@ -152,8 +154,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slot_index, mask, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot_index, mask, kv_len)
+    def forward(self, x, cos, sin, k_cache, v_cache, rows, slots, mask, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, slots, mask, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -194,7 +196,7 @@ class Transformer(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         key_slots = torch.arange(kv_len, device=x.device)
         mask = (key_slots.view(1, 1, 1, kv_len) <= slots.view(b, 1, t, 1))
-        slot_index = slots.view(b, 1, t, 1).expand(b, self.cfg.num_kv_heads, t, self.cfg.head_dim)
+        rows = torch.arange(b, device=x.device).view(b, 1).expand(b, t)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slot_index, mask, kv_len)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], rows, slots, mask, kv_len)
         return self.norm(x)

@@ -29,9 +29,17 @@ from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from ..audio import AudioError, load_audio
-from ..engine import AudioChunk, ContextFull, Engine, EngineError, ResponseDone, SessionLimit, TextDelta
-from ..generation import SamplingParams
-from ..pipeline import DEFAULT_SYSTEM_PROMPT
+from ..engine import (
+    DEFAULT_SYSTEM_PROMPT,
+    AudioChunk,
+    ContextFull,
+    Engine,
+    EngineError,
+    ResponseDone,
+    SamplingParams,
+    SessionLimit,
+    TextDelta,
+)
 from .app import OPENAI_STOCK_VOICES, APIError, ServerState, get_state
 from .codecs import encode_wav, float_to_pcm16, pcm16_to_float, wav_header
 

@@ -133,7 +133,7 @@ class RealtimeConnection:
                 voice = self.state.resolve_voice(None)
             except APIError:
                 pass  # no default voice: the client must choose one before the first response
-            from ..pipeline import DEFAULT_SYSTEM_PROMPT
+            from ..engine import DEFAULT_SYSTEM_PROMPT
 
             self.instructions = DEFAULT_SYSTEM_PROMPT
             self.session = await self.run_blocking(self.engine.create_session, voice, self.instructions)

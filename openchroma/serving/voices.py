@@ -39,8 +39,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..audio import AudioError, load_audio, resample
 from ..engine import EngineError
-from ..generation import VoicePrompt
-from ..pipeline import MAX_VOICE_SECONDS
+from ..voice import MAX_VOICE_SECONDS, VoicePrompt
 from .app import APIError, get_state
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ import torch
 
 from ..engine import AudioChunk, Engine, ResponseDone
 from ..models.audio_encoder import audio_token_count
-from ..pipeline import Chroma
+from ..pipeline import Chroma  # noqa: F401
 
 USER_RATE = 16000
 CHUNK_SECONDS = 0.1

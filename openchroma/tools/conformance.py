@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..generation import VoicePrompt, generate
+from ..engine.generate import ResponseRunner
 from ..loading import LoadedModel
+from ..voice import VoicePrompt, encode_voice
 
 REQUIRED = ("thinker_input_ids", "prompt_text_ids", "prompt_audio", "expected_codes", "expected_text_tokens",
             "expected_prefill_logits", "expected_audio")
@@ -77,15 +78,29 @@ def load_case(path: str | Path) -> dict[str, torch.Tensor]:
     return case
 
 
-def run_case(lm: LoadedModel, path: str | Path) -> ConformanceReport:
+def case_runner(lm: LoadedModel, paths: list[str | Path], compile: bool = False) -> ResponseRunner:
+    """One engine slot sized for every case, so a compiled step serves them all."""
+    cases = [load_case(p) for p in paths]
+    prompt = max(c["thinker_input_ids"].numel() for c in cases)
+    voice = max(c["prompt_text_ids"].numel() + _voice_frames(lm, c) + 3 for c in cases)
+    frames = max(c["expected_codes"].shape[0] for c in cases)
+    return ResponseRunner.for_call(lm.model, prompt, voice, frames, compile=compile)
+
+
+def _voice_frames(lm: LoadedModel, case: dict[str, torch.Tensor]) -> int:
+    if "prompt_codes" in case:
+        return case["prompt_codes"].shape[0]
+    return -(-case["prompt_audio"].numel() // lm.config.audio_frame_freq)
+
+
+def run_case(lm: LoadedModel, path: str | Path, runner: ResponseRunner | None = None) -> ConformanceReport:
+    """Run one case through the engine's stepper (``runner``: a shared one-slot stepper; a fresh one if None)."""
     case = load_case(path)
     model = lm.model
     dev = lm.device
     exp_codes = case["expected_codes"]
     exp_tokens = case["expected_text_tokens"].tolist()
     # The voice prompt from the audio, as a user would give it; the case's own codes are checked too.
-    from ..generation import encode_voice
-
     voice = encode_voice(model, case["prompt_audio"].float(), case["prompt_text_ids"])
     prompt_codes_match = None
     if "prompt_codes" in case:
@@ -96,8 +111,9 @@ def run_case(lm: LoadedModel, path: str | Path) -> ConformanceReport:
     if feats is not None:
         feats = feats.reshape(feats.shape[-2], feats.shape[-1]).to(dev, lm.dtype)
     forced = case.get("forced_text_tokens")
-    result = generate(model, case["thinker_input_ids"], voice, feats, max_new_frames=exp_codes.shape[0],
-                      forced_text_tokens=None if forced is None else forced.tolist())
+    runner = runner or case_runner(lm, [path])
+    result = runner.run(case["thinker_input_ids"], voice, feats, max_new_frames=exp_codes.shape[0],
+                        forced_text_tokens=None if forced is None else forced.tolist())
 
     got_tokens = result.text_tokens
     first_tok = next((i for i, (a, b) in enumerate(zip(got_tokens, exp_tokens, strict=False)) if a != b), None)

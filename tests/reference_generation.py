@@ -1,8 +1,9 @@
-"""One response of Chroma 1.0, frame by frame, exactly as the published loop computes it.
+"""The test oracle: one response of Chroma 1.0, frame by frame, written literally from the spec.
 
-``Generation`` is an iterator of frames: reasoner prefill, then the 1:2 schedule (one text token
-for every two audio frames), the decoder once per frame, end of text, end of audio. It yields each
-frame as soon as its codes exist, so callers can stream; ``generate`` runs it to the end.
+A plain, unbatched, uncompiled implementation of the published loop (reasoner prefill, the 1:2 schedule,
+the decoder once per frame, end of text, end of audio). The engine's stepper is checked against it; it is
+not used by the package. Sampling here draws with a ``torch.Generator`` (the engine's counter-based sampler
+draws differently), so compare it with the engine on greedy decoding.
 """
 
 from __future__ import annotations
@@ -11,43 +12,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
-from .models.chroma import ChromaModel, mask_undecodable, sample_logits
-
-
-@dataclass
-class SamplingParams:
-    """How audio codes are chosen. ``temperature`` 0 is greedy (the reference's behaviour)."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass
-class VoicePrompt:
-    """A cloned voice: the transcript's token ids and the reference audio's Mimi codes ``[frames, K]``."""
-
-    text_ids: torch.Tensor
-    codes: torch.Tensor
-
-
-@torch.inference_mode()
-def encode_voice(model: ChromaModel, audio_24k: torch.Tensor, text_ids: Sequence[int] | torch.Tensor) -> VoicePrompt:
-    """Mimi-encode reference audio (24 kHz, 1-D) and keep the first K codebooks."""
-    p = next(model.codec_model.parameters())
-    codes = model.codec_model.encode(audio_24k.to(p.device, p.dtype).reshape(1, -1))
-    codes = codes[0, : model.cfg.audio_num_codebooks].T
-    return VoicePrompt(torch.as_tensor(text_ids, dtype=torch.long).reshape(-1).cpu(), codes.cpu())
+from openchroma.engine.sampling import SamplingParams
+from openchroma.models.chroma import ChromaModel
+from openchroma.voice import VoicePrompt
 
 
 @dataclass
@@ -229,3 +198,33 @@ def generate(
             else:
                 result.audio = torch.zeros(0)
     return result
+
+
+def mask_undecodable(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Codes at or above the codec's codebook size cannot be decoded: never produce them."""
+    logits[..., codebook_size:] = float("-inf")
+    return logits
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Greedy when ``temperature <= 0``; else temperature, top-k and top-p (nucleus) sampling. ``[B, V] -> [B]``."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
