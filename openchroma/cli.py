@@ -19,30 +19,20 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32") -
 
 
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="compile the frame step with torch.compile (and capture CUDA graphs on a GPU) before "
-                        "the first response; takes a while at load (default: on with CUDA, off on the CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the frame step with torch.compile (inductor) before the first response; takes "
+                        "a minute or more per batch size at load (default: off; on a GPU the step is captured as "
+                        "CUDA graphs either way)")
 
 
-def _warmup(stepper, quiet: bool = False) -> None:
-    """Compile/capture every variant of the frame step, with a progress bar."""
+def _warmup(stepper, quiet: bool = False, greedy_only: bool = False) -> None:
+    """Compile/capture the frame step's variants now, with a progress bar."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(stepper.variants()), desc="compiling the frame step", unit="graph", disable=quiet)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    stepper.warmup(progress)
+    keys = [k for k in stepper.variants() if not greedy_only or k[0] == "think" or k[3]]
+    bar = tqdm(total=len(keys), desc="Compiling the frame step", unit="graph", disable=quiet)
+    stepper.warmup(lambda done, total: bar.update(done - bar.n), keys=keys)
     bar.close()
-
-
-def _compile_default(flag: bool | None, device) -> bool:
-    import torch
-
-    return torch.device(device).type == "cuda" if flag is None else flag
 
 
 def _peak_rss_mib() -> float:
@@ -52,10 +42,12 @@ def _peak_rss_mib() -> float:
 
 
 def cmd_init_random(args: argparse.Namespace) -> int:
-    from .tools.init_random import write_random_checkpoint
+    from .tools.init_random import read_config_file, write_random_checkpoint
 
-    out = write_random_checkpoint(args.preset, args.out, seed=args.seed)
-    print(f"wrote a random-weight '{args.preset}' checkpoint to {out} (it speaks noise: for tests and benchmarks)")
+    config = read_config_file(args.config) if args.config else None
+    out = write_random_checkpoint(args.preset, args.out, seed=args.seed, config=config)
+    sizes = f"'{args.preset}'" if args.preset else f"{args.config}-sized"
+    print(f"wrote a random-weight {sizes} checkpoint to {out} (it speaks noise: for tests and benchmarks)")
     return 0
 
 
@@ -80,9 +72,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     for c in args.case:  # a missing or broken case file is reported before the model loads
         load_case(c)
     lm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
-    runner = case_runner(lm, args.case, compile=_compile_default(args.compile, lm.device))
-    if runner.stepper.compile:
-        _warmup(runner.stepper, quiet=args.json)
+    runner = case_runner(lm, args.case, compile=args.compile)
+    if runner.stepper.compile or runner.stepper.cuda_graphs:
+        _warmup(runner.stepper, quiet=args.json, greedy_only=True)
     reports = [run_case(lm, c, runner) for c in args.case]
     if args.json:
         out = [r.to_dict() for r in reports]
@@ -152,21 +144,34 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _sessions_list(text: str) -> list[int]:
+    return [] if text.strip() == "0" else _int_list(text)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import shlex
 
-    from .tools.bench import bench, markdown_table
+    from .tools.bench import bench
 
     command = shlex.join(["openchroma", "bench", "--model", str(args.model)]
                          + (["--device", args.device] if args.device else [])
                          + ["--dtype", args.dtype, "--sessions", ",".join(map(str, args.sessions)),
                             "--frames", str(args.frames), "--user-seconds", f"{args.user_seconds:g}",
                             "--turns", str(args.turns), "--warmup", str(args.warmup), "--out", str(args.out)])
+    if args.compile:
+        command += " --compile"
+    if args.per_frame:
+        command += " --per-frame " + ",".join(map(str, args.per_frame))
+    if len(args.per_frame or [1, 2]) != 2 or (args.per_frame and args.per_frame[0] >= args.per_frame[1]):
+        print("openchroma bench: --per-frame takes two frame counts, short then long (e.g. 24,200)", file=sys.stderr)
+        return 2
     results, paths = bench(args.model, device=args.device, dtype=args.dtype, sessions=args.sessions,
                            frames=args.frames, user_seconds=args.user_seconds, turns=args.turns,
-                           warmup=args.warmup, out_dir=args.out, command=command)
+                           warmup=args.warmup, out_dir=args.out, command=command,
+                           compile=args.compile,
+                           per_frame_lengths=tuple(args.per_frame) if args.per_frame else None)
     print()
-    print(markdown_table(results), end="")
+    print(paths["md"].read_text(), end="")
     print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")
     return 0
 
@@ -190,7 +195,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model, device=args.device, dtype=dtype, api_key=api_key, data_dir=Path(args.data_dir),
         max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=args.max_response_seconds,
         max_upload_bytes=int(args.max_upload_mb * 2**20), default_voice=args.default_voice,
-        allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower())
+        allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower(),
+        compile=args.compile)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({dtype}) in the background; GET /health says when it is ready.\n"
@@ -237,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-random", help="write a random-weight checkpoint (speaks noise; for tests/benchmarks)",
                        description="Write a complete random-weight checkpoint directory in the published layout. "
                                    "Its speech is noise: it exists to run every command without the real weights.")
-    p.add_argument("--preset", required=True, choices=["tiny", "small", "chroma-4b"],
-                   help="sizes: tiny (tests), small (CPU demos), chroma-4b (the published sizes)")
+    sizes = p.add_mutually_exclusive_group(required=True)
+    sizes.add_argument("--preset", choices=["tiny", "small", "chroma-4b"],
+                       help="sizes: tiny (tests), small (CPU demos), chroma-4b (the published sizes)")
+    sizes.add_argument("--config", metavar="FILE",
+                       help="sizes from a config.json in the published layout (e.g. ../shared/perf/chroma-mid/"
+                            "config.json: the published widths with few layers)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_init_random)
@@ -255,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "aggregate frames/s, and writes bench.json, bench.md and bench.png to --out. "
                                    "Works with random-weight checkpoints from init-random (they speak noise).")
     _add_model_args(p)
-    p.add_argument("--sessions", type=_int_list, default=[1, 2, 4], metavar="N,N,...",
+    p.add_argument("--sessions", type=_sessions_list, default=[1, 2, 4], metavar="N,N,...",
                    help="concurrency levels to measure, comma-separated (default: 1,2,4)")
     p.add_argument("--frames", type=int, default=50, metavar="F",
                    help="80 ms frames per response; each response runs to F frames unless the model stops "
@@ -268,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warm-up rounds per level, not recorded (default: 1)")
     p.add_argument("--out", default="bench-results", metavar="DIR",
                    help="directory for bench.json, bench.md and bench.png (default: bench-results)")
+    p.add_argument("--per-frame", type=_int_list, default=None, metavar="SHORT,LONG",
+                   help="also time one response alone at SHORT and LONG frames (e.g. 24,200) and report ms per "
+                        "frame as their difference (loading and prefill cancel out); eager, and compiled too "
+                        "with --compile. --sessions 0 skips the concurrency levels")
+    _add_compile_arg(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("serve", help="run the real-time voice server (OpenAI Realtime, chat, speech, browser client)",
@@ -297,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let chat requests name audio files on the server's disk (the published Chroma "
                         "server's path form); off by default")
     p.add_argument("--model-id", default=None, help="model id reported by /v1/models (default: the model's name)")
+    _add_compile_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .audio import load_audio, log_mel_features
-from .engine.generate import GenerationResult, generate
+from .engine.generate import GenerationResult, ResponseRunner
 from .engine.sampling import SamplingParams
 from .loading import LoadedModel, load
 from .models.audio_encoder import audio_token_count
@@ -47,6 +47,7 @@ class Chroma:
         self.model = lm.model
         self.config = lm.config
         self.tokenizer = tokenizer
+        self._runner: ResponseRunner | None = None
 
     @classmethod
     def from_pretrained(
@@ -105,8 +106,7 @@ class Chroma:
                     {"role": "user", "content": content}]
         ids = self.prompt_ids(messages, [feats] if feats is not None else [])
         dev, dtype = self.lm.device, self.lm.dtype
-        result = generate(self.model, ids, voice, None if feats is None else feats.to(dev, dtype),
-                          max_new_frames=max_new_frames, sampling=sampling)
+        result = self._run(ids, voice, None if feats is None else feats.to(dev, dtype), max_new_frames, sampling)
         return self._reply(result)
 
     def speak(
@@ -123,9 +123,17 @@ class Chroma:
         messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
                     {"role": "user", "content": [{"type": "text", "text": text}]}]
         ids = self.prompt_ids(messages)
-        result = generate(self.model, ids, voice, max_new_frames=max_new_frames, sampling=sampling,
-                          forced_text_tokens=tokens)
+        result = self._run(ids, voice, None, max_new_frames, sampling, forced=tokens)
         return self._reply(result)
+
+    def _run(self, ids: list[int], voice: VoicePrompt, feats: torch.Tensor | None, max_new_frames: int,
+             sampling: SamplingParams | None, forced: list[int] | None = None) -> GenerationResult:
+        """One response through the engine's one-slot stepper, kept while it is large enough (its graphs too)."""
+        voice_len = voice.text_ids.numel() + voice.codes.shape[0] + 3
+        if self._runner is None or not self._runner.fits(len(ids), voice_len, max_new_frames):
+            self._runner = ResponseRunner.for_call(self.model, max(len(ids), 512), max(voice_len, 400),
+                                                   max(max_new_frames, 750))
+        return self._runner.run(ids, voice, feats, max_new_frames, sampling, forced)
 
     def _reply(self, result: GenerationResult) -> Reply:
         tokens = [t for t in result.text_tokens if t != self.config.im_end_token_id]

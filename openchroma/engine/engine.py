@@ -1,9 +1,15 @@
 """Sessions, voices and the frame loop: one loaded model serving many conversations at once.
 
-All model work runs on one worker thread that owns the caches; callers talk to it through
-commands (thread-safe, usable from asyncio) and receive each response as a stream of events:
+All model work on the caches runs on one worker thread; callers talk to it through commands
+(thread-safe, usable from asyncio) and receive each response as a stream of events:
 ``TextDelta`` (the words as they enter the speech), ``AudioChunk`` (one 80 ms frame of 24 kHz float
 PCM, ready to play) and a final ``ResponseDone`` with the spoken text, the stop reason and timings.
+
+The worker's loop protects live streams: each pass takes commands for about one frame step's time, runs
+one batched frame step for every generating response, then one slice of background work — encoding one
+window of a user's audio, or one chunk of the reasoner's prefill for the responses about to start (batched
+across sessions). A voice's Mimi encoding and backbone prompt run in the caller's thread, off the loop.
+So a long user turn or a new voice delays a live stream by about one step, not by its whole cost.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +39,11 @@ from .schedule import backbone_budget
 from .stepper import ContextFull, StepOutput, Stepper
 
 DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
+# Between two frame steps, commands and background work each get about this fraction of a step's time, so a
+# live stream's chunks stay evenly spaced while other sessions are being set up.
+SLICE = 0.3
+# User audio enters the worker in pieces of at most this many seconds (each piece is one short command).
+APPEND_PIECE_SECONDS = 0.25
 
 
 class EngineError(ValueError):
@@ -187,7 +199,10 @@ class Session:
         if not isinstance(sample_rate, int) or sample_rate <= 0:
             raise AudioError(f"sample_rate must be a positive integer, got {sample_rate!r}")
         wav = load_audio(audio, sample_rate, source_rate=sample_rate)
-        self.engine._call(self.engine._append_audio, self, wav, sample_rate)
+        # In short pieces, so that the frame loop runs between them.
+        piece = max(1, int(sample_rate * APPEND_PIECE_SECONDS))
+        for i in range(0, wav.shape[0], piece):
+            self.engine._call(self.engine._append_audio, self, wav[i:i + piece], sample_rate)
 
     def clear_audio(self) -> None:
         """Drop the user audio received since the last turn ended."""
@@ -266,12 +281,14 @@ class Engine:
         max_voice_seconds: float = MAX_VOICE_SECONDS,
         lookahead: int = 2,
         cache_voices: bool = True,
-        compile: bool | None = None,
-        warmup_progress=None,
+        compile: bool | str = False,
+        cuda_graphs: bool | None = None,
+        progress: bool = False,
     ):
         """``chroma``: a loaded model with its tokenizer (``openchroma.Chroma``, or anything with ``model``,
-        ``config`` and ``tokenizer``). ``compile``: compile the frame step (and capture CUDA graphs on a GPU)
-        now, before any session; default on with CUDA, off on the CPU."""
+        ``config`` and ``tokenizer``). ``compile``: compile the frame step with ``torch.compile`` (inductor;
+        or a dynamo backend's name). ``cuda_graphs``: capture each variant of the step as a CUDA graph (default:
+        on CUDA). Both happen here, before the first session, with a progress bar when ``progress``."""
         self.chroma = chroma
         self.model = chroma.model
         self.cfg = chroma.config
@@ -281,18 +298,18 @@ class Engine:
         self.max_response_frames = max_response_frames
         self.cache_voices = cache_voices
         voice_len = int(max_voice_seconds * self.cfg.frame_rate) + 3 + 256  # frames + transcript tokens
-        device = self.model.audio_embedding.weight.device
-        if compile is None:
-            compile = device.type == "cuda"
         self.stepper = Stepper(self.model, max_sessions, max_context, backbone_budget(voice_len, max_response_frames),
-                               lookahead, compile=compile)
-        if compile:
-            self.stepper.warmup(warmup_progress)
+                               lookahead, compile=compile, cuda_graphs=cuda_graphs)
+        if compile or self.stepper.cuda_graphs:
+            self._compile(progress)
         self.voices: dict[str, Voice] = {}
         self.sessions: dict[int, Session] = {}
         self._slot_session: dict[int, Session] = {}
         self._responses: dict[int, Response] = {}
         self._ids = itertools.count(1)
+        self._jobs: list[_StartJob] = []                  # responses being prefilled, oldest first
+        self._windows: deque[tuple[Session, int]] = deque()  # user audio windows waiting to be encoded
+        self.prefill_chunk = 64                           # reasoner positions per background slice
         self._cmds: queue.Queue = queue.Queue()
         self._closed = False
         self.frames_generated = 0
@@ -302,7 +319,22 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
         lm = load(model, device=device, dtype=dtype, progress=progress)
-        return cls(_Loaded(lm, ChatTokenizer.from_dir(lm.path)), **kw)
+        return cls(_Loaded(lm, ChatTokenizer.from_dir(lm.path)), progress=progress, **kw)
+
+    def _compile(self, progress: bool) -> None:
+        """Compile and/or capture every variant of the frame step before the first session."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(self.stepper.variants()), desc="Compiling the frame step", unit="graph",
+                   disable=not progress)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+
+        try:
+            self.stepper.warmup(advance)
+        finally:
+            bar.close()
 
     @property
     def sample_rate(self) -> int:
@@ -316,21 +348,26 @@ class Engine:
         if not transcript or not transcript.strip():
             raise EngineError("the voice's transcript is empty")
         wav = load_audio(audio, self.sample_rate, source_rate=sample_rate, max_seconds=MAX_VOICE_SECONDS)
-        return self._call(self._register_voice, name, wav, transcript)
+        # Encoding runs here, in the caller's thread, so the frame loop keeps streaming meanwhile.
+        with torch.inference_mode():
+            prompt = encode_voice(self.model, wav, self.tokenizer.encode(transcript))
+        return self.add_voice(name, prompt, transcript)
 
     def add_voice(self, name: str, prompt: VoicePrompt, transcript: str = "") -> Voice:
         """Register a voice from precomputed codes (e.g. loaded from a voice library)."""
-        return self._call(self._add_voice, name, prompt, transcript)
+        voice = self._build_voice(name, prompt, transcript)
+        return self._call(self._insert_voice, voice)
 
     def remove_voice(self, name: str) -> None:
-        self.voices.pop(name, None)
+        self._call(self.voices.pop, name, None)
 
     def encode_voice(self, audio, transcript: str, sample_rate: int | None = None) -> VoicePrompt:
         """Mimi-encode reference audio and tokenize its transcript (to store, then ``add_voice`` later)."""
         if not transcript or not transcript.strip():
             raise EngineError("the voice's transcript is empty")
         wav = load_audio(audio, self.sample_rate, source_rate=sample_rate, max_seconds=MAX_VOICE_SECONDS)
-        return self._call(lambda: encode_voice(self.model, wav, self.tokenizer.encode(transcript)))
+        with torch.inference_mode():
+            return encode_voice(self.model, wav, self.tokenizer.encode(transcript))
 
     def create_session(self, voice: str | None, system_prompt: str | None = None,
                        sampling: SamplingParams | None = None) -> Session:
@@ -364,12 +401,18 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        step_seconds = 0.0   # how long the last frame step took: the slice every other kind of work gets
         while True:
-            try:
-                item = self._cmds.get(block=not self.stepper.active, timeout=None)
-            except queue.Empty:
-                item = ...
-            while item is not ...:
+            live = self.stepper.active
+            # 1. Commands: all of them when nothing streams; about one step's worth when something does.
+            t0 = time.perf_counter()
+            block = not live and not self._jobs and not self._windows
+            while True:
+                try:
+                    item = self._cmds.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
                 if item is None:
                     self._fail_all("the engine was closed")
                     return
@@ -379,45 +422,137 @@ class Engine:
                         fut.set_result(fn(*args))
                 except BaseException as e:  # reported to the caller; the engine goes on
                     fut.set_exception(e)
-                try:
-                    item = self._cmds.get_nowait()
-                except queue.Empty:
-                    item = ...
+                if live and time.perf_counter() - t0 > step_seconds * SLICE:
+                    break
+            # 2. One frame for every generating response.
             if self.stepper.active:
+                t1 = time.perf_counter()
                 try:
                     outs = self.stepper.step()
                 except Exception as e:  # never leave callers hanging
                     self._fail_all(f"generation failed: {type(e).__name__}: {e}")
                     continue
+                step_seconds = time.perf_counter() - t1
                 for out in outs:
                     self._deliver(out)
+            # 3. Background work in slices: one between frames while streams are live, back to back otherwise.
+            t2 = time.perf_counter()
+            with torch.inference_mode():
+                while self._background_slice():
+                    if self._cmds.qsize() or (self.stepper.active and time.perf_counter() - t2 >= step_seconds * SLICE):
+                        break
 
     def _fail_all(self, message: str) -> None:
+        for job in self._jobs:
+            self._responses.pop(job.session.slot, None)
+            self._fail(job.response, message)
+        self._jobs.clear()
         for slot in list(self.stepper.rows):
             self.stepper.rows.pop(slot, None)
             resp = self._responses.pop(slot, None)
             if resp is not None:
-                resp.done = ResponseDone(resp._text, resp.tokens, "error", resp.frames, error=message)
-                resp._emit(resp.done)
+                self._fail(resp, message)
+
+    @staticmethod
+    def _fail(resp: Response, message: str) -> None:
+        resp.done = ResponseDone(resp._text, resp.tokens, "error", resp.frames, error=message)
+        resp._emit(resp.done)
+
+    # ----- background work (on the worker, between frames) ---------------------------------------------
+    def _background_slice(self) -> bool:
+        """Do one bounded piece of pending work; False when there is none."""
+        for job in self._jobs:  # responses waiting to start come first: their first audio depends on it
+            pending = next((a for a in job.session.audio_embeds if isinstance(a, _PendingAudio)), None)
+            if pending is not None:
+                self._guarded(job, self._encode_pending_window, job.session, pending)
+                return True
+        while self._windows:  # audio of turns still being spoken
+            s, i = self._windows.popleft()
+            if not s.closed and i < len(s._windows) and s._windows[i][1] is None:
+                feats = s._windows[i][0]
+                s._windows[i] = (feats, self._encode_window(feats))
+                return True
+        if self._jobs:
+            self._prefill_slice()
+            return True
+        return False
+
+    def _guarded(self, job: _StartJob, fn, *args) -> None:
+        """Run ``fn``; if it fails, only ``job``'s response fails (with the reason), and the engine goes on."""
+        try:
+            fn(*args)
+        except Exception as e:
+            if job in self._jobs:
+                self._jobs.remove(job)
+            self._responses.pop(job.session.slot, None)
+            self._fail(job.response, f"{type(e).__name__}: {e}")
+
+    def _encode_window(self, feats: torch.Tensor) -> torch.Tensor:
+        enc = self.model.thinker.audio_tower
+        p = enc.conv1.weight
+        return enc.encode_windows(feats.to(p.device, p.dtype))
+
+    def _encode_pending_window(self, s: Session, pending: _PendingAudio) -> None:
+        i = pending.outs.index(None)
+        w = self.model.thinker.audio_tower.window
+        pending.outs[i] = self._encode_window(pending.feats[:, i * w:(i + 1) * w])
+        if None not in pending.outs:
+            embeds = self.model.thinker.audio_tower.pool_project(torch.cat(pending.outs, dim=0))
+            assert embeds.shape[0] == pending.tokens
+            s.audio_embeds[s.audio_embeds.index(pending)] = embeds
+
+    def _prefill_slice(self) -> None:
+        """One chunk of the reasoner's prefill for every response waiting to start, in one batch."""
+        ready = [j for j in self._jobs if not any(isinstance(a, _PendingAudio) for a in j.session.audio_embeds)]
+        chunks = []
+        for job in ready:
+            if job.embeds is None:
+                job.embeds = self._embed_ids(job.session, job.ids, job.start)
+            n = min(self.prefill_chunk, job.embeds.shape[0] - job.done)
+            chunks.append((job.session.slot, job.embeds[job.done:job.done + n], job.start + job.done))
+        try:
+            hidden = self.stepper.thinker_prefill(chunks)
+        except Exception as e:
+            for job in ready:
+                self._guarded(job, _reraise, e)
+            return
+        for job, (_, chunk, _), h_last in zip(ready, chunks, hidden, strict=True):
+            job.done += chunk.shape[0]
+            job.session.ctx_ids = job.ids[:job.start + job.done]
+            if job.done == job.embeds.shape[0]:
+                self._jobs.remove(job)
+                self._guarded(job, self._start_response, job, h_last)
+
+    def _start_response(self, job: _StartJob, h_last: torch.Tensor) -> None:
+        s, voice = job.session, job.voice
+        first = job.forced[0] if job.forced else int(self.model.thinker_logits(h_last).argmax(-1))
+        if voice.kv is not None:
+            self.stepper.load_backbone_rows(s.slot, *voice.kv)
+        else:
+            self.stepper.backbone_prefill([(s.slot, voice.embeds, 0)])
+        job.response.row = self.stepper.start(s.slot, voice.length, h_last, first, len(job.ids), job.sampling,
+                                              job.max_frames, job.forced)
 
     # ----- commands (run on the worker) ---------------------------------------------------------------
     def _voice_embeds(self, prompt: VoicePrompt) -> torch.Tensor:
         return self.model.voice_prompt_embeds(prompt.text_ids, prompt.codes).to(self.stepper.dtype)
 
-    def _add_voice(self, name: str, prompt: VoicePrompt, transcript: str) -> Voice:
+    @torch.inference_mode()
+    def _build_voice(self, name: str, prompt: VoicePrompt, transcript: str) -> Voice:
+        """The voice's backbone prompt and, cached, its keys/values: computed in the caller's thread on a cache
+        of its own, so registering a voice never stalls the frame loop."""
         embeds = self._voice_embeds(prompt)
         voice = Voice(name, transcript, prompt, embeds)
         if self.cache_voices:
             bb = self.model.backbone.model
             cache = bb.new_cache(1, embeds.shape[0])
             bb(embeds[None], torch.arange(embeds.shape[0], device=embeds.device)[None], cache)
-            voice.kv = (cache.k[:, 0].clone(), cache.v[:, 0].clone())
-        self.voices[name] = voice
+            voice.kv = (cache.k[:, 0], cache.v[:, 0])
         return voice
 
-    def _register_voice(self, name: str, wav: torch.Tensor, transcript: str) -> Voice:
-        prompt = encode_voice(self.model, wav, self.tokenizer.encode(transcript))
-        return self._add_voice(name, prompt, transcript)
+    def _insert_voice(self, voice: Voice) -> Voice:
+        self.voices[voice.name] = voice
+        return voice
 
     def _unknown_voice(self, voice: str) -> UnknownVoice:
         return UnknownVoice(f"unknown voice {voice!r} (registered: {', '.join(sorted(self.voices)) or 'none'})")
@@ -436,6 +571,7 @@ class Engine:
     def _close_session(self, s: Session) -> None:
         self._cancel(s)
         self.stepper.rows.pop(s.slot, None)
+        self._jobs = [j for j in self._jobs if j.session is not s]
         resp = self._responses.pop(s.slot, None)
         if resp is not None and resp.done is None:
             self._finish(resp, "cancelled")
@@ -484,44 +620,41 @@ class Engine:
         s._raw, s._raw_frames, s._windows = [], 0, []
 
     def _encode_ready_windows(self, s: Session) -> None:
-        """Encode every completed attention window of the user's audio while they are still speaking."""
+        """Queue every completed attention window of the user's audio, to be encoded between frames while
+        they are still speaking."""
         w = self.model.thinker.audio_tower.window
         if s._raw_frames < (len(s._windows) + 1) * w:
             return
         raw = torch.cat(s._raw, dim=1)
         s._raw = [raw]
         floor = raw.max() - 8.0
-        enc = self.model.thinker.audio_tower
-        p = enc.conv1.weight
         while s._raw_frames >= (len(s._windows) + 1) * w:
             i = len(s._windows)
-            feats = (torch.maximum(raw[:, i * w:(i + 1) * w], floor) + 4.0) / 4.0
-            s._windows.append((feats, enc.encode_windows(feats.to(p.device, p.dtype))))
+            s._windows.append(((torch.maximum(raw[:, i * w:(i + 1) * w], floor) + 4.0) / 4.0, None))
+            self._windows.append((s, i))
 
     def _finish_audio_part(self, s: Session) -> None:
-        """The user's audio part is complete: exact whole-turn features, re-encoding any window they change."""
+        """The user's audio part is complete: exact whole-turn features. Windows encoded while the user spoke
+        are kept where the final features equal theirs; the rest are encoded before the next response."""
         self._flush_resampler(s)
         if s._mel.num_samples == 0:
             return
         feats = s._mel.finalize()
-        enc = self.model.thinker.audio_tower
-        p = enc.conv1.weight
-        w = enc.window
-        encoded = []
+        w = self.model.thinker.audio_tower.window
+        outs: list[torch.Tensor | None] = []
         for i, (used, out) in enumerate(s._windows):
             final = feats[:, i * w:(i + 1) * w]
-            if final.shape != used.shape or not torch.equal(final, used):
+            if out is None or final.shape != used.shape or not torch.equal(final, used):
                 break  # the turn's loudest frame moved the floor: this window and the rest are redone
-            encoded.append(out)
-        rest = feats[:, len(encoded) * w:]
-        if rest.shape[1]:
-            encoded.append(enc.encode_windows(rest.to(p.device, p.dtype)))
-        embeds = enc.pool_project(torch.cat(encoded, dim=0))
-        assert embeds.shape[0] == audio_token_count(feats.shape[1])
+            outs.append(out)
+        outs += [None] * (-(-feats.shape[1] // w) - len(outs))
+        pending = _PendingAudio(feats, outs, audio_token_count(feats.shape[1]))
         part = next(pt for pt in reversed(s._turn_parts) if pt["type"] == "audio")
         part["done"] = True
-        part["tokens"] = embeds.shape[0]
-        s.audio_embeds.append(embeds)
+        part["tokens"] = pending.tokens
+        s.audio_embeds.append(pending)
+        if None not in outs:
+            s.audio_embeds[-1] = self.model.thinker.audio_tower.pool_project(torch.cat(outs, dim=0))
         self._reset_audio(s)
 
     def _commit_audio(self, s: Session) -> float:
@@ -554,7 +687,7 @@ class Engine:
 
     def _add_message(self, s: Session, role: str, text: str) -> None:
         self._check_open(s)
-        if s.slot in self.stepper.rows:
+        if s.slot in self._responses:
             raise EngineError(f"session {s.id} is responding; wait for the response or cancel it first")
         self._close_turn(s)
         s.messages.append({"role": role, "content": [{"type": "text", "text": text}]})
@@ -579,7 +712,7 @@ class Engine:
         s._turn_parts.append({"type": "text", "text": text})
 
     def _prompt(self, s: Session) -> list[int]:
-        counts = [e.shape[0] for e in s.audio_embeds]
+        counts = [e.tokens if isinstance(e, _PendingAudio) else e.shape[0] for e in s.audio_embeds]
         return build_chat_prompt(self.tokenizer, s.messages, counts)
 
     def _embed_ids(self, s: Session, ids: list[int], start: int) -> torch.Tensor:
@@ -597,7 +730,7 @@ class Engine:
     def _respond(self, s: Session, max_frames: int | None, forced_text: str | None,
                  sampling: SamplingParams | None) -> Response:
         self._check_open(s)
-        if s.slot in self.stepper.rows:
+        if s.slot in self._responses:
             raise EngineError(f"session {s.id} is already responding; cancel it first")
         voice = self.voices.get(s.voice) if s.voice is not None else None
         if voice is None:
@@ -621,22 +754,19 @@ class Engine:
                 break
             common += 1
         common = min(common, len(ids) - 1)
-        h_last = self.stepper.thinker_prefill([(s.slot, self._embed_ids(s, ids, common), common)])[0]
-        s.ctx_ids = list(ids)
-        first = forced[0] if forced else int(self.model.thinker_logits(h_last).argmax(-1))
-        if voice.kv is not None:
-            self.stepper.load_backbone_rows(s.slot, *voice.kv)
-        else:
-            self.stepper.backbone_prefill([(s.slot, voice.embeds, 0)])
+        s.ctx_ids = ids[:common]
+        # The prefill runs in slices between frames (see _loop); the response starts when it is done.
         resp = Response(self, s)
-        row = self.stepper.start(s.slot, voice.length, h_last, first, len(ids), sampling or s.sampling, max_frames,
-                                 forced)
-        resp.row = row
         self._responses[s.slot] = resp
         s.response = resp
+        self._jobs.append(_StartJob(s, resp, voice, ids, common, forced, max_frames, sampling or s.sampling))
         return resp
 
     def _cancel(self, s: Session) -> None:
+        job = next((j for j in self._jobs if j.session is s), None)
+        if job is not None:  # not started yet: it ends here, having said nothing
+            self._jobs.remove(job)
+            self._finish(job.response, "cancelled")
         self.stepper.cancel(s.slot)
 
     def _deliver(self, out: StepOutput) -> None:
@@ -682,6 +812,35 @@ class Engine:
                                                                      dtype=torch.long)
         resp.done = ResponseDone(text, list(resp.tokens), reason, resp.frames, timings, codes)
         resp._emit(resp.done)
+
+
+@dataclass
+class _PendingAudio:
+    """A finished user audio part whose windows are still being encoded (``None`` entries)."""
+
+    feats: torch.Tensor
+    outs: list[torch.Tensor | None]
+    tokens: int
+
+
+@dataclass(eq=False)
+class _StartJob:
+    """A response waiting for its prefill: ``ids[start + done:]`` is what the reasoner still has to read."""
+
+    session: Session
+    response: Response
+    voice: Voice
+    ids: list[int]
+    start: int
+    forced: list[int] | None
+    max_frames: int
+    sampling: SamplingParams
+    embeds: torch.Tensor | None = None
+    done: int = 0
+
+
+def _reraise(e: BaseException) -> None:
+    raise e
 
 
 __all__ = ["Engine", "Session", "Response", "TextDelta", "AudioChunk", "ResponseDone", "Voice", "EngineError",

@@ -38,6 +38,14 @@ class ResponseRunner:
         self.model = model
         self.lookahead = lookahead
         self.stepper = Stepper(model, 1, thinker_len, backbone_len, lookahead=lookahead, compile=compile)
+        if self.stepper.cuda_graphs:  # graphs are captured before any response (capture needs an idle stepper)
+            self.stepper.warmup()
+
+    def fits(self, prompt_len: int, voice_len: int, max_frames: int) -> bool:
+        """Whether a response of these sizes fits this runner's caches."""
+        st = self.stepper
+        return (reasoner_budget(prompt_len, max_frames, self.lookahead) <= st.thinker_len
+                and backbone_budget(voice_len, max_frames) <= st.backbone_len)
 
     @classmethod
     def for_call(cls, model: ChromaModel, prompt_len: int, voice_len: int, max_frames: int,

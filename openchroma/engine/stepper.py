@@ -18,7 +18,8 @@ bucket. The host reads codes, flags, tokens and audio once per step.
 
 from __future__ import annotations
 
-import functools
+import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -107,9 +108,12 @@ class Stepper:
         thinker_len: int,
         backbone_len: int,
         lookahead: int = 2,
-        compile: bool = False,
+        compile: bool | str = False,
         cuda_graphs: bool | None = None,
     ):
+        """``compile``: False (eager), True (``torch.compile`` with inductor) or a dynamo backend's name
+        (``"eager"`` traces the step without generating code: it checks for graph breaks quickly).
+        ``cuda_graphs``: capture each variant as a CUDA graph (default: on CUDA)."""
         self.model = model
         self.cfg = cfg = model.cfg
         self.slots = slots
@@ -161,7 +165,10 @@ class Stepper:
         self.rows: dict[int, Row] = {}
         self._fns: dict[tuple, Callable[[], None]] = {}
         self._graph_pool = None
-        self.timings: dict[str, float] | None = None   # per-stage seconds, when a profiler asks for them
+        # Per-stage seconds (reasoner, backbone, decoder, mimi, host), summed over steps, when a benchmark sets
+        # this to a dict. Stages inside the frame function are timed only in eager mode.
+        self.timings: dict[str, float] | None = None
+        self._t_mark = 0.0
 
     # ----- variants ---------------------------------------------------------------------------------------
     def variants(self) -> list[tuple]:
@@ -181,12 +188,24 @@ class Stepper:
         return fn
 
     def _build(self, key: tuple) -> Callable[[], None]:
-        base = functools.partial(self._think, *key[1:]) if key[0] == "think" else functools.partial(
-            self._frame, *key[1:])
-        fn = base
+        method = self._think if key[0] == "think" else self._frame
+        args = key[1:]
+
+        def run() -> None:
+            method(*args)
+
+        fn = run
         if self.compile:
-            _raise_recompile_limit(len(self.variants()) + 8)
-            fn = torch.compile(base, fullgraph=True, dynamic=False)
+            # Each variant gets a code object of its own, so dynamo's cache for it holds exactly one graph and
+            # needs no guards: the step reads only this stepper's persistent tensors and its own constants.
+            run = types.FunctionType(run.__code__.replace(), run.__globals__, "frame_step", None, run.__closure__)
+            backend = "inductor" if self.compile is True else self.compile
+            options = None
+            if backend == "inductor":
+                options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+                if self.device.type == "cpu":
+                    options["cpp_wrapper"] = True   # kernels called from C++, not one Python call each
+            fn = torch.compile(run, fullgraph=True, dynamic=False, backend=backend, options=options)
         if not self.cuda_graphs:
             return fn
         # CUDA graphs: warm up (compiles) on a side stream, then capture one replayable graph per variant.
@@ -203,11 +222,12 @@ class Stepper:
         return graph.replay
 
     @torch.inference_mode()
-    def warmup(self, progress: Callable[[int, int], None] | None = None) -> None:
-        """Compile (and capture) every variant now, with no response running, so none is built mid-stream."""
+    def warmup(self, progress: Callable[[int, int], None] | None = None, keys: Sequence[tuple] | None = None) -> None:
+        """Compile (and capture) every variant (or ``keys``) now, with no response running, so none is built
+        mid-stream. ``progress(done, total)`` is called after each."""
         if self.rows:
             raise RuntimeError("warmup() needs an idle stepper")
-        keys = [k for k in self.variants() if k not in self._fns]
+        keys = [k for k in (keys or self.variants()) if k not in self._fns]
         self._ni[:] = self._idle
         self._nf[:] = 0
         self._send_inputs()
@@ -254,6 +274,7 @@ class Stepper:
         pos = ii[:, BB_POS:BB_POS + 3][:, cols]
         slots = ii[:, BB_SLOT:BB_SLOT + 3][:, cols]
         hidden = m.backbone.model(x, pos, RowCache(self.backbone_cache, 0, b), slots)[:, -1]
+        self._mark("backbone")
         temperature, top_p = ff[:, TEMPERATURE], ff[:, TOP_P]
         top_k, seed, counter = ii[:, TOP_K], ii[:, SEED], ii[:, COUNTER] * k
         cb = self.cfg.codebook_size   # codes >= the codec's codebook size cannot be decoded: never chosen
@@ -264,10 +285,22 @@ class Stepper:
         c0 = sample(m.codebook0_logits(hidden), 0)
         codes = m.decode_frame(hidden, c0, RowCache(self.decoder_cache, 0, b), sample)
         self.last_codes[:b] = codes
+        self._mark("decoder")
         audio = m.codec_model.decode_step(codes[:, :, None], self._mimi_views[b])
         self.out_i[:b, :k] = codes
         self.out_i[:b, k] = (codes[:, : k - 1] == self.cfg.codebook_eos_token_id).all(-1).long()
         self.out_audio[:b] = audio.float()
+        self._mark("mimi")
+
+    def _mark(self, stage: str, always: bool = False) -> None:
+        """Add the time since the last mark to ``stage`` (profiling runs only; inside compiled code, a no-op)."""
+        if self.timings is None or (self.compile and not always):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._t_mark
+        self._t_mark = now
 
     # ----- prefills (eager; any length) -------------------------------------------------------------------
     @torch.inference_mode()
@@ -366,13 +399,22 @@ class Stepper:
             return outputs
         rows = self.rows
         b = self.bucket(max(rows) + 1)
+        t0 = time.perf_counter()
         think, wide, greedy = self._plan(b)
         self._send_inputs()
+        self._t_mark = t_device = time.perf_counter()
         if think:
             self._fn(("think", b))()
+            self._mark("reasoner", always=True)
         self._fn(("frame", b, 3 if wide else 1, greedy))()
+        self._mark("frame", always=True)   # the compiled frame (in eager mode its stages are marked inside)
         out_i, audio = self._read_outputs(b)
-        return outputs + self._advance(out_i, audio)
+        t_device = time.perf_counter() - t_device
+        outputs += self._advance(out_i, audio)
+        if self.timings is not None:
+            self.timings["host"] = self.timings.get("host", 0.0) + time.perf_counter() - t0 - t_device
+            self.timings["steps"] = self.timings.get("steps", 0.0) + 1
+        return outputs
 
     def _plan(self, b: int) -> tuple[bool, bool, bool]:
         """Write this step's inputs for rows ``0..b-1``; returns (any row thinks, any row feeds a pair, all greedy)."""
@@ -459,11 +501,3 @@ def _mimi_rows(state: MimiDecoderState, b: int) -> MimiDecoderState:
     return MimiDecoderState([None if x is None else x[:b] for x in state.buffers], state.kv[:, :, :b],
                             state.kv_pos[:b], state.pos[:b], state.fresh[:b])
 
-
-def _raise_recompile_limit(n: int) -> None:
-    # One compiled graph per (function, bucket, width, greedy): more than dynamo's default cache of 8.
-    import torch._dynamo.config as dcfg
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dcfg, name) and getattr(dcfg, name) < n:
-            setattr(dcfg, name, n)

@@ -47,6 +47,7 @@ class ServerConfig:
     default_voice: str | None = None
     allow_local_audio: bool = False                # let chat requests name audio files on the server's disk
     model_id: str = "chroma-4b"
+    compile: bool = False                          # torch.compile the frame step at load (CUDA graphs: always on CUDA)
 
     @property
     def max_response_frames(self) -> int:
@@ -93,7 +94,7 @@ class ServerState:
             engine = Engine.from_pretrained(
                 self.config.model, device=self.config.device, dtype=self.config.dtype, progress=True,
                 max_sessions=self.config.max_sessions, max_context=self.config.max_context,
-                max_response_frames=self.config.max_response_frames)
+                max_response_frames=self.config.max_response_frames, compile=self.config.compile)
             self._attach(engine)
             log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
         except BaseException as e:  # reported by /health and every route

@@ -10,7 +10,12 @@ and read their responses to the end. Per response:
   (below 1: the audio arrives faster than it plays);
 
 and per round, frames/s: every session's frames over the round's wall time (first ``respond()`` call to
-last final event). A warm-up round per level precedes the measured ones and is not recorded.
+last final event). A warm-up round per level precedes the measured ones and is not recorded. The engine's
+stepper also reports where each step's time goes (reasoner, backbone, decoder, Mimi, host).
+
+``per_frame`` measures one response alone through the engine's one-slot stepper, as ``openchroma
+conformance`` runs it: the time per frame is the difference between a long and a short response divided by
+the difference in frames, so loading, prefill and compilation cancel out; eager and compiled.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import numpy as np
 import torch
 
 from ..engine import AudioChunk, Engine, ResponseDone
+from ..engine.generate import ResponseRunner
 from ..models.audio_encoder import audio_token_count
-from ..pipeline import Chroma  # noqa: F401
+from ..pipeline import Chroma
+from ..voice import VoicePrompt, encode_voice
 
 USER_RATE = 16000
 CHUNK_SECONDS = 0.1
@@ -175,6 +182,7 @@ def run_bench(
     warmup: int = 1,
     seed: int = 0,
     progress: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Measure TTFT, RTF and frames/s at each concurrency level in ``sessions``; a JSON-ready dict."""
     sessions = sorted({int(n) for n in sessions})
@@ -186,7 +194,8 @@ def run_bench(
     frame_seconds = cfg.audio_frame_freq / cfg.sample_rate
     max_context = max(2048, _context_needed(cfg, frames, user_seconds, turns + warmup))
     # One engine sized for the largest level, as a server would be (idle slots still cost Mimi work per step).
-    engine = Engine(chroma, max_sessions=max(sessions), max_context=max_context, max_response_frames=frames)
+    engine = Engine(chroma, max_sessions=max(sessions), max_context=max_context, max_response_frames=frames,
+                    compile=compile)
     levels: list[dict[str, Any]] = []
     try:
         voice_wav = synthetic_audio(VOICE_SECONDS, cfg.sample_rate, seed=seed + 10_000)
@@ -204,6 +213,7 @@ def run_bench(
                     for s in warm:
                         s.close()
                 live = [engine.create_session("bench") for _ in range(n)]
+                engine.stepper.timings = {}
                 records: list[dict] = []
                 round_stats: list[dict] = []
                 for turn in range(turns):
@@ -236,6 +246,8 @@ def run_bench(
                 for s in live:
                     s.close()
                 levels.append(_level_summary(n, records, round_stats, frame_seconds))
+                levels[-1]["stages_ms"] = _per_step(engine.stepper.timings)
+                engine.stepper.timings = None
     finally:
         engine.close()
     return {
@@ -245,6 +257,52 @@ def run_bench(
                      "user_chunk_seconds": CHUNK_SECONDS, "voice_seconds": VOICE_SECONDS},
         "levels": levels,
     }
+
+
+def _per_step(timings: dict[str, float]) -> dict[str, float]:
+    steps = timings.get("steps", 0.0)
+    return {k: v * 1000 / steps for k, v in timings.items() if k != "steps"} if steps else {}
+
+
+def per_frame(chroma: Chroma, short: int = 24, long: int = 200, compile: bool = False, seed: int = 0,
+              warmup: bool = True) -> dict[str, Any]:
+    """Milliseconds per frame of one greedy response through the one-slot stepper (``long`` minus ``short``).
+
+    Also returns the per-stage breakdown of the long run (stages inside the frame are timed in eager mode).
+    """
+    if not 0 < short < long:
+        raise ValueError(f"per-frame lengths must be 0 < short < long, got {short}, {long}")
+    cfg = chroma.config
+    voice_wav = synthetic_audio(VOICE_SECONDS, cfg.sample_rate, seed=seed + 10_000)
+    with torch.inference_mode():
+        voice: VoicePrompt = encode_voice(chroma.model, torch.from_numpy(voice_wav),
+                                          chroma.tokenizer.encode(VOICE_TRANSCRIPT))
+    feats = chroma.user_features(synthetic_audio(2.0, USER_RATE, seed), USER_RATE)
+    messages = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful voice assistant."}]},
+                {"role": "user", "content": [{"type": "audio"}]}]
+    ids = chroma.prompt_ids(messages, [feats])
+    runner = ResponseRunner.for_call(chroma.model, len(ids), voice.text_ids.numel() + voice.codes.shape[0] + 3,
+                                     long, compile=compile)
+    feats = feats.to(chroma.lm.device)
+    t0 = time.perf_counter()
+    if warmup:  # compiles (if asked) and warms caches; not timed
+        runner.run(ids, voice, feats, max_new_frames=short, decode_audio=False)
+    compile_s = time.perf_counter() - t0
+    seconds = {}
+    for frames in (short, long):
+        if frames == long:
+            runner.stepper.timings = {}
+        t = time.perf_counter()
+        result = runner.run(ids, voice, feats, max_new_frames=frames, decode_audio=False)
+        seconds[frames] = time.perf_counter() - t
+        if len(result.codes) != frames:
+            raise RuntimeError(f"the response stopped after {len(result.codes)} of {frames} frames "
+                               f"({result.stop_reason})")
+    stages = _per_step(runner.stepper.timings)
+    return {"short_frames": short, "long_frames": long, "compile": bool(compile),
+            "short_seconds": seconds[short], "long_seconds": seconds[long],
+            "ms_per_frame": (seconds[long] - seconds[short]) * 1000 / (long - short),
+            "warmup_seconds": compile_s, "stages_ms_long_run": stages}
 
 
 def _level_summary(n: int, records: list[dict], rounds: list[dict], frame_seconds: float) -> dict[str, Any]:
@@ -304,11 +362,32 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "n/a" if x != x else f"{x:.{digits}f}"
 
 
+STAGES = ("reasoner", "backbone", "decoder", "mimi", "frame", "host")
+
+
+def stage_table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    """Per-stage milliseconds per step; ``frame`` is the compiled frame function when stages are not split."""
+    shown = [s for s in STAGES if any(r.get(s) for _, r in rows)]
+    lines = ["| run | " + " | ".join(shown) + " | total |", "|---" * (len(shown) + 2) + "|"]
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(s, 0.0), 2) for s in shown)
+                     + f" | {_fmt(sum(r.get(s, 0.0) for s in shown), 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def per_frame_table(runs: list[dict[str, Any]]) -> str:
+    lines = ["| mode | frames (short, long) | seconds (short, long) | ms per frame |", "|---|---|---|---:|"]
+    for r in runs:
+        lines.append(f"| {'compiled' if r['compile'] else 'eager'} | {r['short_frames']}, {r['long_frames']} "
+                     f"| {r['short_seconds']:.2f}, {r['long_seconds']:.2f} | {r['ms_per_frame']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| sessions | TTFT p50 (ms) | TTFT p90 (ms) | RTF mean | RTF max | frames/s "
              "| all faster than real time? |",
              "|---:|---:|---:|---:|---:|---:|:---|"]
-    for lv in results["levels"]:
+    for lv in results.get("levels", []):
         ok = "yes" if lv["all_faster_than_real_time"] else (
             f"no ({lv['faster_than_real_time']} of {lv['responses']} responses)")
         lines.append(f"| {lv['sessions']} | {_fmt(lv['ttft_ms']['p50'])} | {_fmt(lv['ttft_ms']['p90'])} "
@@ -349,8 +428,16 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
           f"- command: `{results.get('command', '?')}`",
           f"- {s.get('frames')} frames ({s.get('frames', 0) * s.get('frame_seconds', 0.08):.2f} s of audio) per "
           f"response, {s.get('user_seconds')} s of user audio per turn, {s.get('turns')} measured turn(s) after "
-          f"{s.get('warmup')} warm-up round(s)", "",
-          markdown_table(results)]
+          f"{s.get('warmup')} warm-up round(s); frame step {'compiled' if results.get('compile') else 'eager'}",
+          ""]
+    if results.get("levels"):
+        md += [markdown_table(results), "Where a step's time goes (ms per step):", "",
+               stage_table([(f"{lv['sessions']} session(s)", lv.get("stages_ms", {})) for lv in results["levels"]])]
+    if results.get("per_frame"):
+        md += ["One response alone (the one-slot stepper, as `openchroma conformance` runs it):", "",
+               per_frame_table(results["per_frame"]), "Stages of the long run (ms per frame):", "",
+               stage_table([("compiled" if r["compile"] else "eager", r["stages_ms_long_run"])
+                            for r in results["per_frame"]])]
     paths["md"].write_text("\n".join(md))
     plot(results, paths["png"])
     return paths
@@ -362,9 +449,22 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = results["levels"]
+    levels = results.get("levels", [])
     n = [lv["sessions"] for lv in levels]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
+    bars = [(f"{lv['sessions']} sess.", lv.get("stages_ms", {})) for lv in levels]
+    bars += [("1 alone, " + ("compiled" if r["compile"] else "eager"), r["stages_ms_long_run"])
+             for r in results.get("per_frame", [])]
+    bottom = np.zeros(len(bars))
+    for stage in STAGES:
+        vals = np.array([b.get(stage, 0.0) for _, b in bars])
+        if vals.any():
+            ax3.bar(range(len(bars)), vals, bottom=bottom, label=stage)
+            bottom += vals
+    ax3.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=20, fontsize=8)
+    ax3.set_ylabel("ms per frame step")
+    ax3.set_title("Where a step's time goes")
+    ax3.legend(fontsize=8)
     for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
         ax1.plot(n, [lv["ttft_ms"][q] for lv in levels], style, label=f"TTFT {q}")
     ax1.set_xlabel("concurrent sessions")
@@ -400,8 +500,12 @@ def bench(
     out_dir: str | Path = "bench-results",
     command: str = "",
     progress: bool = True,
+    compile: bool = False,
+    per_frame_lengths: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Load ``model``, run the benchmark, write the reports; (results, report paths)."""
+    """Load ``model``, run the benchmark, write the reports; (results, report paths).
+
+    ``compile``: the engine's frame step compiled (``per_frame_lengths`` then measures eager and compiled)."""
     t0 = time.perf_counter()
     chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress)
     load_s = time.perf_counter() - t0
@@ -415,9 +519,21 @@ def bench(
         "dtype": str(lm.dtype).replace("torch.", ""),
         "model": {"path": str(lm.path), "parameters": lm.num_parameters, "load_seconds": round(load_s, 2)},
     }
-    results = {**header, **run_bench(chroma, sessions=sessions, frames=frames, user_seconds=user_seconds,
-                                     turns=turns, warmup=warmup, progress=progress)}
+    results = dict(header)
+    if per_frame_lengths:
+        runs = []
+        for c in ([False, True] if compile else [False]):
+            if progress:
+                print(f"per-frame time, one response, {'compiled' if c else 'eager'}: "
+                      f"{per_frame_lengths[0]} and {per_frame_lengths[1]} frames ...", flush=True)
+            runs.append(per_frame(chroma, *per_frame_lengths, compile=c))
+        results["per_frame"] = runs
+    if sessions:
+        results.update(run_bench(chroma, sessions=sessions, frames=frames, user_seconds=user_seconds, turns=turns,
+                                 warmup=warmup, progress=progress, compile=compile))
+    results["compile"] = bool(compile)
     return results, write_report(results, out_dir)
 
 
-__all__ = ["bench", "run_bench", "write_report", "markdown_table", "plot", "machine_info", "synthetic_audio"]
+__all__ = ["bench", "run_bench", "per_frame", "write_report", "markdown_table", "plot", "machine_info",
+           "synthetic_audio"]

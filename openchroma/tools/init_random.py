@@ -131,21 +131,43 @@ def _random_tensor(name: str, shape: torch.Size, gen: torch.Generator, dtype: to
     return t.to(dtype)
 
 
+def read_config_file(path: str | Path) -> dict:
+    """A ``config.json`` in the published layout (sizes to build random weights for), checked before any work."""
+    path = Path(path)
+    try:
+        cfg_dict = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON config ({e})") from None
+    try:
+        ChromaConfig.from_dict(cfg_dict)
+    except Exception as e:
+        raise ValueError(f"{path}: not a Chroma config ({type(e).__name__}: {e})") from None
+    return cfg_dict
+
+
 def write_random_checkpoint(
-    preset: str,
+    preset: str | None,
     out_dir: str | Path,
     seed: int = 0,
     shard_bytes: int = 2 << 30,
     progress: bool = True,
+    config: dict | None = None,
 ) -> Path:
-    """Write ``config.json``, safetensors shards (+ index when sharded) and a tokenizer to ``out_dir``."""
+    """Write ``config.json``, safetensors shards (+ index when sharded) and a tokenizer to ``out_dir``.
+
+    Sizes come from ``preset``, or from ``config`` (a ``config.json`` dict in the published layout)."""
     from ..tokenizer import write_test_tokenizer
 
+    if (preset is None) == (config is None):
+        raise ValueError("give either a preset or a config")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = preset_config(preset)
+    cfg_dict = copy.deepcopy(config) if config is not None else preset_config(preset)
+    preset = preset or "config"
     cfg = ChromaConfig.from_dict(cfg_dict)
-    dtype = torch.bfloat16 if cfg_dict["dtype"] == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if cfg_dict.get("dtype", cfg_dict.get("torch_dtype")) == "bfloat16" else torch.float32
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in ChromaModel(cfg).state_dict().items()}
     shapes.pop("thinker.lm_head.weight", None)  # tied to embed_tokens: stored once
