@@ -184,7 +184,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     items = read_test_list(args.list, args.task)  # every problem in the list is found before any model loads
-    settings = EvalSettings(task=args.task, model=args.model, audio_dir=Path(args.audio_dir) if args.audio_dir else None,
+    audio_dir = Path(args.audio_dir) if args.audio_dir else None
+    settings = EvalSettings(task=args.task, model=args.model, audio_dir=audio_dir,
                             device=args.device, dtype=args.dtype, sim_model=args.sim_model, asr_model=args.asr_model,
                             max_frames=args.max_frames, warmup=args.warmup, progress=not args.no_progress)
     argv = ["openchroma", "eval", "--list", str(args.list), "--task", args.task, "--out", str(args.out),

@@ -18,7 +18,7 @@ import numpy as np
 
 ESPEAK_RATE = 16000
 # Voices that differ audibly (pitch, formants, accent) and that PocketSphinx recognises tolerably.
-VOICES = ("en-us+f2", "en-us+m3", "en-gb-scotland+f4", "en-us+m7")
+VOICES = ("en-us+f2", "en-us+klatt2", "en-us+m3", "en-gb-scotland+f4")
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "Please call Stella and ask her to bring these things with her from the store.",

@@ -148,7 +148,8 @@ def write_report_md(results: dict[str, Any], plots: dict[str, str], path: Path) 
         "",
         "| metric | this run | paper (Chroma 1.0) |",
         "| --- | --- | --- |",
-        f"| SIM (mean cosine) | {_fmt(s['sim_mean'])} | {PAPER['sim']} (human baseline {PAPER['sim_human_baseline']}) |",
+        f"| SIM (mean cosine) | {_fmt(s['sim_mean'])} | {PAPER['sim']} "
+        f"(human baseline {PAPER['sim_human_baseline']}) |",
         f"| WER (mean per utterance) | {_fmt(s['wer_mean'])} | — |",
         f"| WER (corpus) | {_fmt(s['wer_corpus'])} | — |",
         f"| TTFT p50 | {_fmt(s['ttft_ms_p50'], 1, ' ms')} | {PAPER['ttft_ms']} ms |",
@@ -169,7 +170,8 @@ def write_report_md(results: dict[str, Any], plots: dict[str, str], path: Path) 
         lines += ["## Failed utterances", "", "| utt | error |", "| --- | --- |"]
         lines += [f"| {r['utt']} | {r['error'].replace('|', '/')} |" for r in failed]
         lines.append("")
-    lines += ["## Utterances", "", "| utt | SIM | WER | TTFT ms | RTF | transcript |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["## Utterances", "", "| utt | SIM | WER | TTFT ms | RTF | transcript |",
+              "| --- | --- | --- | --- | --- | --- |"]
     for r in results["utterances"]:
         if "error" in r:
             continue

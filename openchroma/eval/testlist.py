@@ -49,7 +49,8 @@ def read_test_list(path: str | Path, task: str = "tts", check_audio: bool = True
             problems.append(f"{where}: expected 4 fields '{fmt}', found {len(fields)}")
             continue
         utt, prompt_text, prompt_wav, last = fields
-        empty = [name for name, value in zip(("utt", "prompt_text", "prompt_wav", last_field), fields) if not value]
+        names = ("utt", "prompt_text", "prompt_wav", last_field)
+        empty = [name for name, value in zip(names, fields, strict=True) if not value]
         if empty:
             problems.append(f"{where}: empty {', '.join(empty)}")
             continue
