@@ -90,9 +90,13 @@ class ResemblyzerEmbedder:
 
     def embed(self, audio_16k: np.ndarray) -> np.ndarray:
         # preprocess_wav normalises loudness and shortens long silences, as the encoder was trained with.
-        wav = self._preprocess(np.asarray(audio_16k, dtype=np.float32), source_sr=SIM_RATE)
+        audio = np.asarray(audio_16k, dtype=np.float32)
+        if audio.size == 0:
+            raise ValueError("empty audio")
+        wav = self._preprocess(audio, source_sr=SIM_RATE)
         if wav.size < SIM_RATE // 10:
-            raise ValueError("less than 0.1 s of speech left after silence trimming")
+            # Its VAD found (almost) no speech, e.g. in a random-weight model's noise: embed the clip as it is.
+            wav = audio
         return self.encoder.embed_utterance(wav)
 
 
