@@ -55,7 +55,7 @@ def espeak_set(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("espeak-set")
     lines = []
     for v, voice in enumerate(WER_VOICES):
-        prompt = write_wav(root / "prompts" / f"v{v}.wav", speak(PROMPT_TEXT, voice))
+        write_wav(root / "prompts" / f"v{v}.wav", speak(PROMPT_TEXT, voice))
         for i in range(3):
             audio = speak(SENTENCES[i], voice)
             write_wav(root / "outputs" / f"own-{v}-{i}.wav", audio)

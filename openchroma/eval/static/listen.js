@@ -46,18 +46,22 @@ for (const id of ["clip1", "clip2"]) {
 
 document.querySelectorAll(".choices button").forEach((button) => {
   button.addEventListener("click", async () => {
-    if (!state.token) return;
+    const token = state.token;
+    if (!token) return;
+    state.token = null;  // one answer per trial, however fast the clicks
     setChoicesEnabled(false);
     document.querySelectorAll("audio").forEach((a) => a.pause());
     try {
       await api("/api/answer", { method: "POST", headers: { "Content-Type": "application/json" },
-                                 body: JSON.stringify({ token: state.token, choice: button.dataset.choice }) });
-      state.answered += 1;
-      await next();
+                                 body: JSON.stringify({ token, choice: button.dataset.choice }) });
     } catch (e) {
       $("error").textContent = `Could not save the answer: ${e.message}`;
+      state.token = token;
       setChoicesEnabled(true);
+      return;
     }
+    state.answered += 1;
+    try { await next(); } catch (e) { $("error").textContent = e.message; }
   });
 });
 
