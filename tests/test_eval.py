@@ -198,3 +198,20 @@ def test_wavlm_speaker_model_code_path(tmp_path):
     a = model.embed(speak(SENTENCES[0], "en-us+f2"))
     assert a.shape == (16,) and np.isfinite(a).all()
     assert cosine_similarity(a, a) == pytest.approx(1.0)
+
+
+def test_auto_models_fall_back_offline_and_the_report_names_them(tmp_path, monkeypatch, capsys):
+    """With the hub unreachable (HF_HUB_OFFLINE) and no cached weights, auto uses the package-shipped models."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))  # nothing cached
+    write_wav(tmp_path / "prompt.wav", speak(PROMPT_TEXT, "en-us+f2"))
+    write_wav(tmp_path / "outputs" / "u1.wav", speak(SENTENCES[2], "en-us+f2"))
+    listfile = write_list(tmp_path / "list.txt", [f"u1|{PROMPT_TEXT}|prompt.wav|{SENTENCES[2]}"])
+    assert main(["eval", "--list", str(listfile), "--audio-dir", str(tmp_path / "outputs"),
+                 "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "SIM: microsoft/wavlm-base-plus-sv" in captured.err and "falling back to resemblyzer" in captured.err
+    assert "ASR: openai/whisper-large-v3" in captured.err and "falling back to pocketsphinx" in captured.err
+    s = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
+    assert s["sim_model"].startswith("resemblyzer") and s["asr_model"].startswith("pocketsphinx")
+    assert s["sim_mean"] > 0.8

@@ -2,7 +2,8 @@
 
 ``python -m openchroma.eval.espeak DIR`` writes a seed-tts-eval list whose prompts and "system outputs" are
 espeak-ng clips: each utterance's output is the prompt's voice saying the target text, so scoring it with
-``openchroma eval --audio-dir`` shows what SIM and WER look like on intelligible speech of a known speaker.
+``openchroma eval --audio-dir`` shows what SIM and WER look like on intelligible speech of a known speaker, and
+two more lists over the same files show how they move when the speaker or the text is wrong.
 Needs the ``espeak-ng`` program (Debian: ``apt-get install espeak-ng``).
 """
 
@@ -64,19 +65,26 @@ def write_wav(path: Path, audio: np.ndarray, rate: int = ESPEAK_RATE) -> Path:
 
 def make_espeak_set(out_dir: str | Path, voices: tuple[str, ...] = VOICES,
                     sentences: tuple[str, ...] = SENTENCES) -> Path:
-    """Write prompts/, outputs/ and list.txt: for each voice and sentence, utterance ``<voice>-<i>`` whose
-    prompt is that voice saying PROMPT_TEXT and whose output (outputs/<utt>.wav) is that voice saying the
-    sentence. Returns the list's path."""
+    """Write prompts/, outputs/ and three lists over the same outputs. In ``list.txt``, utterance ``voice<v>-<i>``
+    has voice v saying PROMPT_TEXT as its prompt and voice v saying sentence i as its output (outputs/<utt>.wav):
+    what a perfect voice clone would produce. ``list-other-voice.txt`` gives each output the next voice's prompt
+    (SIM should drop); ``list-other-text.txt`` gives it another sentence as target text (WER should rise).
+    Returns the path of ``list.txt``."""
     out = Path(out_dir)
-    lines = []
+    lists: dict[str, list[str]] = {"list.txt": [], "list-other-voice.txt": [], "list-other-text.txt": []}
     for v, voice in enumerate(voices):
-        prompt = write_wav(out / "prompts" / f"voice{v}.wav", speak(PROMPT_TEXT, voice))
+        write_wav(out / "prompts" / f"voice{v}.wav", speak(PROMPT_TEXT, voice))
         for i, sentence in enumerate(sentences):
             utt = f"voice{v}-{i}"
             write_wav(out / "outputs" / f"{utt}.wav", speak(sentence, voice))
-            lines.append(f"{utt}|{PROMPT_TEXT}|{prompt.relative_to(out)}|{sentence}")
-    (out / "list.txt").write_text("# espeak-ng voices: " + ", ".join(voices) + "\n" + "\n".join(lines) + "\n",
-                                  encoding="utf-8")
+            other_text = sentences[(i + len(sentences) // 2) % len(sentences)]
+            lists["list.txt"].append(f"{utt}|{PROMPT_TEXT}|prompts/voice{v}.wav|{sentence}")
+            lists["list-other-voice.txt"].append(
+                f"{utt}|{PROMPT_TEXT}|prompts/voice{(v + 1) % len(voices)}.wav|{sentence}")
+            lists["list-other-text.txt"].append(f"{utt}|{PROMPT_TEXT}|prompts/voice{v}.wav|{other_text}")
+    header = "# espeak-ng voices: " + ", ".join(voices) + "\n"
+    for name, lines in lists.items():
+        (out / name).write_text(header + "\n".join(lines) + "\n", encoding="utf-8")
     return out / "list.txt"
 
 
@@ -87,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output directory")
     args = parser.parse_args(argv)
     path = make_espeak_set(args.out)
-    print(f"wrote {path}; score it with: openchroma eval --list {path} --audio-dir {Path(args.out) / 'outputs'} "
-          f"--out eval-espeak")
+    print(f"wrote {path} (and list-other-voice.txt, list-other-text.txt beside it); score it with:\n"
+          f"  openchroma eval --list {path} --audio-dir {Path(args.out) / 'outputs'} --out eval-espeak")
     return 0
 
 
