@@ -213,7 +213,8 @@ def cmd_listen(args: argparse.Namespace) -> int:
     from .eval import listen
 
     if args.summary:
-        print(listen.format_summary(listen.summarize_answers(Path(args.summary))), end="")
+        summary = listen.summarize_answers(Path(args.summary))
+        print(json.dumps(summary, indent=2) if args.json else listen.format_summary(summary).rstrip("\n"))
         return 0
     if not args.pairs or not args.out:
         print("openchroma listen: give --pairs FILE --out DIR to run a test, or --summary DIR", file=sys.stderr)
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve a listening page: each trial plays a reference clip and two systems' "
                                    "clips in random order, without names, and asks which sounds more natural "
                                    "(NCMOS) or more like the reference speaker (SCMOS). Answers go to "
-                                   "DIR/answers.sqlite. --summary DIR prints preference percentages with 95%% "
+                                   "DIR/answers.sqlite. --summary DIR prints preference percentages with 95% "
                                    "confidence intervals (Wilson).",
                        epilog="Pairs format (paths relative to the file; '#' comments): "
                               "item|reference_wav|system_a|wav_a|system_b|wav_b")
@@ -371,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed for the clip order (default: random)")
     p.add_argument("--summary", default=None, metavar="DIR",
                    help="print the preferences recorded in DIR/answers.sqlite and exit")
+    p.add_argument("--json", action="store_true", help="with --summary: print JSON")
     p.set_defaults(func=cmd_listen)
 
     return parser
