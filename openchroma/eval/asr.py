@@ -25,6 +25,7 @@ from .models import ScoringModelUnavailable, load_pretrained, warn
 ASR_RATE = 16000
 DEFAULT_WHISPER = "openai/whisper-large-v3"
 ASR_CHOICES = ("auto", "whisper", "pocketsphinx")
+WHISPER_WINDOW_SECONDS = 30
 
 
 class Recognizer(Protocol):
@@ -46,11 +47,18 @@ class WhisperRecognizer:
         self.name = f"whisper ({model_id}, transformers)"
 
     def transcribe(self, audio_16k: np.ndarray) -> str:
-        inputs = self.processor(np.asarray(audio_16k, dtype=np.float32), sampling_rate=ASR_RATE, return_tensors="pt")
-        features = inputs.input_features.to(self.device, self.model.dtype)
-        with self.torch.inference_mode():
-            ids = self.model.generate(features, language="en", task="transcribe")
-        return self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        # Whisper hears 30 s at a time: longer outputs are transcribed in consecutive 30 s windows (a word cut at
+        # a window edge may be misheard; seed-tts-eval's utterances are far shorter).
+        audio = np.asarray(audio_16k, dtype=np.float32)
+        window = WHISPER_WINDOW_SECONDS * ASR_RATE
+        texts = []
+        for start in range(0, max(1, audio.size), window):
+            inputs = self.processor(audio[start:start + window], sampling_rate=ASR_RATE, return_tensors="pt")
+            features = inputs.input_features.to(self.device, self.model.dtype)
+            with self.torch.inference_mode():
+                ids = self.model.generate(features, language="en", task="transcribe")
+            texts.append(self.processor.batch_decode(ids, skip_special_tokens=True)[0].strip())
+        return " ".join(t for t in texts if t)
 
 
 class PocketSphinxRecognizer:

@@ -148,8 +148,12 @@ def evaluate(items: list[TestItem], out_dir: str | Path, settings: EvalSettings,
     assert SIM_RATE == ASR_RATE
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    embedder = load_speaker_model(settings.sim_model, "cpu")
-    recognizer = load_recognizer(settings.asr_model, "cpu")
+    import torch
+
+    # The scoring models run where the model does (Whisper-large-v3 on a CPU takes seconds per utterance).
+    score_device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    embedder = load_speaker_model(settings.sim_model, score_device)
+    recognizer = load_recognizer(settings.asr_model, score_device)
     wer = WerScorer(recognizer.spelling)
     synth = Synthesizer(settings) if settings.audio_dir is None else None
     audio_out = out_dir / "audio"
