@@ -215,3 +215,29 @@ def test_auto_models_fall_back_offline_and_the_report_names_them(tmp_path, monke
     s = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
     assert s["sim_model"].startswith("resemblyzer") and s["asr_model"].startswith("pocketsphinx")
     assert s["sim_mean"] > 0.8
+
+
+def test_dialogue_audio_dir_takes_the_answer_text_from_a_txt_file(tmp_path):
+    shutil.copy(SPEECH_WAV, tmp_path / "prompt.wav")
+    shutil.copy(SPEECH_WAV, tmp_path / "user.wav")
+    write_wav(tmp_path / "answers" / "d1.wav", speak(SENTENCES[2], "en-us+f2"))
+    (tmp_path / "answers" / "d1.txt").write_text(SENTENCES[2] + "\n")
+    write_wav(tmp_path / "answers" / "d2.wav", speak(SENTENCES[2], "en-us+f2"))  # no d2.txt: no WER reference
+    listfile = write_list(tmp_path / "list.txt", ["d1|Hello there.|prompt.wav|user.wav",
+                                                  "d2|Hello there.|prompt.wav|user.wav"])
+    out = tmp_path / "out"
+    assert main(["eval", "--task", "dialogue", "--list", str(listfile), "--audio-dir", str(tmp_path / "answers"),
+                 "--out", str(out), *OFFLINE]) == 0
+    rows = {r["utt"]: r for r in json.loads((out / "results.json").read_text())["utterances"]}
+    assert rows["d1"]["reference_text"] == SENTENCES[2] and rows["d1"]["wer"] < 0.5
+    assert rows["d2"]["reference_text"] is None and rows["d2"]["wer"] is None and rows["d2"]["sim"] is not None
+
+
+def test_stage_breakdown_reads_the_engines_timing_keys():
+    from openchroma.eval.run import stage_breakdown
+
+    assert stage_breakdown({"ttft_ms": 12.0, "rtf": 0.3}) == {"reasoner": None, "backbone": None, "decoder": None,
+                                                              "codec": None}
+    got = stage_breakdown({"reasoner_ms": 119.1, "backbone_first_frame_ms": 9.5, "decoder_ms": 4.0,
+                           "mimi_decode_ms": 2.5, "ttft_ms": 140.0})
+    assert got == {"reasoner": 119.1, "backbone": 9.5, "decoder": 4.0, "codec": 2.5}
