@@ -241,3 +241,65 @@ def test_stage_breakdown_reads_the_engines_timing_keys():
     got = stage_breakdown({"reasoner_ms": 119.1, "backbone_first_frame_ms": 9.5, "decoder_ms": 4.0,
                            "mimi_decode_ms": 2.5, "ttft_ms": 140.0})
     assert got == {"reasoner": 119.1, "backbone": 9.5, "decoder": 4.0, "codec": 2.5}
+
+
+def tiny_random_whisper(path: Path) -> Path:
+    """A Whisper model of the real architecture with random weights, a byte-level vocabulary and the special tokens
+    ``generate(language="en", task="transcribe")`` needs: it transcribes nonsense, through the real code path."""
+    import torch
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperProcessor,
+        WhisperTokenizer,
+    )
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path.mkdir(parents=True)
+    (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(bytes_to_unicode().values())}))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    eot = "<|endoftext|>"
+    tok = WhisperTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), unk_token=eot, bos_token=eot,
+                           eos_token=eot, pad_token=eot)
+    specials = ["<|startoftranscript|>", "<|en|>", "<|translate|>", "<|transcribe|>", "<|notimestamps|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in [eot, *specials]}
+    config = WhisperConfig(vocab_size=len(tok), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
+                           encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, max_target_positions=64, pad_token_id=ids[eot], bos_token_id=ids[eot],
+                           eos_token_id=ids[eot], decoder_start_token_id=ids["<|startoftranscript|>"])
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=ids["<|startoftranscript|>"], eos_token_id=ids[eot], pad_token_id=ids[eot],
+        bos_token_id=ids[eot], max_length=12, is_multilingual=True, lang_to_id={"<|en|>": ids["<|en|>"]},
+        task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+        no_timestamps_token_id=ids["<|notimestamps|>"])
+    model.save_pretrained(path)
+    WhisperProcessor(WhisperFeatureExtractor(feature_size=80), tok).save_pretrained(path)
+    return path
+
+
+def test_whisper_recognizer_code_path(tmp_path, capsys):
+    """The default ASR backend (transformers Whisper) from a local directory, on a tiny random model since the
+    real weights cannot be downloaded here; audio over 30 s is transcribed window by window."""
+    from openchroma.eval.asr import load_recognizer
+
+    whisper_dir = tiny_random_whisper(tmp_path / "whisper")
+    recognizer = load_recognizer(str(whisper_dir))
+    assert recognizer.name.startswith("whisper") and str(whisper_dir) in recognizer.name
+    noise = np.random.default_rng(0).standard_normal(16000 * 35).astype(np.float32) * 0.1
+    windows = [recognizer.transcribe(noise[s:s + 16000 * 30]) for s in (0, 16000 * 30)]
+    assert recognizer.transcribe(noise) == " ".join(w for w in windows if w)
+
+    write_wav(tmp_path / "prompt.wav", speak(PROMPT_TEXT, "en-us+f2"))
+    write_wav(tmp_path / "outputs" / "u1.wav", speak(SENTENCES[0], "en-us+f2"))
+    listfile = write_list(tmp_path / "list.txt", [f"u1|{PROMPT_TEXT}|prompt.wav|{SENTENCES[0]}"])
+    assert main(["eval", "--list", str(listfile), "--audio-dir", str(tmp_path / "outputs"), "--out",
+                 str(tmp_path / "out"), "--sim-model", "resemblyzer", "--asr-model", str(whisper_dir),
+                 "--no-progress"]) == 0
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["utterances"]
+    assert "error" not in row and isinstance(row["transcript"], str) and row["wer"] is not None
+    assert "ASR model: whisper" in capsys.readouterr().out
