@@ -103,16 +103,16 @@ def test_eval_end_to_end_on_random_model(tiny_random_dir, tmp_path):
     (tmp_path / "corrupt.wav").write_bytes(b"this is not audio")
     listfile = write_list(tmp_path / "list.txt", [
         "# a comment line",
+        "broken|Hello.|corrupt.wav|This prompt cannot be decoded.",  # first: the warm-up must not stop the run
         "u1|Hello there. Could you tell me what the weather will be like tomorrow?|prompt.wav|Good morning to you.",
         "u2|Hello there. Could you tell me what the weather will be like tomorrow?|prompt.wav|See you later.",
-        "broken|Hello.|corrupt.wav|This prompt cannot be decoded.",
     ])
     out = tmp_path / "out"
     assert main(["eval", "--model", str(tiny_random_dir), "--list", str(listfile), "--out", str(out),
                  "--max-frames", "4", *OFFLINE]) == 0
     results = json.loads((out / "results.json").read_text())
     s, rows = results["summary"], {r["utt"]: r for r in results["utterances"]}
-    assert list(rows) == ["u1", "u2", "broken"]
+    assert list(rows) == ["broken", "u1", "u2"]
     assert s["utterances"] == 3 and s["failed"] == 1
     assert "error" in rows["broken"] and "corrupt.wav" not in s["sim_model"]
     for u in ("u1", "u2"):

@@ -129,6 +129,20 @@ class Synthesizer:
         self.engine.close()
 
 
+def _warm_up(synth: Synthesizer, items: list[TestItem], settings: EvalSettings) -> None:
+    """Unrecorded responses first: they pay one-time costs (allocations, kernel selection, caches) that would
+    otherwise land in the first utterance's TTFT. An item that fails here is skipped; the run reports it later."""
+    done = 0
+    for item in items:
+        if done >= settings.warmup:
+            break
+        try:
+            synth.speak(item, max_frames=min(settings.max_frames, 5))
+            done += 1
+        except Exception:
+            continue
+
+
 def _load_16k(source, rate: int | None = None) -> np.ndarray:
     from ..audio import load_audio
 
@@ -145,7 +159,7 @@ def evaluate(items: list[TestItem], out_dir: str | Path, settings: EvalSettings,
     existing = find_existing_audio(items, settings.audio_dir) if settings.audio_dir is not None else {}
     if settings.audio_dir is None and not settings.model:
         raise EvalInputError("give --model to synthesise the list, or --audio-dir to score existing audio")
-    assert SIM_RATE == ASR_RATE
+    assert SIM_RATE == ASR_RATE  # one 16 kHz copy of each output feeds both scorers
     out_dir.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -164,9 +178,7 @@ def evaluate(items: list[TestItem], out_dir: str | Path, settings: EvalSettings,
     rows: list[dict[str, Any]] = []
     try:
         if synth is not None and settings.warmup > 0:
-            # Not recorded: the first responses pay one-time costs (allocations, kernel selection, caches).
-            for _ in range(settings.warmup):
-                synth.speak(items[0], max_frames=min(settings.max_frames, 5))
+            _warm_up(synth, items, settings)
         for item in tqdm(items, desc="eval", unit="utt", disable=not settings.progress):
             row: dict[str, Any] = {"utt": item.utt, "sim": None, "wer": None, "transcript": None,
                                    "reference_text": item.target_text, "ttft_ms": None, "rtf": None}
