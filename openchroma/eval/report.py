@@ -26,7 +26,8 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 
 def summarize(rows: list[dict[str, Any]], settings, sim_model: str, asr_model: str,
-              command: str | None = None) -> dict[str, Any]:
+              command: str | None = None, normalize=None) -> dict[str, Any]:
+    """The run's aggregates; ``normalize`` is the WER text normaliser (corpus WER pools all utterances' words)."""
     import jiwer
 
     ok = [r for r in rows if "error" not in r]
@@ -34,9 +35,11 @@ def summarize(rows: list[dict[str, Any]], settings, sim_model: str, asr_model: s
     pairs = [(r["reference_text"], r["transcript"]) for r in ok if r.get("wer") is not None]
     corpus_wer = None
     if pairs:
-        from .asr import WerScorer
+        if normalize is None:
+            from .asr import WerScorer
 
-        norm = WerScorer().normalize
+            normalize = WerScorer().normalize
+        norm = normalize
         refs = [norm(a) for a, _ in pairs]
         hyps = [norm(b) for _, b in pairs]
         corpus_wer = float(jiwer.wer(refs, hyps)) if all(r.strip() for r in refs) else None

@@ -219,7 +219,7 @@ def evaluate(items: list[TestItem], out_dir: str | Path, settings: EvalSettings,
             synth.close()
 
     results = {"summary": summarize(rows, settings, sim_model=embedder.name, asr_model=recognizer.name,
-                                    command=command),
+                                    command=command, normalize=wer.normalize),
                "utterances": rows}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plots = write_plots(rows, out_dir)
