@@ -221,7 +221,11 @@ def cmd_listen(args: argparse.Namespace) -> int:
         return 2
     pairs = listen.read_pairs(args.pairs)  # checked before the server starts
     questions = [q.strip() for q in args.questions.split(",") if q.strip()]
-    listen.serve(pairs, Path(args.out), questions=questions, host=args.host, port=args.port, seed=args.seed)
+    try:
+        listen.serve(pairs, Path(args.out), questions=questions, host=args.host, port=args.port, seed=args.seed)
+    except OSError as e:  # the port is taken, the address is not this machine's, ...
+        print(f"openchroma listen: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

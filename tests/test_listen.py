@@ -171,3 +171,47 @@ def test_listening_page_in_headless_chromium(pairs_file, tmp_path):
     assert by_q["ncmos"]["answers"] == 3 and by_q["scmos"]["answers"] == 3
     total_chroma = sum(c["outcomes"][0]["count"] for c in by_q.values())
     assert total_chroma == 5
+
+
+def answer_all(url: str, rater: str, choice: str = "first") -> int:
+    n = 0
+    with httpx.Client(base_url=url) as client:
+        while not (trial := client.get("/api/next", params={"rater": rater}).json())["finished"]:
+            assert client.post("/api/answer", json={"token": trial["token"], "choice": choice}).status_code == 200
+            n += 1
+    return n
+
+
+def test_reusing_an_answers_dir_serves_the_new_pairs_and_keeps_old_answers(pairs_file, tmp_path):
+    out = tmp_path / "answers"
+    server = start_server(read_pairs(pairs_file), out, questions=["ncmos"], seed=0)
+    try:
+        assert answer_all(server.url, "dan") == 10
+    finally:
+        server.shutdown()
+        server.store.close()
+    lines = pairs_file.read_text().splitlines()
+    new = "new1|ref.wav|chroma|chroma.wav|other|other.wav"
+    (pairs_file.parent / "pairs2.txt").write_text("\n".join([*lines[:3], new]) + "\n")
+    server = start_server(read_pairs(pairs_file.parent / "pairs2.txt"), out, questions=["ncmos"], seed=0)
+    try:
+        # dan answered item0 and item1 before: only the new item is left for him; a new listener gets all three.
+        assert answer_all(server.url, "dan") == 1
+        assert answer_all(server.url, "eve", "same") == 3
+    finally:
+        server.shutdown()
+        server.store.close()
+    (c,) = summarize_answers(out)["comparisons"]
+    assert c["answers"] == 14 and c["raters"] == 2
+    assert {o["outcome"]: o["count"] for o in c["outcomes"]}["no preference"] == 3
+
+
+def test_listen_reports_a_taken_port(pairs_file, tmp_path, capsys):
+    server = start_server(read_pairs(pairs_file), tmp_path / "a", seed=0)
+    try:
+        port = server.server_address[1]
+        assert main(["listen", "--pairs", str(pairs_file), "--out", str(tmp_path / "b"), "--port", str(port)]) == 1
+        assert f"cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+    finally:
+        server.shutdown()
+        server.store.close()

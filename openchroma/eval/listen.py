@@ -88,6 +88,7 @@ class AnswerStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+        self.active: list[int] = []  # the trials served now (add_trials)
         self._db.row_factory = sqlite3.Row
         with self._db:
             self._db.executescript("""
@@ -109,27 +110,37 @@ class AnswerStore:
         self._db.close()
 
     def add_trials(self, pairs: list[Pair], questions: list[str]) -> None:
+        """Make these the trials served (a database reused with another pairs file keeps its old answers for the
+        summary, but serves only the new trials)."""
+        active = []
         with self._lock, self._db:
             for pair in pairs:
                 for q in questions:
+                    key = (pair.item, q, pair.system_a, pair.system_b)
                     self._db.execute(
-                        "INSERT OR IGNORE INTO trials (item, question, reference, system_a, wav_a, system_b, wav_b) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO trials (item, question, reference, system_a, wav_a, system_b, wav_b) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (item, question, system_a, system_b) "
+                        "DO UPDATE SET reference = excluded.reference, wav_a = excluded.wav_a, wav_b = excluded.wav_b",
                         (pair.item, q, str(pair.reference), pair.system_a, str(pair.wav_a), pair.system_b,
                          str(pair.wav_b)))
+                    active.append(self._db.execute(
+                        "SELECT id FROM trials WHERE item = ? AND question = ? AND system_a = ? AND system_b = ?",
+                        key).fetchone()[0])
+        self.active = active
 
     def progress(self, rater: str) -> tuple[int, int]:
+        """(trials this rater has answered, trials served)."""
         with self._lock:
-            total = self._db.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
-            done = self._db.execute("SELECT COUNT(*) FROM answers WHERE rater = ?", (rater,)).fetchone()[0]
-        return done, total
+            answered = {r[0] for r in self._db.execute("SELECT trial_id FROM answers WHERE rater = ?", (rater,))}
+        return len(answered.intersection(self.active)), len(self.active)
 
     def present(self, rater: str, rng: random.Random) -> dict[str, Any] | None:
         """A trial the rater has not answered, in a fresh random clip order; None when all are answered."""
         with self._lock, self._db:
-            left = self._db.execute(
+            active = set(self.active)
+            left = [t for t in self._db.execute(
                 "SELECT * FROM trials WHERE id NOT IN (SELECT trial_id FROM answers WHERE rater = ?) ORDER BY id",
-                (rater,)).fetchall()
+                (rater,)) if t["id"] in active]
             if not left:
                 return None
             trial = rng.choice(left)
