@@ -209,6 +209,64 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from .eval.models import ScoringModelUnavailable
+    from .eval.run import EvalSettings, evaluate
+    from .eval.testlist import read_test_list
+
+    if bool(args.model) == bool(args.audio_dir):
+        print("openchroma eval: give either --model (synthesise the list) or --audio-dir (score existing audio)",
+              file=sys.stderr)
+        return 2
+    items = read_test_list(args.list, args.task)  # every problem in the list is found before any model loads
+    audio_dir = Path(args.audio_dir) if args.audio_dir else None
+    settings = EvalSettings(task=args.task, model=args.model, audio_dir=audio_dir,
+                            device=args.device, dtype=args.dtype, sim_model=args.sim_model, asr_model=args.asr_model,
+                            max_frames=args.max_frames, warmup=args.warmup, progress=not args.no_progress)
+    argv = ["openchroma", "eval", "--list", str(args.list), "--task", args.task, "--out", str(args.out),
+            "--sim-model", args.sim_model, "--asr-model", args.asr_model]
+    argv += ["--model", str(args.model), "--max-frames", str(args.max_frames)] if args.model else \
+        ["--audio-dir", str(args.audio_dir)]
+    try:
+        results = evaluate(items, args.out, settings, command=shlex.join(argv))
+    except ScoringModelUnavailable as e:
+        print(f"openchroma eval: error: {e}", file=sys.stderr)
+        return 1
+    s = results["summary"]
+    fmt = lambda x, d=3: "—" if x is None else f"{x:.{d}f}"  # noqa: E731
+    print(f"SIM {fmt(s['sim_mean'])}  WER {fmt(s['wer_mean'])}  TTFT p50 {fmt(s['ttft_ms_p50'], 1)} ms  "
+          f"p90 {fmt(s['ttft_ms_p90'], 1)} ms  RTF {fmt(s['rtf_mean'])}  "
+          f"({s['utterances']} utterances, {s['failed']} failed)")
+    print(f"SIM model: {s['sim_model']}\nASR model: {s['asr_model']}")
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .eval import listen
+
+    if args.summary:
+        summary = listen.summarize_answers(Path(args.summary))
+        print(json.dumps(summary, indent=2) if args.json else listen.format_summary(summary).rstrip("\n"))
+        return 0
+    if not args.pairs or not args.out:
+        print("openchroma listen: give --pairs FILE --out DIR to run a test, or --summary DIR", file=sys.stderr)
+        return 2
+    pairs = listen.read_pairs(args.pairs)  # checked before the server starts
+    questions = [q.strip() for q in args.questions.split(",") if q.strip()]
+    try:
+        listen.serve(pairs, Path(args.out), questions=questions, host=args.host, port=args.port, seed=args.seed)
+    except OSError as e:  # the port is taken, the address is not this machine's, ...
+        print(f"openchroma listen: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openchroma",
@@ -315,6 +373,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_arg(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("eval", help="measure SIM, WER, TTFT and RTF over a test list (the paper's measurements)",
+                       description="Speak every utterance of a seed-tts-eval test list in the voice of its prompt "
+                                   "through the streaming engine (--model), or take existing audio files named "
+                                   "<utt>.wav (--audio-dir), and score them: SIM (speaker-verification cosine "
+                                   "similarity of output and prompt), WER (speech recognition of the output against "
+                                   "the text), TTFT and RTF as a client of the engine sees them. Writes "
+                                   "results.json, report.md (with the paper's figures) and PNG plots to --out. "
+                                   "A random-weight checkpoint speaks noise: its SIM and WER mean nothing.",
+                       epilog="List format (paths relative to the list; '#' comments): tts: "
+                              "utt|prompt_text|prompt_wav|target_text; dialogue: utt|prompt_text|prompt_wav|user_wav.")
+    p.add_argument("--model", default=None, help=COMMON_MODEL_HELP + "; omit with --audio-dir")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... for the model (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's dtype (default: float32)")
+    p.add_argument("--list", required=True, metavar="FILE", help="the test list (see the format below)")
+    p.add_argument("--task", default="tts", choices=["tts", "dialogue"],
+                   help="tts: speak target_text (forced text); dialogue: answer user_wav, whose answer text is "
+                        "the WER reference (default: tts)")
+    p.add_argument("--audio-dir", default=None, metavar="DIR",
+                   help="score existing audio <utt>.wav (.flac/.ogg/.mp3) instead of synthesising; for dialogue, "
+                        "<utt>.txt holds the answer's text")
+    p.add_argument("--out", required=True, metavar="DIR", help="where results.json, report.md, plots and audio go")
+    p.add_argument("--sim-model", default="auto", metavar="NAME",
+                   help="auto (WavLM speaker verification if its weights load, else resemblyzer), wavlm, "
+                        "resemblyzer (offline), or a transformers x-vector model id/directory (default: auto)")
+    p.add_argument("--asr-model", default="auto", metavar="NAME",
+                   help="auto (Whisper-large-v3 if its weights load, else pocketsphinx), whisper, pocketsphinx "
+                        "(offline), or a transformers Whisper model id/directory (default: auto)")
+    p.add_argument("--max-frames", type=int, default=750,
+                   help="at most this many 80 ms frames per utterance (default 750 = 60 s)")
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up responses before timing (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("listen", help="blind A/B listening test in the browser (NCMOS/SCMOS preferences)",
+                       description="Serve a listening page: each trial plays a reference clip and two systems' "
+                                   "clips in random order, without names, and asks which sounds more natural "
+                                   "(NCMOS) or more like the reference speaker (SCMOS). Answers go to "
+                                   "DIR/answers.sqlite. --summary DIR prints preference percentages with 95% "
+                                   "confidence intervals (Wilson).",
+                       epilog="Pairs format (paths relative to the file; '#' comments): "
+                              "item|reference_wav|system_a|wav_a|system_b|wav_b")
+    p.add_argument("--pairs", default=None, metavar="FILE", help="the trials to run")
+    p.add_argument("--out", default=None, metavar="DIR", help="where answers.sqlite goes")
+    p.add_argument("--questions", default="ncmos,scmos",
+                   help="comma-separated: ncmos (naturalness), scmos (speaker similarity) (default: both)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the clip order (default: random)")
+    p.add_argument("--summary", default=None, metavar="DIR",
+                   help="print the preferences recorded in DIR/answers.sqlite and exit")
+    p.add_argument("--json", action="store_true", help="with --summary: print JSON")
+    p.set_defaults(func=cmd_listen)
 
     return parser
 
