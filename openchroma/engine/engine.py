@@ -15,6 +15,7 @@ So a long user turn or a new voice delays a live stream by about one step, not b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
 import threading
@@ -124,6 +125,7 @@ class Response:
         self._aq: asyncio.Queue | None = None
         self.done: ResponseDone | None = None
         self.t_start = time.perf_counter()
+        self.t_started: float | None = None       # when its first frame step was planned (prefill done)
         self.t_first_audio: float | None = None
         self.frames = 0
         self.codes: list[torch.Tensor] = []
@@ -349,13 +351,14 @@ class Engine:
             raise EngineError("the voice's transcript is empty")
         wav = load_audio(audio, self.sample_rate, source_rate=sample_rate, max_seconds=MAX_VOICE_SECONDS)
         # Encoding runs here, in the caller's thread, so the frame loop keeps streaming meanwhile.
-        with torch.inference_mode():
+        with torch.inference_mode(), self._beside_live_streams():
             prompt = encode_voice(self.model, wav, self.tokenizer.encode(transcript))
         return self.add_voice(name, prompt, transcript)
 
     def add_voice(self, name: str, prompt: VoicePrompt, transcript: str = "") -> Voice:
         """Register a voice from precomputed codes (e.g. loaded from a voice library)."""
-        voice = self._build_voice(name, prompt, transcript)
+        with self._beside_live_streams():
+            voice = self._build_voice(name, prompt, transcript)
         return self._call(self._insert_voice, voice)
 
     def remove_voice(self, name: str) -> None:
@@ -366,8 +369,22 @@ class Engine:
         if not transcript or not transcript.strip():
             raise EngineError("the voice's transcript is empty")
         wav = load_audio(audio, self.sample_rate, source_rate=sample_rate, max_seconds=MAX_VOICE_SECONDS)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._beside_live_streams():
             return encode_voice(self.model, wav, self.tokenizer.encode(transcript))
+
+    @contextlib.contextmanager
+    def _beside_live_streams(self):
+        """Work done in a caller's thread while responses stream: on the CPU, one intra-op thread, so it takes
+        one core and leaves the other to the frame loop (torch's setting is per thread; restored after)."""
+        if self.stepper.device.type != "cpu" or not self.stepper.active:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def create_session(self, voice: str | None, system_prompt: str | None = None,
                        sampling: SamplingParams | None = None) -> Session:
@@ -530,6 +547,7 @@ class Engine:
             self.stepper.load_backbone_rows(s.slot, *voice.kv)
         else:
             self.stepper.backbone_prefill([(s.slot, voice.embeds, 0)])
+        job.response.t_started = time.perf_counter()
         job.response.row = self.stepper.start(s.slot, voice.length, h_last, first, len(job.ids), job.sampling,
                                               job.max_frames, job.forced)
 
@@ -808,6 +826,11 @@ class Engine:
         timings = {"ttft_ms": (resp.t_first_audio - resp.t_start) * 1000 if resp.t_first_audio else float("nan"),
                    "seconds": now - resp.t_start, "audio_seconds": secs,
                    "rtf": (now - resp.t_start) / secs if secs else float("nan")}
+        if resp.t_started is not None and resp.t_first_audio is not None:
+            # TTFT in two parts, as the paper reports it: up to the reasoner's first token (user audio encoding,
+            # prefill, queueing), then the first frame (backbone, decoder, codec).
+            timings["reasoner_prefill_ms"] = (resp.t_started - resp.t_start) * 1000
+            timings["first_frame_ms"] = (resp.t_first_audio - resp.t_started) * 1000
         codes = torch.stack(resp.codes) if resp.codes else torch.zeros(0, self.cfg.audio_num_codebooks,
                                                                      dtype=torch.long)
         resp.done = ResponseDone(text, list(resp.tokens), reason, resp.frames, timings, codes)
