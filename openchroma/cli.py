@@ -21,8 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32") -
 def _add_compile_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="compile the frame step with torch.compile (inductor) before the first response; takes "
-                        "a minute or more per batch size at load (default: off; on a GPU the step is captured as "
-                        "CUDA graphs either way)")
+                        "a minute or more per batch size at load (default: off; on a GPU the step is also "
+                        "captured as CUDA graphs)")
 
 
 def _warmup(stepper, quiet: bool = False, greedy_only: bool = False) -> None:
@@ -196,7 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=args.max_response_seconds,
         max_upload_bytes=int(args.max_upload_mb * 2**20), default_voice=args.default_voice,
         allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower(),
-        compile=args.compile)
+        compile=args.compile, cuda_graphs=args.cuda_graphs)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({dtype}) in the background; GET /health says when it is ready.\n"
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "server's path form); off by default")
     p.add_argument("--model-id", default=None, help="model id reported by /v1/models (default: the model's name)")
     _add_compile_arg(p)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the frame step as CUDA graphs at load, one per batch size (default: on with CUDA)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

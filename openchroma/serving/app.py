@@ -47,7 +47,8 @@ class ServerConfig:
     default_voice: str | None = None
     allow_local_audio: bool = False                # let chat requests name audio files on the server's disk
     model_id: str = "chroma-4b"
-    compile: bool = False                          # torch.compile the frame step at load (CUDA graphs: always on CUDA)
+    compile: bool = False                          # torch.compile the frame step at load
+    cuda_graphs: bool | None = None                # capture the frame step as CUDA graphs (default: on CUDA)
 
     @property
     def max_response_frames(self) -> int:
@@ -94,7 +95,8 @@ class ServerState:
             engine = Engine.from_pretrained(
                 self.config.model, device=self.config.device, dtype=self.config.dtype, progress=True,
                 max_sessions=self.config.max_sessions, max_context=self.config.max_context,
-                max_response_frames=self.config.max_response_frames, compile=self.config.compile)
+                max_response_frames=self.config.max_response_frames, compile=self.config.compile,
+                cuda_graphs=self.config.cuda_graphs)
             self._attach(engine)
             log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
         except BaseException as e:  # reported by /health and every route
