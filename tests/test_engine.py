@@ -286,3 +286,72 @@ def test_session_limit(engine):
         engine.create_session("ref")
     sessions[0].close()
     engine.create_session("ref")
+
+
+def test_clear_drops_the_resampler_tail_so_a_text_turn_after_it_answers(engine):
+    """Regression: audio at another rate, cleared, then a text turn: the resampler's tail used to be flushed into
+    a turn with no audio part (StopIteration, which hung the server)."""
+    s = engine.create_session("ref")
+    s.append_audio(user_audio(30, 0.5), 44100)
+    s.clear_audio()
+    s.add_text("Only words this time.")
+    done, _, _ = run(s.respond())
+    assert done.frames == FRAMES
+    assert s.history[1] == {"role": "user", "content": [{"type": "text", "text": "Only words this time."}]}
+
+
+def test_a_failure_in_one_response_ends_only_that_response(engine):
+    a, b = engine.create_session("ref"), engine.create_session("ref")
+    a.add_text("First.")
+    b.add_text("Second.")
+    ra, rb = a.respond(), b.respond()
+
+    def broken(token):
+        raise RuntimeError("this response's detokenizer broke")
+
+    engine._call(lambda: setattr(ra._detok, "push", broken))
+    da, db = ra.result(), rb.result()
+    assert da.stop_reason == "error" and "detokenizer broke" in da.error
+    assert db.stop_reason == "length" and db.frames == FRAMES
+    assert engine.healthy
+
+
+def test_failed_frame_steps_fail_their_rows_and_repeated_failures_mark_the_engine_unhealthy(engine):
+    s = engine.create_session("ref")
+    real_step = engine.stepper.step
+    engine.stepper.step = lambda: (_ for _ in ()).throw(RuntimeError("device lost"))
+    try:
+        for _ in range(3):
+            s.add_text("Hello?")
+            done = s.respond().result()
+            assert done.stop_reason == "error" and "device lost" in done.error
+        assert not engine.healthy and "device lost" in engine.last_error
+    finally:
+        engine.stepper.step = real_step
+    s.add_text("Back?")
+    assert s.respond().result().frames == FRAMES
+    assert engine.healthy
+
+
+def test_a_full_context_forgets_the_oldest_turns_instead_of_failing(chroma, ref_audio):
+    with Engine(chroma, max_sessions=1, max_context=120, max_response_frames=FRAMES) as eng:
+        eng.register_voice("ref", ref_audio, "hello there", sample_rate=24000)
+        s = eng.create_session("ref", system_prompt="Be brief.")
+        for i in range(8):
+            s.add_text(f"Question number {i} for you.")
+            assert s.respond().result().frames == FRAMES
+        history = s.history
+        assert history[0]["content"][0]["text"] == "Be brief."
+        assert history[1]["role"] == "user" and "number 0" not in history[1]["content"][0]["text"]
+        assert history[-2]["content"][0]["text"] == "Question number 7 for you."
+
+
+def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(engine):
+    s = engine.create_session("ref")
+    big = "word " * (engine.max_context * 2)
+    for call in (lambda: s.add_text(big), lambda: s.add_message("assistant", big),
+                 lambda: s.set_instructions(big), lambda: s.respond(forced_text=big)):
+        with pytest.raises(ContextFull, match="characters"):
+            call()
+    s.add_text("Short is fine.")
+    assert s.respond().result().frames == FRAMES

@@ -36,7 +36,7 @@ from ..tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_promp
 from ..voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 from .sampling import SamplingParams
 from .schedule import USER_SAMPLE_RATE as USER_RATE
-from .schedule import backbone_budget
+from .schedule import backbone_budget, reasoner_budget
 from .stepper import ContextFull, StepOutput, Stepper
 
 DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
@@ -227,6 +227,7 @@ class Session:
         """Replace the system prompt; the reasoner re-reads the conversation from the first change."""
         if not isinstance(system_prompt, str):
             raise EngineError("instructions must be a string")
+        self.engine._check_text_size(system_prompt, "the instructions")
         self.engine._call(self.engine._set_instructions, self, system_prompt)
 
     def add_message(self, role: str, text: str) -> None:
@@ -235,6 +236,7 @@ class Session:
             raise EngineError(f"unknown role {role!r}: expected user, assistant or system")
         if not isinstance(text, str) or not text.strip():
             raise EngineError(f"the {role} text is empty")
+        self.engine._check_text_size(text, f"the {role} text")
         if role == "user":
             self.add_text(text)
         else:
@@ -251,6 +253,7 @@ class Session:
         """Add a user text message to the current turn."""
         if not isinstance(text, str) or not text.strip():
             raise EngineError("the user text is empty")
+        self.engine._check_text_size(text, "the user text")
         self.engine._call(self.engine._add_text, self, text)
 
     def respond(self, max_frames: int | None = None, forced_text: str | None = None,
@@ -258,6 +261,8 @@ class Session:
         """End the user's turn (if any) and start a response; with ``forced_text``, speak exactly that."""
         if forced_text is not None and not forced_text.strip():
             raise EngineError("forced_text is empty: nothing to say")
+        if forced_text is not None:
+            self.engine._check_text_size(forced_text, "forced_text")
         t0 = time.perf_counter()  # timings count from the caller's request, queueing and prefill included
         resp = self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling)
         resp.t_start = t0
@@ -315,6 +320,8 @@ class Engine:
         self._cmds: queue.Queue = queue.Queue()
         self._closed = False
         self.frames_generated = 0
+        self.step_failures = 0            # frame steps failed in a row
+        self.last_error: str | None = None
         self._thread = threading.Thread(target=self._loop, name="openchroma-engine", daemon=True)
         self._thread.start()
 
@@ -446,12 +453,18 @@ class Engine:
                 t1 = time.perf_counter()
                 try:
                     outs = self.stepper.step()
-                except Exception as e:  # never leave callers hanging
-                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                except Exception as e:  # the whole batch's step failed: never leave callers hanging
+                    self.step_failures += 1
+                    self.last_error = f"generation failed: {type(e).__name__}: {e}"
+                    self._fail_all(self.last_error, keep_jobs=True)
                     continue
+                self.step_failures = 0
                 step_seconds = time.perf_counter() - t1
                 for out in outs:
-                    self._deliver(out)
+                    try:
+                        self._deliver(out)
+                    except Exception as e:  # this response's own failure: it ends, its neighbours go on
+                        self._fail_row(out.slot, f"{type(e).__name__}: {e}")
             # 3. Background work in slices: one between frames while streams are live, back to back otherwise.
             t2 = time.perf_counter()
             with torch.inference_mode():
@@ -459,16 +472,25 @@ class Engine:
                     if self._cmds.qsize() or (self.stepper.active and time.perf_counter() - t2 >= step_seconds * SLICE):
                         break
 
-    def _fail_all(self, message: str) -> None:
-        for job in self._jobs:
-            self._responses.pop(job.session.slot, None)
-            self._fail(job.response, message)
-        self._jobs.clear()
+    @property
+    def healthy(self) -> bool:
+        """False once frame steps keep failing (three in a row): the engine cannot serve; see ``last_error``."""
+        return not self._closed and self.step_failures < 3
+
+    def _fail_all(self, message: str, keep_jobs: bool = False) -> None:
+        if not keep_jobs:
+            for job in self._jobs:
+                self._responses.pop(job.session.slot, None)
+                self._fail(job.response, message)
+            self._jobs.clear()
         for slot in list(self.stepper.rows):
-            self.stepper.rows.pop(slot, None)
-            resp = self._responses.pop(slot, None)
-            if resp is not None:
-                self._fail(resp, message)
+            self._fail_row(slot, message)
+
+    def _fail_row(self, slot: int, message: str) -> None:
+        self.stepper.rows.pop(slot, None)
+        resp = self._responses.pop(slot, None)
+        if resp is not None and resp.done is None:
+            self._fail(resp, message)
 
     @staticmethod
     def _fail(resp: Response, message: str) -> None:
@@ -572,6 +594,14 @@ class Engine:
         self.voices[voice.name] = voice
         return voice
 
+    def _check_text_size(self, text: str, what: str) -> None:
+        """Refuse text that cannot fit the context before anyone tokenizes it (a token is at least a byte of
+        UTF-8 for all but a few characters, so this bound is loose but cheap)."""
+        limit = self.max_context * 8
+        if len(text) > limit:
+            raise ContextFull(f"{what} is {len(text)} characters; at most {limit} fit this engine's "
+                              f"{self.max_context}-token context")
+
     def _unknown_voice(self, voice: str) -> UnknownVoice:
         return UnknownVoice(f"unknown voice {voice!r} (registered: {', '.join(sorted(self.voices)) or 'none'})")
 
@@ -623,6 +653,8 @@ class Engine:
     def _push_mel(self, s: Session, wav16: torch.Tensor) -> None:
         if not wav16.numel():
             return
+        if not s._turn_parts or s._turn_parts[-1]["type"] != "audio" or s._turn_parts[-1].get("done"):
+            s._turn_parts.append({"type": "audio"})
         raw = s._mel.push(wav16)
         if raw.shape[1]:
             s._raw.append(raw)
@@ -631,6 +663,8 @@ class Engine:
 
     def _clear_audio(self, s: Session) -> None:
         s._turn_parts = [p for p in s._turn_parts if p["type"] != "audio" or p.get("done")]
+        # The resampler's buffered tail belongs to the cleared audio: drop it, never flush it into the next turn.
+        s._resampler, s._resampler_rate = None, USER_RATE
         self._reset_audio(s)
 
     def _reset_audio(self, s: Session) -> None:
@@ -762,9 +796,13 @@ class Engine:
         if forced_text is not None:
             forced = self.tokenizer.encode(forced_text) + [self.cfg.im_end_token_id]
         max_frames = min(max_frames or self.max_response_frames, self.max_response_frames)
-        if len(ids) + max_frames // 2 + 4 > self.max_context:
-            raise ContextFull(f"the conversation ({len(ids)} tokens) leaves no room to answer within the "
-                              f"{self.max_context}-token context; start a new session")
+        answer = reasoner_budget(0, max_frames, self.stepper.lookahead)
+        # A full context forgets the oldest turns (the system prompt and the voice stay), as a person would.
+        while len(ids) + answer > self.max_context and self._forget_oldest_turn(s):
+            ids = self._prompt(s)
+        if len(ids) + answer > self.max_context:
+            raise ContextFull(f"this turn ({len(ids)} tokens with the instructions) leaves no room to answer within "
+                              f"the {self.max_context}-token context")
         # Reuse what the reasoner's cache already holds (earlier turns, audio encoded while it arrived).
         common = 0
         for a, b in zip(s.ctx_ids, ids, strict=False):
@@ -779,6 +817,20 @@ class Engine:
         s.response = resp
         self._jobs.append(_StartJob(s, resp, voice, ids, common, forced, max_frames, sampling or s.sampling))
         return resp
+
+    @staticmethod
+    def _forget_oldest_turn(s: Session) -> bool:
+        """Drop the oldest user turn and what followed it up to the next one; False if only the current turn is
+        left. Its audio parts' embeddings go with it."""
+        if len(s.messages) < 3:
+            return False
+        end = next((i for i in range(2, len(s.messages)) if s.messages[i]["role"] == "user"), len(s.messages) - 1)
+        end = max(end, 2)
+        dropped = s.messages[1:end]
+        n_audio = sum(1 for m in dropped for part in m["content"] if part.get("type") == "audio")
+        del s.messages[1:end]
+        del s.audio_embeds[:n_audio]
+        return True
 
     def _cancel(self, s: Session) -> None:
         job = next((j for j in self._jobs if j.session is s), None)
