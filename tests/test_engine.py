@@ -267,8 +267,6 @@ def test_bad_input_raises_clear_errors_and_engine_stays_usable(engine):
         s.append_audio(np.zeros(100, np.float32), 0)
     with pytest.raises(UnknownVoice, match="unknown voice 'nobody'"):
         engine.create_session("nobody")
-    with pytest.raises(EngineError, match="nothing to respond to"):
-        s.respond()
     with pytest.raises(EngineError, match="empty"):
         s.add_text("   ")
     s.add_text("word " * 600)
@@ -355,3 +353,58 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(engine):
             call()
     s.add_text("Short is fine.")
     assert s.respond().result().frames == FRAMES
+
+
+def test_with_only_instructions_the_model_answers_them(engine):
+    """Voice agents start by asking the bot to greet: no user input, just the system prompt."""
+    s = engine.create_session("ref", system_prompt="Greet the caller warmly.")
+    done, pcm, _ = run(s.respond())
+    assert done.frames == FRAMES and len(pcm) == FRAMES * 1920
+    assert [m["role"] for m in s.history] == ["system", "assistant"]
+
+
+def _greedy_transcript(chroma, wav16, max_tokens):
+    from openchroma.audio import log_mel_features
+    from openchroma.engine.engine import ASR_MESSAGES
+    from openchroma.tokenizer import build_chat_prompt
+
+    m = chroma.model
+    with torch.inference_mode():
+        embeds = m.thinker.audio_tower(log_mel_features(torch.from_numpy(wav16)))
+        ids = build_chat_prompt(chroma.tokenizer, ASR_MESSAGES, [embeds.shape[0]])
+        tm = m.thinker.model
+        cache = tm.new_cache(1, len(ids) + max_tokens + 1)
+        h = tm(m.thinker.embed(torch.tensor([ids]), embeds), torch.arange(len(ids))[None], cache,
+               kv_len=len(ids))[0, -1]
+        tokens = []
+        for pos in range(len(ids), len(ids) + max_tokens):
+            tok = int(m.thinker_logits(h).argmax(-1))
+            if tok in (chroma.config.im_end_token_id, 151643):
+                break
+            tokens.append(tok)
+            h = tm(tm.embed_tokens(torch.tensor([[tok]])), torch.tensor([[pos]]), cache, kv_len=pos + 1)[0, -1]
+    return tokens
+
+
+def test_transcription_is_the_reasoners_greedy_transcript_streamed(chroma, engine):
+    wav = user_audio(40, 2.0)
+    t = engine.transcribe(wav, 16000, max_tokens=12)
+    deltas = [ev.text for ev in t if isinstance(ev, TextDelta)]
+    done = t.done
+    assert done.error is None
+    assert done.tokens == _greedy_transcript(chroma, wav, 12)
+    assert "".join(deltas).strip() == done.text == chroma.tokenizer.decode(done.tokens).strip()
+
+
+def test_a_committed_turn_is_transcribed_from_its_own_audio_while_the_response_streams(chroma, engine):
+    wav = user_audio(41, 2.0)
+    s = engine.create_session("ref")
+    s.append_audio(wav, 16000)
+    s.commit_audio()
+    resp = s.respond()
+    transcript = s.transcribe(max_tokens=12)
+    done, _, _ = run(resp)
+    assert done.frames == FRAMES
+    assert transcript.result().tokens == engine.transcribe(wav, 16000, max_tokens=12).result().tokens
+    with pytest.raises(EngineError, match="no audio part"):
+        s.transcribe(part=5)

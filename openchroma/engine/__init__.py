@@ -11,6 +11,8 @@ from .engine import (  # noqa: F401
     Session,
     SessionLimit,
     TextDelta,
+    Transcription,
+    TranscriptionDone,
     UnknownVoice,
     Voice,
 )

@@ -29,10 +29,10 @@ import numpy as np
 import soxr
 import torch
 
-from ..audio import AudioError, StreamingMelExtractor, load_audio
+from ..audio import AudioError, StreamingMelExtractor, load_audio, log_mel_features
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
-from ..tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
+from ..tokenizer import ENDOFTEXT_ID, QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
 from ..voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 from .sampling import SamplingParams
 from .schedule import USER_SAMPLE_RATE as USER_RATE
@@ -113,16 +113,61 @@ class _Loaded:
         return self.lm.config
 
 
-class Response:
-    """A response in progress: iterate (sync or async) for events; ``cancel()`` stops it within a frame."""
+class _EventStream:
+    """Events from the engine's worker to one consumer, iterated sync or async, ending with a final event."""
 
-    def __init__(self, engine: Engine, session: Session):
-        self._engine = engine
-        self.session = session
+    _final: type = object
+
+    def __init__(self) -> None:
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._aq: asyncio.Queue | None = None
+        self.done = None
+
+    def _emit(self, ev) -> None:
+        with self._lock:
+            if self._aq is not None:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+            else:
+                self._q.put(ev)
+
+    def __iter__(self):
+        while True:
+            ev = self._q.get()
+            yield ev
+            if isinstance(ev, self._final):
+                return
+
+    async def __aiter__(self):
+        with self._lock:
+            self._loop = asyncio.get_running_loop()
+            self._aq = asyncio.Queue()
+            while not self._q.empty():
+                self._aq.put_nowait(self._q.get_nowait())
+        while True:
+            ev = await self._aq.get()
+            yield ev
+            if isinstance(ev, self._final):
+                return
+
+    def result(self):
+        """Block until the stream ends; return its final event."""
+        for ev in self:
+            if isinstance(ev, self._final):
+                return ev
+        raise RuntimeError("the stream ended without a final event")
+
+
+class Response(_EventStream):
+    """A response in progress: iterate (sync or async) for events; ``cancel()`` stops it within a frame."""
+
+    _final = ResponseDone
+
+    def __init__(self, engine: Engine, session: Session):
+        super().__init__()
+        self._engine = engine
+        self.session = session
         self.done: ResponseDone | None = None
         self.t_start = time.perf_counter()
         self.t_started: float | None = None       # when its first frame step was planned (prefill done)
@@ -137,38 +182,25 @@ class Response:
     def cancel(self) -> None:
         self._engine._submit(self._engine._cancel, self.session)
 
-    def _emit(self, ev: Event) -> None:
-        with self._lock:
-            if self._aq is not None:
-                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
-            else:
-                self._q.put(ev)
 
-    def __iter__(self):
-        while True:
-            ev = self._q.get()
-            yield ev
-            if isinstance(ev, ResponseDone):
-                return
+@dataclass
+class TranscriptionDone:
+    text: str
+    tokens: list[int]
+    error: str | None = None
 
-    async def __aiter__(self):
-        with self._lock:
-            self._loop = asyncio.get_running_loop()
-            self._aq = asyncio.Queue()
-            while not self._q.empty():
-                self._aq.put_nowait(self._q.get_nowait())
-        while True:
-            ev = await self._aq.get()
-            yield ev
-            if isinstance(ev, ResponseDone):
-                return
 
-    def result(self) -> ResponseDone:
-        """Block until the response ends; return its final event."""
-        for ev in self:
-            if isinstance(ev, ResponseDone):
-                return ev
-        raise RuntimeError("response ended without a final event")
+class Transcription(_EventStream):
+    """The reasoner's transcript of some user audio: ``TextDelta`` events, then ``TranscriptionDone``."""
+
+    _final = TranscriptionDone
+
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.done: TranscriptionDone | None = None
+        self.tokens: list[int] = []
+        self.text = ""
+        self._detok = engine.tokenizer.incremental_decoder()
 
 
 class Session:
@@ -268,6 +300,11 @@ class Session:
         resp.t_start = t0
         return resp
 
+    def transcribe(self, part: int = -1, max_tokens: int | None = None) -> Transcription:
+        """The reasoner's transcript of one committed audio part of this conversation (``-1``: the latest), made
+        from the embeddings the response uses, in background slices that never delay a response's audio."""
+        return self.engine._call(self.engine._transcribe_part, self, part, max_tokens)
+
     def close(self) -> None:
         self.engine._call(self.engine._close_session, self)
 
@@ -316,6 +353,8 @@ class Engine:
         self._ids = itertools.count(1)
         self._jobs: list[_StartJob] = []                  # responses being prefilled, oldest first
         self._windows: deque[tuple[Session, int]] = deque()  # user audio windows waiting to be encoded
+        self._asr_jobs: list[_AsrJob] = []                # transcriptions, lowest priority
+        self._asr_cache = None                            # the reasoner's cache row for transcription
         self.prefill_chunk = 64                           # reasoner positions per background slice
         self._cmds: queue.Queue = queue.Queue()
         self._closed = False
@@ -393,6 +432,19 @@ class Engine:
         finally:
             torch.set_num_threads(before)
 
+    def transcribe(self, audio, sample_rate: int | None = None, max_tokens: int | None = None) -> Transcription:
+        """Transcribe user audio (path, bytes or array) with the reasoner; returns a stream of ``TextDelta``
+        events ending with ``TranscriptionDone``. The audio is encoded in the caller's thread."""
+        wav = load_audio(audio, USER_RATE, source_rate=sample_rate)
+        with torch.inference_mode(), self._beside_live_streams():
+            feats = log_mel_features(wav)
+            enc = self.model.thinker.audio_tower
+            embeds = enc(feats.to(enc.conv1.weight.device, enc.conv1.weight.dtype))
+        out = Transcription(self)
+        self._call(self._add_transcription, _AsrJob(out, None, embeds, _asr_max_tokens(wav.shape[0] / USER_RATE,
+                                                                                         max_tokens)))
+        return out
+
     def create_session(self, voice: str | None, system_prompt: str | None = None,
                        sampling: SamplingParams | None = None) -> Session:
         return self._call(self._create_session, voice, system_prompt or DEFAULT_SYSTEM_PROMPT,
@@ -430,7 +482,7 @@ class Engine:
             live = self.stepper.active
             # 1. Commands: all of them when nothing streams; about one step's worth when something does.
             t0 = time.perf_counter()
-            block = not live and not self._jobs and not self._windows
+            block = not live and not self._jobs and not self._windows and not self._asr_jobs
             while True:
                 try:
                     item = self._cmds.get(block=block)
@@ -514,6 +566,9 @@ class Engine:
         if self._jobs:
             self._prefill_slice()
             return True
+        if self._asr_jobs:
+            self._transcribe_slice(self._asr_jobs[0])
+            return True
         return False
 
     def _guarded(self, job: _StartJob, fn, *args) -> None:
@@ -538,7 +593,9 @@ class Engine:
         if None not in pending.outs:
             embeds = self.model.thinker.audio_tower.pool_project(torch.cat(pending.outs, dim=0))
             assert embeds.shape[0] == pending.tokens
-            s.audio_embeds[s.audio_embeds.index(pending)] = embeds
+            pending.embeds = embeds
+            if any(a is pending for a in s.audio_embeds):
+                s.audio_embeds[next(i for i, a in enumerate(s.audio_embeds) if a is pending)] = embeds
 
     def _prefill_slice(self) -> None:
         """One chunk of the reasoner's prefill for every response waiting to start, in one batch."""
@@ -561,6 +618,78 @@ class Engine:
             if job.done == job.embeds.shape[0]:
                 self._jobs.remove(job)
                 self._guarded(job, self._start_response, job, h_last)
+
+    # ----- transcription (background slices, lowest priority) ----------------------------------------------
+    def _transcribe_part(self, s: Session, part: int, max_tokens: int | None) -> Transcription:
+        self._check_open(s)
+        if not s.audio_embeds:
+            raise EngineError("no committed user audio to transcribe: commit the audio buffer first")
+        try:
+            audio = s.audio_embeds[part]
+        except IndexError:
+            raise EngineError(f"no audio part {part}: this conversation has {len(s.audio_embeds)}") from None
+        tokens = audio.tokens if isinstance(audio, _PendingAudio) else audio.shape[0]
+        out = Transcription(self)
+        self._add_transcription(_AsrJob(out, s, audio, _asr_max_tokens(tokens / 25.0, max_tokens)))
+        return out
+
+    def _add_transcription(self, job: _AsrJob) -> None:
+        self._asr_jobs.append(job)
+
+    def _transcribe_slice(self, job: _AsrJob) -> None:
+        """One piece of a transcription: an audio window, a prefill chunk, or one token."""
+        try:
+            if isinstance(job.audio, _PendingAudio):
+                if None in job.audio.outs:
+                    self._encode_pending_window(job.session, job.audio)
+                    return
+                job.audio = job.audio.embeds
+            tm = self.model.thinker.model
+            if job.embeds is None:
+                job.ids = build_chat_prompt(self.tokenizer, ASR_MESSAGES, [job.audio.shape[0]])
+                if len(job.ids) + 1 > self.max_context:
+                    raise ContextFull(f"the audio is too long to transcribe within the {self.max_context}-token "
+                                      "context")
+                job.max_tokens = min(job.max_tokens, self.max_context - len(job.ids))
+                ids = torch.tensor(job.ids, device=self.stepper.device)[None]
+                job.embeds = self.model.thinker.embed(ids, job.audio.to(self.stepper.dtype))[0]
+                if self._asr_cache is None:
+                    self._asr_cache = tm.new_cache(1, self.max_context)
+            dev = self.stepper.device
+            if job.done < job.embeds.shape[0]:
+                n = min(self.prefill_chunk, job.embeds.shape[0] - job.done)
+                pos = torch.arange(job.done, job.done + n, device=dev)[None]
+                h = tm(job.embeds[None, job.done:job.done + n], pos, self._asr_cache, kv_len=job.done + n)[0, -1]
+                job.done += n
+                if job.done < job.embeds.shape[0]:
+                    return
+            else:
+                pos = len(job.ids) + len(job.out.tokens) - 1
+                x = tm.embed_tokens(torch.tensor([[job.out.tokens[-1]]], device=dev))
+                h = tm(x, torch.tensor([[pos]], device=dev), self._asr_cache, kv_len=pos + 1)[0, -1]
+            token = int(self.model.thinker_logits(h).argmax(-1))
+            out = job.out
+            if token in (self.cfg.im_end_token_id, ENDOFTEXT_ID):
+                return self._end_transcription(job)
+            out.tokens.append(token)
+            delta = out._detok.push(token)
+            if delta:
+                out.text += delta
+                out._emit(TextDelta(delta, token))
+            if len(out.tokens) >= job.max_tokens:
+                self._end_transcription(job)
+        except Exception as e:
+            self._end_transcription(job, f"{type(e).__name__}: {e}")
+
+    def _end_transcription(self, job: _AsrJob, error: str | None = None) -> None:
+        self._asr_jobs.remove(job)
+        out = job.out
+        rest = out._detok.flush()
+        if rest:
+            out.text += rest
+            out._emit(TextDelta(rest, out.tokens[-1] if out.tokens else -1))
+        out.done = TranscriptionDone(out.text.strip(), list(out.tokens), error)
+        out._emit(out.done)
 
     def _start_response(self, job: _StartJob, h_last: torch.Tensor) -> None:
         s, voice = job.session, job.voice
@@ -788,9 +917,7 @@ class Engine:
         if voice is None:
             raise self._unknown_voice(s.voice) if s.voice is not None else UnknownVoice(
                 "no voice chosen for this session: register one and select it first")
-        self._close_turn(s)
-        if len(s.messages) < 2 and forced_text is None:
-            raise EngineError("nothing to respond to: add the user's audio or text first")
+        self._close_turn(s)  # with no user input at all, the model answers the instructions alone (a greeting)
         ids = self._prompt(s)
         forced = None
         if forced_text is not None:
@@ -889,13 +1016,41 @@ class Engine:
         resp._emit(resp.done)
 
 
-@dataclass
+@dataclass(eq=False)
 class _PendingAudio:
     """A finished user audio part whose windows are still being encoded (``None`` entries)."""
 
     feats: torch.Tensor
     outs: list[torch.Tensor | None]
     tokens: int
+    embeds: torch.Tensor | None = None
+
+
+# What the reasoner is asked to transcribe user audio (Qwen2.5-Omni transcribes when asked like this).
+ASR_MESSAGES = [
+    {"role": "system", "content": [{"type": "text", "text": "You are a speech recognition model."}]},
+    {"role": "user", "content": [{"type": "audio"},
+                                 {"type": "text", "text": "Transcribe the audio into text, exactly as spoken."}]},
+]
+
+
+def _asr_max_tokens(seconds: float, asked: int | None) -> int:
+    if asked is not None:
+        if asked < 1:
+            raise EngineError(f"max_tokens must be >= 1, got {asked}")
+        return asked
+    return int(seconds * 8) + 16   # speech is about 3 words a second; generous for tokens and languages
+
+
+@dataclass(eq=False)
+class _AsrJob:
+    out: Transcription
+    session: Session | None
+    audio: torch.Tensor | _PendingAudio
+    max_tokens: int
+    ids: list[int] | None = None
+    embeds: torch.Tensor | None = None
+    done: int = 0
 
 
 @dataclass(eq=False)
@@ -918,5 +1073,5 @@ def _reraise(e: BaseException) -> None:
     raise e
 
 
-__all__ = ["Engine", "Session", "Response", "TextDelta", "AudioChunk", "ResponseDone", "Voice", "EngineError",
-           "UnknownVoice", "SessionLimit", "ContextFull"]
+__all__ = ["Engine", "Session", "Response", "Transcription", "TranscriptionDone", "TextDelta", "AudioChunk",
+           "ResponseDone", "Voice", "EngineError", "UnknownVoice", "SessionLimit", "ContextFull"]
