@@ -408,3 +408,22 @@ def test_a_committed_turn_is_transcribed_from_its_own_audio_while_the_response_s
     assert transcript.result().tokens == engine.transcribe(wav, 16000, max_tokens=12).result().tokens
     with pytest.raises(EngineError, match="no audio part"):
         s.transcribe(part=5)
+
+
+def test_editing_the_history_is_what_the_reasoner_reads_next(chroma, engine):
+    s = engine.create_session("ref")
+    s.append_audio(user_audio(50), 16000)
+    s.add_text("and this")
+    d1, _, _ = run(s.respond())
+    s.delete_message(1)                       # the spoken turn and its audio go
+    s.insert_message(1, "user", "What is two plus two?")
+    s.add_text("Answer briefly.")
+    d2, _, _ = run(s.respond())
+    msgs = [system(), {"role": "user", "content": [{"type": "text", "text": "What is two plus two?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": d1.text}]},
+            {"role": "user", "content": [{"type": "text", "text": "Answer briefly."}]}]
+    assert s.history[:-1] == msgs and s.audio_embeds == []
+    ref, _ = reference(chroma, engine.voices["ref"].prompt, msgs, [])
+    assert torch.equal(d2.codes, ref.codes)
+    with pytest.raises(EngineError, match="between 1 and"):
+        s.delete_message(0)

@@ -274,6 +274,20 @@ class Session:
         else:
             self.engine._call(self.engine._add_message, self, role, text)
 
+    def insert_message(self, index: int, role: str, text: str) -> None:
+        """Put a whole text message at position ``index`` of the history (1 = right after the system prompt):
+        how a client edits its conversation. The reasoner re-reads the history from there."""
+        if role not in ("user", "assistant", "system"):
+            raise EngineError(f"unknown role {role!r}: expected user, assistant or system")
+        if not isinstance(text, str) or not text.strip():
+            raise EngineError(f"the {role} text is empty")
+        self.engine._check_text_size(text, f"the {role} text")
+        self.engine._call(self.engine._insert_message, self, index, role, text)
+
+    def delete_message(self, index: int) -> None:
+        """Remove message ``index`` (>= 1; the system prompt stays) and its audio from the history."""
+        self.engine._call(self.engine._delete_message, self, index)
+
     def truncate_response(self, audio_ms: float) -> str:
         """Keep in the history only the words of the last response spoken in its first ``audio_ms`` ms.
 
@@ -872,6 +886,26 @@ class Engine:
             raise EngineError(f"session {s.id} is responding; wait for the response or cancel it first")
         self._close_turn(s)
         s.messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+
+    def _editable(self, s: Session, index: int, end: int) -> None:
+        self._check_open(s)
+        if s.slot in self._responses:
+            raise EngineError(f"session {s.id} is responding; wait for the response or cancel it first")
+        if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= end:
+            raise EngineError(f"message index must be between 1 and {end} (0 is the system prompt), got {index!r}")
+
+    def _insert_message(self, s: Session, index: int, role: str, text: str) -> None:
+        self._close_turn(s)
+        self._editable(s, index, len(s.messages))
+        s.messages.insert(index, {"role": role, "content": [{"type": "text", "text": text}]})
+
+    def _delete_message(self, s: Session, index: int) -> None:
+        self._close_turn(s)
+        self._editable(s, index, len(s.messages) - 1)
+        before = sum(1 for m in s.messages[:index] for part in m["content"] if part.get("type") == "audio")
+        n = sum(1 for part in s.messages[index]["content"] if part.get("type") == "audio")
+        del s.audio_embeds[before:before + n]
+        del s.messages[index]
 
     def _truncate_response(self, s: Session, audio_ms: float) -> str:
         self._check_open(s)
