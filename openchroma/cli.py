@@ -25,16 +25,6 @@ def _add_compile_arg(p: argparse.ArgumentParser) -> None:
                         "captured as CUDA graphs)")
 
 
-def _warmup(stepper, quiet: bool = False, greedy_only: bool = False) -> None:
-    """Compile/capture the frame step's variants now, with a progress bar."""
-    from tqdm import tqdm
-
-    keys = [k for k in stepper.variants() if not greedy_only or k[0] == "think" or k[3]]
-    bar = tqdm(total=len(keys), desc="Compiling the frame step", unit="graph", disable=quiet)
-    stepper.warmup(lambda done, total: bar.update(done - bar.n), keys=keys)
-    bar.close()
-
-
 def _peak_rss_mib() -> float:
     import resource
 
@@ -73,8 +63,9 @@ def cmd_conformance(args: argparse.Namespace) -> int:
         load_case(c)
     lm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
     runner = case_runner(lm, args.case, compile=args.compile)
-    if runner.stepper.compile or runner.stepper.cuda_graphs:
-        _warmup(runner.stepper, quiet=args.json, greedy_only=True)
+    if runner.stepper.compile:  # the variants greedy cases use, compiled before the first case
+        greedy = [k for k in runner.stepper.variants() if k[0] == "think" or k[3]]
+        runner.stepper.warmup(progress=not args.json, keys=greedy)
     reports = [run_case(lm, c, runner) for c in args.case]
     if args.json:
         out = [r.to_dict() for r in reports]

@@ -264,11 +264,7 @@ class Session:
 
     def add_message(self, role: str, text: str) -> None:
         """Add a whole text message from ``user``, ``assistant`` or ``system`` to the history."""
-        if role not in ("user", "assistant", "system"):
-            raise EngineError(f"unknown role {role!r}: expected user, assistant or system")
-        if not isinstance(text, str) or not text.strip():
-            raise EngineError(f"the {role} text is empty")
-        self.engine._check_text_size(text, f"the {role} text")
+        self.engine._check_message(role, text)
         if role == "user":
             self.add_text(text)
         else:
@@ -277,11 +273,7 @@ class Session:
     def insert_message(self, index: int, role: str, text: str) -> None:
         """Put a whole text message at position ``index`` of the history (1 = right after the system prompt):
         how a client edits its conversation. The reasoner re-reads the history from there."""
-        if role not in ("user", "assistant", "system"):
-            raise EngineError(f"unknown role {role!r}: expected user, assistant or system")
-        if not isinstance(text, str) or not text.strip():
-            raise EngineError(f"the {role} text is empty")
-        self.engine._check_text_size(text, f"the {role} text")
+        self.engine._check_message(role, text)
         self.engine._call(self.engine._insert_message, self, index, role, text)
 
     def delete_message(self, index: int) -> None:
@@ -359,7 +351,7 @@ class Engine:
         self.stepper = Stepper(self.model, max_sessions, max_context, backbone_budget(voice_len, max_response_frames),
                                lookahead, compile=compile, cuda_graphs=cuda_graphs)
         if compile or self.stepper.cuda_graphs:
-            self._compile(progress)
+            self.stepper.warmup(progress)
         self.voices: dict[str, Voice] = {}
         self.sessions: dict[int, Session] = {}
         self._slot_session: dict[int, Session] = {}
@@ -382,21 +374,6 @@ class Engine:
     def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
         lm = load(model, device=device, dtype=dtype, progress=progress)
         return cls(_Loaded(lm, ChatTokenizer.from_dir(lm.path)), progress=progress, **kw)
-
-    def _compile(self, progress: bool) -> None:
-        """Compile and/or capture every variant of the frame step before the first session."""
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(self.stepper.variants()), desc="Compiling the frame step", unit="graph",
-                   disable=not progress)
-
-        def advance(done: int, total: int) -> None:
-            bar.update(done - bar.n)
-
-        try:
-            self.stepper.warmup(advance)
-        finally:
-            bar.close()
 
     @property
     def sample_rate(self) -> int:
@@ -736,6 +713,13 @@ class Engine:
     def _insert_voice(self, voice: Voice) -> Voice:
         self.voices[voice.name] = voice
         return voice
+
+    def _check_message(self, role: str, text: str) -> None:
+        if role not in ("user", "assistant", "system"):
+            raise EngineError(f"unknown role {role!r}: expected user, assistant or system")
+        if not isinstance(text, str) or not text.strip():
+            raise EngineError(f"the {role} text is empty")
+        self._check_text_size(text, f"the {role} text")
 
     def _check_text_size(self, text: str, what: str) -> None:
         """Refuse text that cannot fit the context before anyone tokenizes it (a token is at least a byte of

@@ -222,20 +222,20 @@ class Stepper:
         return graph.replay
 
     @torch.inference_mode()
-    def warmup(self, progress: Callable[[int, int], None] | None = None, keys: Sequence[tuple] | None = None) -> None:
+    def warmup(self, progress: bool = False, keys: Sequence[tuple] | None = None) -> None:
         """Compile (and capture) every variant (or ``keys``) now, with no response running, so none is built
-        mid-stream. ``progress(done, total)`` is called after each."""
+        mid-stream; ``progress`` shows a bar."""
+        from tqdm import tqdm
+
         if self.rows:
             raise RuntimeError("warmup() needs an idle stepper")
         keys = [k for k in (keys or self.variants()) if k not in self._fns]
         self._ni[:] = self._idle
         self._nf[:] = 0
         self._send_inputs()
-        for i, key in enumerate(keys):
+        for key in tqdm(keys, desc="Compiling the frame step", unit="graph", disable=not progress):
             self._fns[key] = self._build(key)
             self._fns[key]()
-            if progress is not None:
-                progress(i + 1, len(keys))
         # Warm-up ran on idle rows: it wrote only scratch cache slots, but Mimi's state and the codes moved.
         self.mimi_state.reset()
         self.last_codes.zero_()
