@@ -41,3 +41,41 @@ def test_bench_writes_json_markdown_and_plot(tiny_random_dir, tmp_path, capsys):
     assert "| sessions | TTFT p50" in md and "\n| 2 |" in md
     printed = capsys.readouterr().out
     assert "| sessions | TTFT p50" in printed
+    # where each step's time goes, per level
+    for lv in res["levels"]:
+        stages = lv["stages_ms"]
+        assert {"reasoner", "backbone", "decoder", "mimi", "host"} <= set(stages)
+        assert all(v >= 0 for v in stages.values())
+    assert "Where a step's time goes" in md
+
+
+def test_bench_per_frame_alone_eager_and_compiled(tiny_random_dir, tmp_path):
+    """The one-response per-frame time (long minus short), eager and traced through dynamo (no codegen here:
+    the inductor path is covered by the compiled conformance test)."""
+    from openchroma.pipeline import Chroma
+    from openchroma.tools.bench import per_frame
+
+    chroma = Chroma.from_pretrained(tiny_random_dir, device="cpu", progress=False)
+    for compile in (False, "eager"):
+        r = per_frame(chroma, 4, 10, compile=compile)
+        assert r["long_frames"] == 10 and r["ms_per_frame"] > 0 and r["long_seconds"] > 0
+        assert set(r["stages_ms_long_run"]) >= {"reasoner", "host"}
+    out = tmp_path / "pf"
+    assert main(["bench", "--model", str(tiny_random_dir), "--sessions", "0", "--per-frame", "4,8",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "bench.json").read_text())
+    assert "levels" not in res and res["per_frame"][0]["compile"] is False
+    assert "ms per frame" in (out / "bench.md").read_text()
+    assert main(["bench", "--model", str(tiny_random_dir), "--per-frame", "8,4", "--out", str(out)]) == 2
+
+
+def test_init_random_takes_sizes_from_a_config_file(fixture_dir, tmp_path, capsys):
+    out = tmp_path / "from-config"
+    assert main(["init-random", "--config", str(fixture_dir / "config.json"), "--out", str(out)]) == 0
+    from openchroma.loading import load
+
+    lm = load(out, device="cpu", progress=False)
+    ref = load(fixture_dir, device="cpu", progress=False)
+    assert lm.num_parameters == ref.num_parameters
+    assert main(["init-random", "--config", str(tmp_path / "missing.json"), "--out", str(out)]) == 1
+    assert "no such config file" in capsys.readouterr().err

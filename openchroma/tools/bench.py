@@ -285,7 +285,9 @@ def per_frame(chroma: Chroma, short: int = 24, long: int = 200, compile: bool = 
                                      long, compile=compile)
     feats = feats.to(chroma.lm.device)
     t0 = time.perf_counter()
-    if warmup:  # compiles (if asked) and warms caches; not timed
+    if compile:  # every variant a greedy response uses, compiled before anything is timed
+        runner.stepper.warmup(keys=[k for k in runner.stepper.variants() if k[0] == "think" or k[3]])
+    if warmup:  # warms caches and allocators; not timed
         runner.run(ids, voice, feats, max_new_frames=short, decode_audio=False)
     compile_s = time.perf_counter() - t0
     seconds = {}
