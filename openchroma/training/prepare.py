@@ -114,8 +114,8 @@ class Preparer:
                                            f"than its context of {cfg.thinker.max_position_embeddings}")
         hidden = thinker_response_hidden(m, torch.tensor(prompt), torch.tensor(response_ids), audio_embeds)
         return {
-            "voice_text_ids": voice.text_ids.to(torch.int64).cpu(),
-            "voice_codes": voice.codes.to(torch.int64).cpu(),
+            "voice_text_ids": voice.text_ids.to(torch.int64).cpu().contiguous(),
+            "voice_codes": voice.codes.to(torch.int64).cpu().contiguous(),
             "hidden": hidden.float().cpu().contiguous(),
             "text_ids": torch.tensor(response_ids, dtype=torch.int64),
             "codes": codes.to(torch.int64).cpu().contiguous(),

@@ -24,7 +24,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -82,7 +82,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     tensorboard: bool = True
     progress: bool = True
-    max_examples_per_step: int | None = field(default=None, repr=False)
+    stop_after: int | None = None
 
     def check(self) -> None:
         if self.steps < 1:
@@ -479,9 +479,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                             writer.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, done)
             bar.set_postfix(loss=f"{record['loss']:.3f}", c0=f"{loss_c0:.3f}", c1_7=f"{loss_rest:.3f}")
             bar.update()
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            stopping = cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps
+            if done < cfg.steps and (stopping or cfg.save_every and done % cfg.save_every == 0):
                 save_training_checkpoint(out, done, model, opt, sched, cfg)
         d.barrier()
+        if cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps:
+            bar.close()
+            if d.main:
+                log(f"stopped after step {done} as asked (--stop-after); run again with the same --out to resume")
+            summary["stopped"] = True
+            _finish(d)
+            return summary
     bar.close()
     if writer is not None:
         writer.close()
@@ -495,7 +503,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         write_checkpoint(lm.path, model, out, tuple(f"{p}." for p in TRAINABLE_PARTS))
         summary["output"] = str(out)
     d.barrier()
+    _finish(d)
     return summary
+
+
+def _finish(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _rebase(frames: list[int], subsets: list[torch.Tensor]) -> torch.Tensor:
