@@ -210,6 +210,19 @@ def _add_prepare_args(p: argparse.ArgumentParser) -> None:
                    help="longest response audio accepted; longer rows are bad rows (default 60)")
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .training.synth import SynthConfig, synth
+
+    cfg = SynthConfig(
+        questions=args.questions, voices=args.voices, out=args.out, model=args.model, device=args.device,
+        dtype=args.dtype, llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_api_key=args.llm_api_key,
+        tts_base_url=args.tts_base_url, tts_model=args.tts_model, tts_api_key=args.tts_api_key,
+        system_prompt=args.system_prompt, max_answer_tokens=args.max_answer_tokens, max_seconds=args.max_seconds,
+        user_audio=not args.text_questions, concurrency=args.concurrency, retries=args.retries)
+    print(json.dumps(synth(cfg)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openchroma",
@@ -319,6 +332,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("synth", help="make training data: questions -> answers (LLM) -> speech in your voices (TTS)",
+                       description="The paper's synthetic-data pipeline. Stage 1: each question (a text file, one "
+                                   "a line, or JSONL with 'question') is answered by Chroma's own Reasoner (text "
+                                   "only, the default; needs --model) or by an OpenAI-compatible chat endpoint "
+                                   "(--llm-base-url, --llm-model). Stage 2: each answer is spoken in a voice from "
+                                   "--voices (NAME.wav + NAME.txt transcript; voices are used in turn) by an "
+                                   "OpenAI-compatible /v1/audio/speech endpoint (--tts-base-url; the voice is sent "
+                                   "by NAME) or, by default, by OpenChroma's forced-text speech in-process; the "
+                                   "question is spoken too, in the next voice, as the user's audio. Writes "
+                                   "OUT/manifest.jsonl for `openchroma prepare`/`train`. Concurrent, with retries; "
+                                   "rerun the same command to resume or retry failures.")
+    p.add_argument("--questions", required=True, help="questions file (.txt one a line, or .jsonl)")
+    p.add_argument("--voices", required=True, help="directory of NAME.wav + NAME.txt reference recordings")
+    p.add_argument("--out", required=True, help="output directory (audio, answers.jsonl, manifest.jsonl)")
+    p.add_argument("--model", default=None, help="Chroma checkpoint for the in-process Reasoner and speech "
+                                                 "(needed unless both endpoints are given)")
+    p.add_argument("--device", default=None, help="device of the in-process model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible base URL for answers, e.g. "
+                                                        "http://localhost:8001/v1")
+    p.add_argument("--llm-model", default=None, help="model name for --llm-base-url")
+    p.add_argument("--llm-api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    p.add_argument("--tts-base-url", default=None, help="OpenAI-compatible base URL for /audio/speech")
+    p.add_argument("--tts-model", default="tts-1", help="model name for --tts-base-url (default tts-1)")
+    p.add_argument("--tts-api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    p.add_argument("--system-prompt", default=None, help="system prompt for the answers")
+    p.add_argument("--max-answer-tokens", type=int, default=128, help="longest answer, tokens (default 128)")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="longest spoken answer (default 30)")
+    p.add_argument("--text-questions", action="store_true",
+                   help="keep questions as user_text instead of speaking them as user_audio")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed request (default 3)")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("info", help="load a checkpoint and print its size, load time and peak memory")
     _add_model_args(p)
