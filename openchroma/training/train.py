@@ -372,7 +372,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
                          f"({d.world} x {cfg.grad_accum})")
 
-    lm = load(cfg.model, device=device, dtype=cfg.dtype, progress=cfg.progress and d.main)
+    # Load on the CPU: the reasoner's layers are only needed to prepare a manifest, then leave before the
+    # trained parts move to the device (the 3B reasoner never occupies GPU memory with prepared data).
+    needs_prepare = not (Path(cfg.data) / PREPARED_INDEX).is_file()
+    lm = load(cfg.model, device=device if needs_prepare else "cpu", dtype=cfg.dtype,
+              progress=cfg.progress and d.main)
     model = lm.model
     data_dir = _resolve_data(cfg, lm, d)
     ds = PreparedDataset(data_dir)
@@ -380,6 +384,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         raise ValueError(f"{data_dir}: prepared with a reasoner of hidden size {ds.hidden_size}, the model's is "
                          f"{lm.config.thinker.hidden_size} (prepare again with this --model)")
     drop_reasoner(model)
+    model.to(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     trainable = setup_trainable(model, cfg)
@@ -468,6 +473,9 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             record.update(evaluate(trainee, ds, eval_ids, eos, device, cfg))
         elapsed = time.perf_counter() - t_start
         record["examples_per_s"] = examples_done / elapsed if elapsed > 0 else None
+        record["elapsed_s"] = elapsed
+        if device.type == "cuda":
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         summary = record
         if d.main:
             if done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in record:
