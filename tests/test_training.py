@@ -70,9 +70,9 @@ def test_overfit_then_generation_reproduces_targets(data2, tiny_random_dir, tmp_
     fine-tuned checkpoint reproduces the training target's codes (and stops with end-of-audio)."""
     manifest, prepared = data2
     out = tmp_path / "full"
-    _train(tiny_random_dir, prepared, out, "--steps", "100", "--lr", "1e-2", "--warmup", "10", "--batch-size", "2")
+    _train(tiny_random_dir, prepared, out, "--steps", "150", "--lr", "1e-2", "--warmup", "10", "--batch-size", "2")
     m = _metrics(out)
-    assert [r["step"] for r in m] == list(range(1, 101))
+    assert [r["step"] for r in m] == list(range(1, 151))
     assert {"loss", "loss_c0", "loss_c1_7"} <= set(m[0])
     assert m[-1]["loss"] <= 0.1 * m[0]["loss"], (m[0]["loss"], m[-1]["loss"])
 
@@ -145,11 +145,13 @@ def test_reasoner_gets_no_gradient(data2, tiny_random_dir):
 
 def test_resume_equals_uninterrupted(data4, tiny_random_dir, tmp_path):
     args = ["--steps", "6", "--lr", "3e-3", "--warmup", "2", "--batch-size", "2", "--lora", "--lora-rank", "4",
-            "--decoder-fraction", "0.5"]
+            "--decoder-fraction", "0.5", "--holdout", "1", "--eval-every", "2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     _train(tiny_random_dir, data4, whole, *args)
     _train(tiny_random_dir, data4, parts, *args, "--stop-after", "3")
     assert [r["step"] for r in _metrics(parts)] == [1, 2, 3]
+    evals = [r for r in _metrics(whole) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4, 6] and evals[-1]["eval_loss"] > 0
     _train(tiny_random_dir, data4, parts, *args)
     strip = [{k: v for k, v in r.items() if k not in ("examples_per_s", "elapsed_s")} for r in _metrics(whole)]
     assert [{k: v for k, v in r.items() if k not in ("examples_per_s", "elapsed_s")} for r in _metrics(parts)] == strip
@@ -223,3 +225,26 @@ def test_every_bad_row_is_named(tmp_path, tiny_random_dir, capsys):
     assert json.loads(captured.strip().splitlines()[-1]) == {"out": str(tmp_path / "skip"), "examples": 1,
                                                               "skipped": len(cases)}
     assert len(PreparedDataset(tmp_path / "skip")) == 1
+
+
+def test_prepare_resumes_after_interruption(tmp_path, tiny_random_dir):
+    manifest = write_dataset(tmp_path, rows=3, response_seconds=0.8)
+    out = tmp_path / "prepared"
+    args = ["prepare", "--model", str(tiny_random_dir), "--data", str(manifest), "--out", str(out), "--shard-size", "1"]
+    assert main(args) == 0
+    whole = PreparedDataset(out)
+    reference = [whole.tensors(i) for i in range(3)]
+    # Interrupted before the last shard was written and the index was closed:
+    meta = json.loads((out / "prepared.json").read_text())
+    (out / "shard-00002.safetensors").unlink()
+    meta["complete"] = False
+    (out / "prepared.json").write_text(json.dumps(meta))
+    kept = (out / "shard-00000.safetensors").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="did not finish"):
+        PreparedDataset(out)
+    assert main(args) == 0
+    assert (out / "shard-00000.safetensors").stat().st_mtime_ns == kept
+    again = PreparedDataset(out)
+    assert len(again) == 3
+    for i in range(3):
+        assert all(torch.equal(again.tensors(i)[k], reference[i][k]) for k in reference[i])

@@ -75,6 +75,13 @@ def test_synth_prepare_train_lora_load_serve(tmp_path, tiny_random_dir):
     if FIXTURE_CONFIG.is_file():
         assert _missing_keys(json.loads(FIXTURE_CONFIG.read_text()), config) == []
     assert "vision_config" in config["thinker_config"]
+    # As transformers' Qwen2.5-Omni thinker config reads it (the published code builds its thinker from it):
+    # without vision_config it would default to a 3584-wide vision tower and lack the vision token ids.
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    thinker = Qwen2_5OmniThinkerConfig(**config["thinker_config"])
+    assert thinker.vision_config.out_hidden_size == config["thinker_config"]["text_config"]["hidden_size"]
+    assert thinker.vision_start_token_id == 151652 and thinker.vision_token_id == 151654
     assert main(["info", "--model", str(out), "--device", "cpu"]) == 0
     chroma = openchroma.Chroma.from_pretrained(out, device="cpu", progress=False)
     voice = chroma.voice(voices / "anna.wav", TRANSCRIPT)
