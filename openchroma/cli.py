@@ -197,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         decoder_loss_weight=args.decoder_loss_weight, holdout=args.holdout, eval_every=args.eval_every,
         log_every=args.log_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         resume=not args.no_resume, seed=args.seed, device=args.device, dtype=args.dtype, bf16=not args.no_bf16,
-        gradient_checkpointing=args.gradient_checkpointing, tensorboard=not args.no_tensorboard,
+        gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, tensorboard=not args.no_tensorboard,
         progress=not args.no_progress, stop_after=args.stop_after)
     summary = train(cfg)
     if summary.get("output"):
@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of data order, LoRA init, amortisation (default 0)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, ~30%% slower)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard full fine-tuning's weights, gradients and optimizer state over the "
+                        "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one GPU")
     p.add_argument("--no-bf16", action="store_true", help="on CUDA, do not autocast to bfloat16")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

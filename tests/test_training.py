@@ -159,26 +159,50 @@ def test_resume_equals_uninterrupted(data4, tiny_random_dir, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_two_gloo_processes_equal_one(data4, tiny_random_dir, tmp_path):
-    args = ["--steps", "4", "--lr", "3e-3", "--batch-size", "4", "--grad-accum", "1", "--no-progress",
-            "--no-tensorboard"]
-    one = tmp_path / "one"
-    _train(tiny_random_dir, data4, one, *args)
-    two = tmp_path / "two"
+def _torchrun(model: Path, data: Path, out: Path, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "openchroma", "train", "--model", str(tiny_random_dir), "--data", str(data4), "--out", str(two),
-           "--device", "cpu", *args]
+           "openchroma", "train", "--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu",
+           *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _same_run(one: Path, two: Path) -> None:
     m1, m2 = _metrics(one), _metrics(two)
     assert len(m1) == len(m2) == 4
     for r1, r2 in zip(m1, m2, strict=True):
         for k in ("loss", "loss_c0", "loss_c1_7"):
             assert abs(r1[k] - r2[k]) <= 1e-5, (r1["step"], k, r1[k], r2[k])
     a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data4, tiny_random_dir, tmp_path_factory) -> Path:
+    one = tmp_path_factory.mktemp("one")
+    _train(tiny_random_dir, data4, one, *DIST_ARGS)
+    return one
+
+
+DIST_ARGS = ["--steps", "4", "--lr", "3e-3", "--batch-size", "4", "--no-progress", "--no-tensorboard"]
+
+
+def test_ddp_two_gloo_processes_equal_one(one_process_run, data4, tiny_random_dir, tmp_path):
+    two = tmp_path / "two"
+    _torchrun(tiny_random_dir, data4, two, *DIST_ARGS)
+    _same_run(one_process_run, two)
+
+
+def test_fsdp_two_gloo_processes_equal_one_and_resume(one_process_run, data4, tiny_random_dir, tmp_path):
+    """FSDP2 (full fine-tuning sharded over 2 gloo processes), interrupted after step 2 and resumed."""
+    two = tmp_path / "fsdp"
+    _torchrun(tiny_random_dir, data4, two, *DIST_ARGS, "--fsdp", "--stop-after", "2")
+    assert [r["step"] for r in _metrics(two)] == [1, 2]
+    _torchrun(tiny_random_dir, data4, two, *DIST_ARGS, "--fsdp")
+    _same_run(one_process_run, two)
 
 
 # ----- bad rows ----------------------------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class TrainConfig:
     dtype: str = "float32"
     bf16: bool = True
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     tensorboard: bool = True
     progress: bool = True
     stop_after: int | None = None
@@ -97,6 +98,8 @@ class TrainConfig:
                              f"{','.join(self.train) or 'nothing'}")
         if not 0 < self.decoder_fraction <= 1:
             raise ValueError(f"--decoder-fraction must be in (0, 1], got {self.decoder_fraction}")
+        if self.fsdp and self.lora:
+            raise ValueError("--fsdp shards full fine-tuning; LoRA trains few weights: leave --fsdp out (DDP)")
         if self.warmup < 0 or self.warmup >= self.steps and self.warmup:
             raise ValueError(f"--warmup must be in [0, --steps), got {self.warmup}")
 
@@ -148,10 +151,12 @@ def init_distributed(device: str | None) -> tuple[Dist, torch.device]:
 # ----------------------------------------------------------------------------------------------------------
 
 def drop_reasoner(model: ChromaModel) -> None:
-    """Free the reasoner's layers and audio tower: training reads its precomputed features and only needs its
-    token embedding table (frozen). The saved checkpoint takes the reasoner's tensors from the base files."""
+    """Free the reasoner's layers and audio tower, and the codec: training reads precomputed features and codes
+    and only needs the reasoner's token embedding table (frozen). The saved checkpoint takes those tensors
+    from the base files."""
     model.thinker.model.layers = nn.ModuleList()
     model.thinker.audio_tower = nn.Module()
+    model.codec_model = nn.Module()
 
 
 def lora_target_regex(parts: tuple[str, ...], targets: tuple[str, ...]) -> str:
@@ -276,13 +281,38 @@ def _trainable_state(model: ChromaModel) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_training_checkpoint(out: Path, step: int, model: ChromaModel, opt, sched, cfg: TrainConfig) -> Path:
+def gather_trainable(model: ChromaModel, trainee: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
+    """The trained tensors by name; with FSDP a collective (every process calls it, the first gets them)."""
+    if not fsdp:
+        return _trainable_state(model)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in gather_model_state(trainee).items() if k in names}
+
+
+def gather_model_state(trainee: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) state dict of an FSDP-sharded trainee on the first process, published names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v.contiguous() for k, v in full.items()}
+
+
+def optimizer_state(trainee: nn.Module, opt, fsdp: bool) -> dict:
+    if not fsdp:
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(trainee, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_training_checkpoint(out: Path, step: int, weights: dict[str, torch.Tensor], opt_state: dict, sched,
+                             cfg: TrainConfig) -> Path:
     ck = out / "checkpoints" / f"step-{step:07d}"
     tmp = ck.with_name(ck.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=1))
     shutil.rmtree(ck, ignore_errors=True)
@@ -309,13 +339,12 @@ def _jsonable(cfg: TrainConfig) -> dict:
 WEIGHT_SUFFIXES = (".safetensors",)
 
 
-def write_checkpoint(base: Path, model: ChromaModel, out: Path, trained_prefixes: tuple[str, ...]) -> None:
-    """``out`` = ``base`` with every tensor under ``trained_prefixes`` replaced by the model's (same files,
+def write_checkpoint(base: Path, state: dict[str, torch.Tensor], out: Path, trained_prefixes: tuple[str, ...]) -> None:
+    """``out`` = ``base`` with every tensor under ``trained_prefixes`` replaced by ``state``'s (same files,
     same names, same ties and index), plus the base's tokenizer and other files; a complete config."""
     from ..tools.init_random import complete_config
 
     out.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
     files = checkpoint_files(base)
     for file in sorted(set(files.values())):
         tensors = {}
@@ -394,7 +423,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             enable_checkpointing(getattr(model, part).model)
     trainee = Trainee(model)
     wrapped: nn.Module = trainee
-    if d.world > 1:
+    if cfg.fsdp:
+        if d.world < 2:
+            raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
+        from torch.distributed.fsdp import fully_shard
+
+        # FSDP2: each transformer layer of the trained parts is a unit, the rest (heads, embeddings) the root.
+        for part in cfg.train:
+            for layer in getattr(model, part).model.layers:
+                fully_shard(layer)
+        fully_shard(trainee)
+    elif d.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(trainee)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
@@ -410,12 +449,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         if missing:
             raise ValueError(f"{ck}: checkpoint lacks {sorted(missing)[0]!r}: it was made with other --lora/--train "
                              "settings (use another --out or --no-resume)")
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for k, v in weights.items():
-                named[k].copy_(v)
         extra = torch.load(ck / "optimizer.pt", weights_only=False)
-        opt.load_state_dict(extra["optimizer"])
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            full = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(trainee, {f"model.{k}": v.to(device) for k, v in weights.items()}, options=full)
+            set_optimizer_state_dict(trainee, opt, extra["optimizer"], options=full)
+        else:
+            with torch.no_grad():
+                named = dict(model.named_parameters())
+                for k, v in weights.items():
+                    named[k].copy_(v)
+            opt.load_state_dict(extra["optimizer"])
         sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["torch_rng"])
         random.setstate(extra["python_rng"])
@@ -449,16 +499,21 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             mine = list(range(lo, lo + per_micro))
             exs = [ds.example(batch[i], eos, device) for i in mine]
             sel = _rebase([frames[i] for i in mine], [subsets[i] for i in mine]).to(device)
-            sync = d.world > 1 and micro < cfg.grad_accum - 1
-            with (wrapped.no_sync() if sync else contextlib.nullcontext()), autocast:
+            skip_sync = d.world > 1 and micro < cfg.grad_accum - 1
+            if cfg.fsdp:
+                trainee.set_requires_gradient_sync(not skip_sync)
+            no_sync = wrapped.no_sync() if skip_sync and not cfg.fsdp else contextlib.nullcontext()
+            with no_sync, autocast:
                 sum_c0, sum_rest = wrapped(exs, sel)
                 # Normalise by the global batch's counts; DDP averages gradients over processes, so scale back.
                 loss = (sum_c0 / n_c0 + cfg.decoder_loss_weight * sum_rest / n_rest) * d.world
             loss.backward()
             sums[0] += float(sum_c0.detach())
             sums[1] += float(sum_rest.detach())
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 \
-            else float("nan")
+        grad_norm = float("nan")
+        if cfg.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -487,9 +542,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
                             writer.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, done)
             bar.set_postfix(loss=f"{record['loss']:.3f}", c0=f"{loss_c0:.3f}", c1_7=f"{loss_rest:.3f}")
             bar.update()
-            stopping = cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps
-            if done < cfg.steps and (stopping or cfg.save_every and done % cfg.save_every == 0):
-                save_training_checkpoint(out, done, model, opt, sched, cfg)
+        stopping = cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps
+        if done < cfg.steps and (stopping or cfg.save_every and done % cfg.save_every == 0):
+            weights, opt_state = gather_trainable(model, trainee, cfg.fsdp), optimizer_state(trainee, opt, cfg.fsdp)
+            if d.main:
+                save_training_checkpoint(out, done, weights, opt_state, sched, cfg)
         d.barrier()
         if cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps:
             bar.close()
@@ -501,14 +558,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     bar.close()
     if writer is not None:
         writer.close()
+    if start < cfg.steps:
+        weights, opt_state = gather_trainable(model, trainee, cfg.fsdp), optimizer_state(trainee, opt, cfg.fsdp)
+        if d.main:
+            save_training_checkpoint(out, cfg.steps, weights, opt_state, sched, cfg)
+    final = gather_model_state(trainee) if cfg.fsdp else None
     if d.main:
-        if start < cfg.steps:
-            save_training_checkpoint(out, cfg.steps, model, opt, sched, cfg)
         if cfg.lora:
             if cfg.save_adapter:
                 save_adapter(model, out / "adapter")
             merge_lora(model)
-        write_checkpoint(lm.path, model, out, tuple(f"{p}." for p in TRAINABLE_PARTS))
+        write_checkpoint(lm.path, final if final is not None else model.state_dict(), out,
+                         tuple(f"{p}." for p in TRAINABLE_PARTS))
         summary["output"] = str(out)
     d.barrier()
     _finish(d)
