@@ -115,3 +115,24 @@ def test_batched_and_checkpointed_forward_match_single(tiny_random_dir):
     again, grad2 = loss_and_grad()
     torch.testing.assert_close(again.c0, batched.c0)
     torch.testing.assert_close(grad2, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_forward_and_backward(tiny_random_dir):
+    """The training forward under bfloat16 autocast (what `train` uses on CUDA; here on the CPU)."""
+    from openchroma.loading import load
+    from openchroma.training.train import Trainee
+
+    model = load(tiny_random_dir, device="cpu", progress=False).model
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(2)
+    ex = ResponseExample(torch.randint(0, 700, (3,), generator=g),
+                         torch.randint(0, 2048, (2, cfg.audio_num_codebooks), generator=g),
+                         torch.randn(3, cfg.thinker.hidden_size, generator=g), torch.randint(0, 700, (3,), generator=g),
+                         torch.randint(0, 2048, (6, cfg.audio_num_codebooks), generator=g))
+    full = Trainee(model)([ex], torch.arange(6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = Trainee(model)([ex], torch.arange(6))
+    for a, b in zip(full, half, strict=True):
+        torch.testing.assert_close(b.float(), a, rtol=2e-2, atol=0)
+    (half[0] + half[1]).backward()
+    assert model.backbone.codebook0_head.weight.grad.dtype == torch.float32

@@ -33,8 +33,13 @@ class _FreshCache:
     def __init__(self, transformer: Transformer, batch: int, length: int, like: torch.Tensor):
         cfg = transformer.cfg
         shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-        self.k = [_mark_fresh(torch.zeros(shape, dtype=like.dtype, device=like.device)) for _ in range(cfg.num_layers)]
-        self.v = [_mark_fresh(torch.zeros(shape, dtype=like.dtype, device=like.device)) for _ in range(cfg.num_layers)]
+        # Under autocast the projections come out in the autocast dtype; keys then meet the rope tables (in the
+        # activations' dtype), which promotes them, values do not.
+        dev = like.device.type
+        proj = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else like.dtype
+        k_dtype, v_dtype = torch.promote_types(proj, like.dtype), proj
+        self.k = [_mark_fresh(torch.zeros(shape, dtype=k_dtype, device=like.device)) for _ in range(cfg.num_layers)]
+        self.v = [_mark_fresh(torch.zeros(shape, dtype=v_dtype, device=like.device)) for _ in range(cfg.num_layers)]
         self.batch_size = batch
         self.max_len = length
 
