@@ -126,6 +126,20 @@ def test_lora_trains_only_adapters_and_merges(data2, tiny_random_dir, tmp_path):
     openchroma.load(out, device="cpu", progress=False)
 
 
+def test_sharded_base_gives_sharded_output(data2, tmp_path):
+    """A base stored as several shards with an index (as the published 4B is) keeps that layout."""
+    from openchroma.tools.init_random import write_random_checkpoint
+
+    base = write_random_checkpoint("tiny", tmp_path / "sharded", seed=0, shard_bytes=1 << 20, progress=False)
+    assert (base / "model.safetensors.index.json").is_file()
+    out = tmp_path / "out"
+    _train(base, data2[1], out, "--lora", "--lora-rank", "2", "--steps", "2", "--batch-size", "2")
+    assert (out / "model.safetensors.index.json").read_text() == (base / "model.safetensors.index.json").read_text()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in base.glob("*.safetensors"))
+    assert (out / "tokenizer.json").is_file()
+    openchroma.load(out, device="cpu", progress=False)
+
+
 def test_reasoner_gets_no_gradient(data2, tiny_random_dir):
     from openchroma.training.sequence import eos_frame
     from openchroma.training.train import TrainConfig, Trainee, drop_reasoner, setup_trainable

@@ -17,6 +17,7 @@ sit beside the weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -220,14 +221,18 @@ def split_holdout(n: int, holdout: int, seed: int) -> tuple[list[int], list[int]
     return sorted(order[holdout:]), sorted(order[:holdout])
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist())
+
+
 def step_examples(train_ids: list[int], step: int, batch: int, seed: int) -> list[int]:
     """The global batch of optimizer step ``step`` (0-based): consecutive slices of seeded epoch permutations."""
     n = len(train_ids)
     out = []
     for k in range(step * batch, (step + 1) * batch):
         epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        out.append(train_ids[perm[pos]])
+        out.append(train_ids[_epoch_order(n, seed, epoch)[pos]])
     return out
 
 
