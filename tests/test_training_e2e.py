@@ -160,3 +160,18 @@ def test_synth_with_openai_compatible_endpoints(tmp_path, capsys):
     assert rows[0]["response_text"] == "An answer to: Why is the sky blue?"
     assert rows[1]["user_text"] == "What is rain?" and "user_audio" not in rows[1]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["failed"] == 0
+
+
+def test_init_random_writes_the_complete_config(tiny_random_dir):
+    """init-random's config carries every key of the published layout (the reference fixture's config)."""
+    import pytest
+
+    if not FIXTURE_CONFIG.is_file():
+        pytest.skip("reference fixture not found")
+    reference = json.loads(FIXTURE_CONFIG.read_text())
+    config = json.loads((tiny_random_dir / "config.json").read_text())
+    assert _missing_keys(reference, config) == []
+    assert config["thinker_config"]["vision_config"] == reference["thinker_config"]["vision_config"]
+    for key in ("vision_start_token_id", "vision_end_token_id", "vision_token_id", "image_token_index",
+                "video_token_index"):
+        assert config["thinker_config"][key] == reference["thinker_config"][key]
