@@ -487,7 +487,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     writer = _tensorboard(out / "tb", cfg) if d.main else None
     bar = tqdm(total=cfg.steps, initial=start, desc="Training", unit="step", disable=not (cfg.progress and d.main))
     summary: dict = {"step": start}
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     examples_done = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.bf16) \
         else contextlib.nullcontext()
@@ -534,6 +534,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         elapsed = time.perf_counter() - t_start
         record["examples_per_s"] = examples_done / elapsed if elapsed > 0 else None
         record["elapsed_s"] = elapsed
+        record["cpu_s"] = time.process_time() - cpu_start  # this process's CPU time (for shared machines)
         if device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         summary = record
