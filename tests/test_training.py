@@ -140,6 +140,23 @@ def test_sharded_base_gives_sharded_output(data2, tmp_path):
     openchroma.load(out, device="cpu", progress=False)
 
 
+def test_train_from_a_manifest_and_only_the_chosen_part(data2, tiny_random_dir, tmp_path):
+    """--data may be a manifest (prepared into OUT/prepared first); --train backbone leaves the decoder's own
+    weights alone (the audio-code embedding table is shared: the backbone reads it too)."""
+    manifest, _ = data2
+    out = tmp_path / "bb"
+    _train(tiny_random_dir, manifest, out, "--train", "backbone", "--steps", "2", "--batch-size", "2", "--lr", "1e-2")
+    assert len(PreparedDataset(out / "prepared")) == 2
+    base, tuned = _weights(tiny_random_dir), _weights(out)
+    for k in base:
+        if k.startswith("decoder.") and not k.startswith("decoder.audio_embedding."):
+            assert torch.equal(base[k], tuned[k]), k
+    assert not torch.equal(base["backbone.model.layers.0.mlp.up_proj.weight"],
+                           tuned["backbone.model.layers.0.mlp.up_proj.weight"])
+    assert main(["train", "--model", str(tiny_random_dir), "--data", str(manifest), "--out", str(tmp_path / "x"),
+                 "--train", "vocoder"]) == 1
+
+
 def test_reasoner_gets_no_gradient(data2, tiny_random_dir):
     from openchroma.training.sequence import eos_frame
     from openchroma.training.train import TrainConfig, Trainee, drop_reasoner, setup_trainable
