@@ -261,6 +261,8 @@ def _bad_rows(root: Path) -> list[tuple[dict | str, str]]:
 
 
 def test_every_bad_row_is_named(tmp_path, tiny_random_dir, capsys):
+    import soundfile as sf
+
     manifest = write_dataset(tmp_path, rows=1)
     good_line = manifest.read_text()
     cases = _bad_rows(tmp_path)
@@ -272,6 +274,15 @@ def test_every_bad_row_is_named(tmp_path, tiny_random_dir, capsys):
         err = capsys.readouterr().err
         assert code == 1
         assert f"{bad}:2:" in err and expected in err, (expected, err)
+    # Longer than the backbone's context (voice prompt + 2 positions per frame > max_position_embeddings).
+    sf.write(tmp_path / "audio" / "huge.wav", tone(85.0, 200.0, rate=8000), 8000)
+    huge = tmp_path / "huge.jsonl"
+    row = json.loads(good_line)
+    huge.write_text(good_line + json.dumps({**row, "response_audio": "audio/huge.wav"}) + "\n")
+    assert main(["prepare", "--model", str(tiny_random_dir), "--data", str(huge), "--out", str(tmp_path / "ph"),
+                 "--max-response-seconds", "120"]) == 1
+    err = capsys.readouterr().err
+    assert f"{huge}:2:" in err and "more than the context of 2048" in err, err
     every = tmp_path / "every.jsonl"
     every.write_text(good_line + "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r, _ in cases))
     assert main(["prepare", "--model", str(tiny_random_dir), "--data", str(every), "--out", str(tmp_path / "skip"),
