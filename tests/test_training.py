@@ -223,8 +223,9 @@ DIST_ARGS = ["--steps", "4", "--lr", "3e-3", "--batch-size", "4", "--no-progress
 
 
 def test_ddp_two_gloo_processes_equal_one(one_process_run, data4, tiny_random_dir, tmp_path):
+    """Same global batch of 4: one process at once vs 2 processes x 2 accumulated micro-batches of 1."""
     two = tmp_path / "two"
-    _torchrun(tiny_random_dir, data4, two, *DIST_ARGS)
+    _torchrun(tiny_random_dir, data4, two, *DIST_ARGS, "--grad-accum", "2")
     _same_run(one_process_run, two)
 
 
