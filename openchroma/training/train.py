@@ -169,7 +169,10 @@ def setup_trainable(model: ChromaModel, cfg: TrainConfig) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)
     if cfg.lora:
-        from peft import LoraConfig, inject_adapter_in_model
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError:
+            raise ValueError("--lora needs the peft library: pip install 'openchroma[train]'") from None
 
         lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=lora_target_regex(cfg.train, cfg.lora_targets), bias="none")
