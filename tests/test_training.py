@@ -176,11 +176,13 @@ def test_reasoner_gets_no_gradient(data2, tiny_random_dir):
 
 def test_resume_equals_uninterrupted(data4, tiny_random_dir, tmp_path):
     args = ["--steps", "6", "--lr", "3e-3", "--warmup", "2", "--batch-size", "2", "--lora", "--lora-rank", "4",
-            "--decoder-fraction", "0.5", "--holdout", "1", "--eval-every", "2"]
+            "--decoder-fraction", "0.5", "--holdout", "1", "--eval-every", "2", "--gradient-checkpointing",
+            "--save-every", "2"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     _train(tiny_random_dir, data4, whole, *args)
     _train(tiny_random_dir, data4, parts, *args, "--stop-after", "3")
     assert [r["step"] for r in _metrics(parts)] == [1, 2, 3]
+    assert sorted(p.name for p in (parts / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
     evals = [r for r in _metrics(whole) if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 4, 6] and evals[-1]["eval_loss"] > 0
     _train(tiny_random_dir, data4, parts, *args)
