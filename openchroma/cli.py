@@ -255,6 +255,57 @@ def cmd_listen(args: argparse.Namespace) -> int:
     except OSError as e:  # the port is taken, the address is not this machine's, ...
         print(f"openchroma listen: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .training.prepare import PrepareLimits, prepare
+
+    meta = prepare(args.model, args.data, args.out, skip_bad=args.skip_bad, shard_size=args.shard_size,
+                   device=args.device, dtype=args.dtype,
+                   limits=PrepareLimits(max_response_seconds=args.max_response_seconds))
+    print(json.dumps({"out": args.out, "examples": meta["examples"], "skipped": meta["skipped"]}))
+    return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        model=args.model, data=args.data, out=args.out, steps=args.steps, lr=args.lr, warmup=args.warmup,
+        min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, train=_csv(args.train), lora=args.lora,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=_csv(args.lora_targets), save_adapter=args.save_adapter, decoder_fraction=args.decoder_fraction,
+        decoder_loss_weight=args.decoder_loss_weight, holdout=args.holdout, eval_every=args.eval_every,
+        log_every=args.log_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
+        resume=not args.no_resume, seed=args.seed, device=args.device, dtype=args.dtype, bf16=not args.no_bf16,
+        gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp, tensorboard=not args.no_tensorboard,
+        progress=not args.no_progress, stop_after=args.stop_after)
+    summary = train(cfg)
+    if summary.get("output"):
+        print(json.dumps(summary))
+    return 0
+
+
+def _add_prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-response-seconds", type=float, default=60.0,
+                   help="longest response audio accepted; longer rows are bad rows (default 60)")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .training.synth import SynthConfig, synth
+
+    cfg = SynthConfig(
+        questions=args.questions, voices=args.voices, out=args.out, model=args.model, device=args.device,
+        dtype=args.dtype, llm_base_url=args.llm_base_url, llm_model=args.llm_model, llm_api_key=args.llm_api_key,
+        tts_base_url=args.tts_base_url, tts_model=args.tts_model, tts_api_key=args.tts_api_key,
+        system_prompt=args.system_prompt, max_answer_tokens=args.max_answer_tokens, max_seconds=args.max_seconds,
+        user_audio=not args.text_questions, concurrency=args.concurrency, retries=args.retries)
+    print(json.dumps(synth(cfg)))
     return 0
 
 
@@ -301,6 +352,114 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.set_defaults(func=cmd_init_random)
+
+    p = sub.add_parser("prepare", help="run the frozen parts (Mimi, reasoner) over a training manifest, once",
+                       description="Read a JSONL manifest (one example a line: voice_audio, voice_text, "
+                                   "user_audio and/or user_text, response_text, response_audio; paths relative to "
+                                   "the manifest) and store, per example, the Mimi codes of the voice and the "
+                                   "response, and the reasoner's hidden states and token ids of the response "
+                                   "given the question (teacher-forced on response_text), as safetensors shards "
+                                   "in --out. Resumable: run it again to continue. A bad row (missing or "
+                                   "unreadable audio, empty text, audio too long, response text longer than "
+                                   "the audio carries at one token per two frames) stops with an error naming "
+                                   "the row, unless --skip-bad.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="the manifest (.jsonl)")
+    p.add_argument("--out", required=True, help="directory for the prepared shards")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad rows (and report how many) instead of stopping")
+    p.add_argument("--shard-size", type=int, default=256, help="examples per shard (default 256)")
+    _add_prepare_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="fine-tune the Backbone and Decoder (LoRA or full; torchrun for many GPUs)",
+                       description="Fine-tune Chroma as the paper trains it: the Reasoner frozen (its features "
+                                   "precomputed by `prepare`), the Backbone learning codebook 0 over the "
+                                   "inference sequence (voice prompt, then reasoner pairs and frames at 1:2), "
+                                   "the Decoder codebooks 1-7 within each frame. --data is a manifest (prepared "
+                                   "into OUT/prepared first) or a `prepare` directory. OUT receives a complete "
+                                   "checkpoint in the published layout (LoRA merged), metrics.jsonl, TensorBoard "
+                                   "logs (tb/) and checkpoints/ (with optimizer state; a rerun with the same "
+                                   "OUT resumes exactly). Many processes: `torchrun --nproc-per-node N -m "
+                                   "openchroma train ...` (data-parallel: NCCL on GPUs, gloo on CPU); "
+                                   "--batch-size is the global batch.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="manifest (.jsonl) or directory written by `openchroma prepare`")
+    p.add_argument("--out", required=True, help="output directory (the fine-tuned checkpoint)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--warmup", type=int, default=0, help="linear warm-up steps, then cosine decay (default 0)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine decays to lr x this (default 0)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off; default 1)")
+    p.add_argument("--batch-size", type=int, default=4,
+                   help="examples per optimizer step over all processes (default 4)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--train", default="backbone,decoder",
+                   help="parts to train: backbone, decoder or both, comma-separated (default both)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="linear layers of the trained parts that get adapters (default: all attention and MLP)")
+    p.add_argument("--save-adapter", action="store_true", help="also write the LoRA adapter to OUT/adapter")
+    p.add_argument("--decoder-fraction", type=float, default=1.0,
+                   help="train the Decoder on this random fraction of frames (amortisation; default 1)")
+    p.add_argument("--decoder-loss-weight", type=float, default=1.0,
+                   help="loss = loss_c0 + this x loss_c1_7 (default 1)")
+    p.add_argument("--holdout", type=int, default=0, help="examples held out for the eval loss (default 0)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out loss every N steps (default 0 = off)")
+    p.add_argument("--log-every", type=int, default=1, help="write metrics every N steps (default 1)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="training checkpoint every N steps (default 0: only at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="training checkpoints kept (default 2)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT holds a checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after step N with a checkpoint, as if interrupted (run again to resume)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, LoRA init, amortisation (default 0)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, ~30%% slower)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun, shard full fine-tuning's weights, gradients and optimizer state over the "
+                        "processes (FSDP2) instead of replicating them (DDP): for models that do not fit one GPU")
+    p.add_argument("--no-bf16", action="store_true", help="on CUDA, do not autocast to bfloat16")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("synth", help="make training data: questions -> answers (LLM) -> speech in your voices (TTS)",
+                       description="The paper's synthetic-data pipeline. Stage 1: each question (a text file, one "
+                                   "a line, or JSONL with 'question') is answered by Chroma's own Reasoner (text "
+                                   "only, the default; needs --model) or by an OpenAI-compatible chat endpoint "
+                                   "(--llm-base-url, --llm-model). Stage 2: each answer is spoken in a voice from "
+                                   "--voices (NAME.wav + NAME.txt transcript; voices are used in turn) by an "
+                                   "OpenAI-compatible /v1/audio/speech endpoint (--tts-base-url; the voice is sent "
+                                   "by NAME) or, by default, by OpenChroma's forced-text speech in-process; the "
+                                   "question is spoken too, in the next voice, as the user's audio. Writes "
+                                   "OUT/manifest.jsonl for `openchroma prepare`/`train`. Concurrent, with retries; "
+                                   "rerun the same command to resume or retry failures.")
+    p.add_argument("--questions", required=True, help="questions file (.txt one a line, or .jsonl)")
+    p.add_argument("--voices", required=True, help="directory of NAME.wav + NAME.txt reference recordings")
+    p.add_argument("--out", required=True, help="output directory (audio, answers.jsonl, manifest.jsonl)")
+    p.add_argument("--model", default=None, help="Chroma checkpoint for the in-process Reasoner and speech "
+                                                 "(needed unless both endpoints are given)")
+    p.add_argument("--device", default=None, help="device of the in-process model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--llm-base-url", default=None, help="OpenAI-compatible base URL for answers, e.g. "
+                                                        "http://localhost:8001/v1")
+    p.add_argument("--llm-model", default=None, help="model name for --llm-base-url")
+    p.add_argument("--llm-api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    p.add_argument("--tts-base-url", default=None, help="OpenAI-compatible base URL for /audio/speech")
+    p.add_argument("--tts-model", default="tts-1", help="model name for --tts-base-url (default tts-1)")
+    p.add_argument("--tts-api-key", default=os.environ.get("OPENAI_API_KEY"), help="default: $OPENAI_API_KEY")
+    p.add_argument("--system-prompt", default=None, help="system prompt for the answers")
+    p.add_argument("--max-answer-tokens", type=int, default=128, help="longest answer, tokens (default 128)")
+    p.add_argument("--max-seconds", type=float, default=30.0, help="longest spoken answer (default 30)")
+    p.add_argument("--text-questions", action="store_true",
+                   help="keep questions as user_text instead of speaking them as user_audio")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    p.add_argument("--retries", type=int, default=3, help="retries of a failed request (default 3)")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("info", help="load a checkpoint and print its size, load time and peak memory")
     _add_model_args(p)

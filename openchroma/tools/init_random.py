@@ -116,6 +116,58 @@ def preset_config(preset: str) -> dict:
     }
 
 
+# ----- complete configs: every key the published configuration writes -------------------------------------
+# The published code builds the thinker's vision tower from ``thinker_config.vision_config`` and reads the
+# vision token ids, although no Chroma path uses them; a config without them does not run there.
+_VISION_TOKEN_IDS = {"vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654}
+_PRETRAINED_DEFAULTS = {
+    "_name_or_path": "", "add_cross_attention": False, "architectures": None, "bos_token_id": None,
+    "chunk_size_feed_forward": 0, "cross_attention_hidden_size": None, "decoder_start_token_id": None,
+    "dtype": None, "eos_token_id": None, "finetuning_task": None, "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    "is_decoder": False, "is_encoder_decoder": False, "label2id": {"LABEL_0": 0, "LABEL_1": 1},
+    "output_attentions": False, "output_hidden_states": False, "pad_token_id": None, "prefix": None,
+    "problem_type": None, "return_dict": True, "sep_token_id": None, "task_specific_params": None,
+    "tie_encoder_decoder": False, "tokenizer_class": None, "initializer_range": 0.02,
+}
+
+
+def _vision_config(text_hidden: int, published: bool) -> dict:
+    """Qwen2.5-Omni's vision encoder config: the 3B thinker's sizes, or a 1-layer stand-in at test sizes."""
+    if published:
+        sizes = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                     fullatt_block_indexes=[7, 15, 23, 31])
+    else:
+        sizes = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[0])
+    return {**_PRETRAINED_DEFAULTS, "model_type": "qwen2_5_omni_vision_encoder", "hidden_act": "silu",
+            "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "window_size": 112, "out_hidden_size": text_hidden, "tie_word_embeddings": True, **sizes}
+
+
+def complete_config(config: dict) -> dict:
+    """``config`` with every key the published configuration carries added where missing (values kept)."""
+    d = copy.deepcopy(config)
+    th = d.setdefault("thinker_config", {})
+    text = th.get("text_config", {})
+    hidden = int(text.get("hidden_size", 2048))
+    for k, v in _VISION_TOKEN_IDS.items():
+        th.setdefault(k, v)
+    th.setdefault("initializer_range", 0.02)
+    th.setdefault("vision_config", _vision_config(hidden, published=hidden >= 2048))
+    layers = int(text.get("num_hidden_layers", 1))
+    text_defaults = {**_PRETRAINED_DEFAULTS, "attention_dropout": 0.0, "layer_types": ["full_attention"] * layers,
+                     "max_window_layers": 28, "sliding_window": None, "use_cache": True}
+    audio_defaults = {**_PRETRAINED_DEFAULTS, "activation_dropout": 0, "attention_dropout": 0, "dropout": 0,
+                      "tie_word_embeddings": True}
+    for section, defaults in (("text_config", text_defaults), ("audio_config", audio_defaults)):
+        for k, v in defaults.items():
+            th.setdefault(section, {}).setdefault(k, copy.deepcopy(v))
+    for section in ("backbone_config", "decoder_config", "codec_config"):
+        for k, v in {"attention_dropout": 0.0, "initializer_range": 0.02}.items():
+            d.setdefault(section, {}).setdefault(k, v)
+    d.setdefault("transformers_version", "5.0.0rc0")
+    return d
+
+
 def _random_tensor(name: str, shape: torch.Size, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     last = name.rsplit(".", 1)[-1]
     if last == "bias" or name.endswith(("initialized",)):
@@ -214,7 +266,7 @@ def write_random_checkpoint(
         index = {"metadata": {"total_size": total_bytes},
                  "weight_map": {k: final[v] for k, v in weight_map.items()}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+    (out / "config.json").write_text(json.dumps(complete_config(cfg_dict), indent=2))
     write_test_tokenizer(out)
     (out / "README.md").write_text(
         f"# Random-weight Chroma checkpoint ({preset})\n\nWritten by `openchroma init-random --preset {preset}` "

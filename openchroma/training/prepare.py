@@ -1,0 +1,214 @@
+"""``openchroma prepare``: run the frozen parts once over a manifest.
+
+Per example: Mimi codes of the voice and of the response audio, the voice transcript's and the response's
+token ids, and the reasoner's hidden states for the response given the question (teacher-forced on
+``response_text``). Written as safetensors shards of ``--shard-size`` examples plus ``prepared.json``; a
+shard is written whole or not at all, so an interrupted run resumes at the first missing shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from ..audio import AudioError, load_audio, log_mel_features
+from ..engine.schedule import SAMPLE_RATE, USER_SAMPLE_RATE, backbone_budget, max_text_pairs
+from ..generation import encode_voice
+from ..loading import LoadedModel, load
+from ..models.audio_encoder import audio_token_count
+from ..tokenizer import ChatTokenizer, build_chat_prompt
+from .data import (
+    PREPARED_FORMAT,
+    PREPARED_INDEX,
+    ManifestError,
+    ManifestRow,
+    decode_line,
+    read_manifest_lines,
+)
+from .sequence import thinker_response_hidden
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
+    "auditory and visual inputs, as well as generating text and speech."
+)
+MAX_VOICE_SECONDS = 30.0
+MAX_USER_SECONDS = 30.0
+
+
+@dataclass
+class PrepareLimits:
+    """What a row may hold: longer audio is a bad row (the context could not carry it)."""
+
+    max_voice_seconds: float = MAX_VOICE_SECONDS
+    max_user_seconds: float = MAX_USER_SECONDS
+    max_response_seconds: float = 60.0
+
+
+class Preparer:
+    """Turns manifest rows into training tensors with one loaded model."""
+
+    def __init__(self, lm: LoadedModel, tokenizer: ChatTokenizer, limits: PrepareLimits | None = None):
+        self.lm = lm
+        self.model = lm.model
+        self.cfg = lm.config
+        self.tokenizer = tokenizer
+        self.limits = limits or PrepareLimits()
+
+    def prompt_ids(self, row: ManifestRow, n_audio_tokens: int | None) -> list[int]:
+        content: list[dict] = []
+        if n_audio_tokens is not None:
+            content.append({"type": "audio"})
+        if row.user_text:
+            content.append({"type": "text", "text": row.user_text})
+        messages = [{"role": "system", "content": [{"type": "text", "text": row.system or DEFAULT_SYSTEM_PROMPT}]},
+                    {"role": "user", "content": content}]
+        return build_chat_prompt(self.tokenizer, messages, [] if n_audio_tokens is None else [n_audio_tokens])
+
+    def _audio(self, row: ManifestRow, key: str, rate: int, limit: float) -> torch.Tensor:
+        path = getattr(row, key)
+        try:
+            return load_audio(path, rate, max_seconds=limit)
+        except AudioError as e:
+            raise ManifestError(row.where, f"{key}: {e}") from None
+
+    @torch.inference_mode()
+    def example(self, row: ManifestRow) -> dict[str, torch.Tensor]:
+        """The tensors of one row; raises :class:`ManifestError` naming the row when it cannot be used."""
+        m, cfg, lim = self.model, self.cfg, self.limits
+        voice_ids = self.tokenizer.encode(row.voice_text)
+        voice = encode_voice(m, self._audio(row, "voice_audio", SAMPLE_RATE, lim.max_voice_seconds), voice_ids)
+        resp_wav = self._audio(row, "response_audio", SAMPLE_RATE, lim.max_response_seconds)
+        p = next(m.codec_model.parameters())
+        codes = m.codec_model.encode(resp_wav.to(p.device, p.dtype).reshape(1, -1))[0, : cfg.audio_num_codebooks].T
+        n_frames = int(codes.shape[0]) + 1  # + the end-of-audio frame
+        response_ids = self.tokenizer.encode(row.response_text) + [cfg.im_end_token_id]
+        n_text = len(response_ids)
+        if n_text > max_text_pairs(n_frames):
+            raise ManifestError(row.where, f"response_text is {n_text} tokens (with im_end) but the response audio "
+                                           f"({n_frames - 1} frames) carries at most {max_text_pairs(n_frames)} "
+                                           "at the 1:2 schedule (one token per two 80 ms frames): the audio is "
+                                           "too short for the text")
+        bb_len = voice.text_ids.numel() + 2 + voice.codes.shape[0] + 1 + backbone_budget(0, n_frames)
+        if bb_len > cfg.backbone.max_position_embeddings:
+            raise ManifestError(row.where, f"voice prompt + response need {bb_len} backbone positions, more than "
+                                           f"the context of {cfg.backbone.max_position_embeddings}: the audio is "
+                                           "too long")
+        audio_embeds = None
+        n_audio = None
+        if row.user_audio is not None:
+            wav = self._audio(row, "user_audio", USER_SAMPLE_RATE, lim.max_user_seconds)
+            feats = log_mel_features(wav)
+            n_audio = audio_token_count(feats.shape[-1])
+            mel = feats.to(self.lm.device, self.lm.dtype).reshape(feats.shape[-2], -1)
+            audio_embeds = m.thinker.audio_tower(mel)
+        prompt = self.prompt_ids(row, n_audio)
+        if len(prompt) + n_text > cfg.thinker.max_position_embeddings:
+            raise ManifestError(row.where, f"question + response are {len(prompt) + n_text} reasoner tokens, more "
+                                           f"than its context of {cfg.thinker.max_position_embeddings}")
+        hidden = thinker_response_hidden(m, torch.tensor(prompt), torch.tensor(response_ids), audio_embeds)
+        return {
+            "voice_text_ids": voice.text_ids.to(torch.int64).cpu().contiguous(),
+            "voice_codes": voice.codes.to(torch.int64).cpu().contiguous(),
+            "hidden": hidden.float().cpu().contiguous(),
+            "text_ids": torch.tensor(response_ids, dtype=torch.int64),
+            "codes": codes.to(torch.int64).cpu().contiguous(),
+        }
+
+
+def prepare(
+    model: str | os.PathLike | LoadedModel,
+    manifest: str | os.PathLike,
+    out: str | os.PathLike,
+    skip_bad: bool = False,
+    shard_size: int = 256,
+    device: str | None = None,
+    dtype: str = "float32",
+    limits: PrepareLimits | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Prepare ``manifest`` into ``out``; returns the ``prepared.json`` contents.
+
+    Bad rows raise :class:`ManifestError` (naming the row) unless ``skip_bad``, which skips and counts them.
+    Resumes: shards already written are kept.
+    """
+    manifest = Path(manifest).resolve()
+    out = Path(out)
+    lines = read_manifest_lines(manifest)
+    lm = model if isinstance(model, LoadedModel) else load(model, device=device, dtype=dtype, progress=progress)
+    tokenizer = ChatTokenizer.from_dir(lm.path)
+    preparer = Preparer(lm, tokenizer, limits)
+    out.mkdir(parents=True, exist_ok=True)
+    index_path = out / PREPARED_INDEX
+    meta = {"format": PREPARED_FORMAT, "model": str(lm.path), "manifest": str(manifest),
+            "hidden_size": lm.config.thinker.hidden_size, "shard_size": shard_size, "rows": len(lines),
+            "complete": False, "shards": []}
+    if index_path.is_file():
+        old = json.loads(index_path.read_text())
+        same = (old.get("format") == PREPARED_FORMAT and old.get("manifest") == str(manifest)
+                and old.get("shard_size") == shard_size and old.get("rows") == len(lines)
+                and old.get("hidden_size") == meta["hidden_size"])
+        if not same:
+            raise ValueError(f"{out}: holds a preparation of another manifest or model/shard settings; "
+                             "use an empty --out directory")
+        meta["shards"] = [s for s in old["shards"] if (out / s["file"]).is_file()]
+    done = {s["index"] for s in meta["shards"]}
+    n_shards = (len(lines) + shard_size - 1) // shard_size
+    bar = tqdm(total=len(lines), desc="Preparing", unit="example", disable=not progress)
+    bar.update(sum(len(s["examples"]) + len(s["skipped"]) for s in meta["shards"]))
+    for k in range(n_shards):
+        if k in done:
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        examples: list[dict] = []
+        skipped: list[dict] = []
+        for line, text in lines[k * shard_size:(k + 1) * shard_size]:
+            try:
+                row = decode_line(manifest, line, text)
+                ex = preparer.example(row)
+            except ManifestError as e:
+                if not skip_bad:
+                    bar.close()
+                    raise
+                skipped.append({"line": line, "error": str(e)})
+                bar.update()
+                continue
+            j = len(examples)
+            for key, t in ex.items():
+                tensors[f"{j}.{key}"] = t
+            examples.append({"line": line, "n_text": int(ex["text_ids"].numel()), "n_frames": int(ex["codes"].shape[0]),
+                             "voice_frames": int(ex["voice_codes"].shape[0])})
+            bar.update()
+        file = f"shard-{k:05d}.safetensors"
+        tmp = out / (file + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": PREPARED_FORMAT})
+        tmp.replace(out / file)
+        meta["shards"].append({"index": k, "file": file, "examples": examples, "skipped": skipped})
+        meta["shards"].sort(key=lambda s: s["index"])
+        _write_json(index_path, meta)
+    bar.close()
+    meta["complete"] = True
+    meta["examples"] = sum(len(s["examples"]) for s in meta["shards"])
+    meta["skipped"] = sum(len(s["skipped"]) for s in meta["shards"])
+    _write_json(index_path, meta)
+    if meta["skipped"]:
+        log(f"skipped {meta['skipped']} bad row(s) of {len(lines)}:")
+        for s in meta["shards"]:
+            for b in s["skipped"]:
+                log(f"  {b['error']}")
+    if not meta["examples"]:
+        raise ValueError(f"{manifest}: no usable example")
+    return meta
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)
