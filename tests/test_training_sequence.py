@@ -10,7 +10,6 @@ import pytest
 import torch
 from training_helpers import reference_generation_module
 
-from openchroma.generation import VoicePrompt
 from openchroma.models.audio_encoder import audio_token_count
 from openchroma.training.sequence import (
     ResponseExample,
@@ -19,6 +18,7 @@ from openchroma.training.sequence import (
     teacher_forced,
     thinker_response_hidden,
 )
+from openchroma.voice import VoicePrompt
 
 # float32; the batched teacher-forced pass sums in another order than the step-by-step loop (observed max
 # absolute difference ~3e-5 on logits of magnitude up to ~5).

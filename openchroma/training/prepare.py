@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 
 from ..audio import AudioError, load_audio, log_mel_features
 from ..engine.schedule import SAMPLE_RATE, USER_SAMPLE_RATE, backbone_budget, max_text_pairs
-from ..generation import encode_voice
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
 from ..tokenizer import ChatTokenizer, build_chat_prompt
+from ..voice import encode_voice
 from .data import (
     PREPARED_FORMAT,
     PREPARED_INDEX,
