@@ -350,8 +350,9 @@ class Engine:
         voice_len = int(max_voice_seconds * self.cfg.frame_rate) + 3 + 256  # frames + transcript tokens
         self.stepper = Stepper(self.model, max_sessions, max_context, backbone_budget(voice_len, max_response_frames),
                                lookahead, compile=compile, cuda_graphs=cuda_graphs)
-        if compile or self.stepper.cuda_graphs:
-            self.stepper.warmup(progress)
+        # Every variant of the step runs once now (compiled and captured if asked), so no response pays for a
+        # first use (compilation, graph capture, or the CPU's kernel set-up for new shapes) mid-stream.
+        self.stepper.warmup(progress and bool(compile or self.stepper.cuda_graphs))
         self.voices: dict[str, Voice] = {}
         self.sessions: dict[int, Session] = {}
         self._slot_session: dict[int, Session] = {}
