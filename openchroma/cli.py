@@ -146,7 +146,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     command = shlex.join(["openchroma", "bench", "--model", str(args.model)]
                          + (["--device", args.device] if args.device else [])
-                         + ["--dtype", args.dtype, "--sessions", ",".join(map(str, args.sessions)),
+                         + ["--dtype", args.dtype, "--sessions", ",".join(map(str, args.sessions)) or "0",
                             "--frames", str(args.frames), "--user-seconds", f"{args.user_seconds:g}",
                             "--turns", str(args.turns), "--warmup", str(args.warmup), "--out", str(args.out)])
     if args.compile:
@@ -187,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=args.max_response_seconds,
         max_upload_bytes=int(args.max_upload_mb * 2**20), default_voice=args.default_voice,
         allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower(),
-        compile=args.compile, cuda_graphs=args.cuda_graphs)
+        compile=args.compile, cuda_graphs=args.cuda_graphs, threads=args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({dtype}) in the background; GET /health says when it is ready.\n"
@@ -523,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the frame step as CUDA graphs at load, one per batch size (default: on with CUDA)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of the frame loop (default: 1 for small models, whose tiny ops lose more to "
+                        "thread hand-offs than they gain; torch's default for models 1024 wide or more)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

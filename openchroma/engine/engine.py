@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ import numpy as np
 import soxr
 import torch
 
-from ..audio import AudioError, StreamingMelExtractor, load_audio, log_mel_features
+from ..audio import HOP_LENGTH, AudioError, StreamingMelExtractor, load_audio, log_mel_features
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
 from ..tokenizer import ENDOFTEXT_ID, QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
@@ -40,8 +41,9 @@ from .schedule import backbone_budget, reasoner_budget
 from .stepper import ContextFull, StepOutput, Stepper
 
 DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
-# Between two frame steps, commands and background work each get about this fraction of a step's time, so a
-# live stream's chunks stay evenly spaced while other sessions are being set up.
+log = logging.getLogger("openchroma.engine")
+# Between two frame steps, commands get about this fraction of a step's time and background work one slice, so
+# a live stream's chunks stay evenly spaced while other sessions are being set up.
 SLICE = 0.3
 # User audio enters the worker in pieces of at most this many seconds (each piece is one short command).
 APPEND_PIECE_SECONDS = 0.25
@@ -334,11 +336,14 @@ class Engine:
         compile: bool | str = False,
         cuda_graphs: bool | None = None,
         progress: bool = False,
+        threads: int | None = None,
     ):
         """``chroma``: a loaded model with its tokenizer (``openchroma.Chroma``, or anything with ``model``,
         ``config`` and ``tokenizer``). ``compile``: compile the frame step with ``torch.compile`` (inductor;
         or a dynamo backend's name). ``cuda_graphs``: capture each variant of the step as a CUDA graph (default:
-        on CUDA). Both happen here, before the first session, with a progress bar when ``progress``."""
+        on CUDA). Both happen here, before the first session, with a progress bar when ``progress``.
+        ``threads``: intra-op CPU threads of the frame loop (default: 1 for models narrower than 1024, whose
+        small ops lose more to thread hand-offs than they gain; torch's default for wider ones)."""
         self.chroma = chroma
         self.model = chroma.model
         self.cfg = chroma.config
@@ -350,9 +355,6 @@ class Engine:
         voice_len = int(max_voice_seconds * self.cfg.frame_rate) + 3 + 256  # frames + transcript tokens
         self.stepper = Stepper(self.model, max_sessions, max_context, backbone_budget(voice_len, max_response_frames),
                                lookahead, compile=compile, cuda_graphs=cuda_graphs)
-        # Every variant of the step runs once now (compiled and captured if asked), so no response pays for a
-        # first use (compilation, graph capture, or the CPU's kernel set-up for new shapes) mid-stream.
-        self.stepper.warmup(progress and bool(compile or self.stepper.cuda_graphs))
         self.voices: dict[str, Voice] = {}
         self.sessions: dict[int, Session] = {}
         self._slot_session: dict[int, Session] = {}
@@ -368,8 +370,17 @@ class Engine:
         self.frames_generated = 0
         self.step_failures = 0            # frame steps failed in a row
         self.last_error: str | None = None
+        if threads is None and self.stepper.device.type == "cpu" and self.cfg.backbone.hidden_size < 1024:
+            # Measured on 2 cores (see BENCHMARKS.md): from a worker thread, two intra-op threads make small
+            # models 1.3-2.4x slower per frame; at published widths one thread costs about 4%.
+            threads = 1
+        self.threads = threads
         self._thread = threading.Thread(target=self._loop, name="openchroma-engine", daemon=True)
         self._thread.start()
+        # Every variant of the step runs once now, on the worker with its own thread settings (compiled and
+        # captured if asked), so no response pays for a first use (compilation, graph capture, or the CPU's
+        # kernel set-up for new shapes) mid-stream.
+        self._call(self.stepper.warmup, progress and bool(compile or self.stepper.cuda_graphs))
 
     @classmethod
     def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
@@ -469,6 +480,8 @@ class Engine:
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)   # this thread's own setting
         step_seconds = 0.0   # how long the last frame step took: the slice every other kind of work gets
         while True:
             live = self.stepper.active
@@ -510,11 +523,15 @@ class Engine:
                     except Exception as e:  # this response's own failure: it ends, its neighbours go on
                         self._fail_row(out.slot, f"{type(e).__name__}: {e}")
             # 3. Background work in slices: one between frames while streams are live, back to back otherwise.
-            t2 = time.perf_counter()
             with torch.inference_mode():
-                while self._background_slice():
-                    if self._cmds.qsize() or (self.stepper.active and time.perf_counter() - t2 >= step_seconds * SLICE):
-                        break
+                try:
+                    while self._background_slice():
+                        if self._cmds.qsize() or self.stepper.active:
+                            break
+                except Exception as e:  # a bug outside any one job's guard: never let it stop the worker
+                    log.exception("background work failed")
+                    self.last_error = f"background work failed: {type(e).__name__}: {e}"
+                    self._fail_all(self.last_error)
 
     @property
     def healthy(self) -> bool:
@@ -547,7 +564,7 @@ class Engine:
         for job in self._jobs:  # responses waiting to start come first: their first audio depends on it
             pending = next((a for a in job.session.audio_embeds if isinstance(a, _PendingAudio)), None)
             if pending is not None:
-                self._guarded(job, self._encode_pending_window, job.session, pending)
+                self._guarded(job, self._encode_pending_audio, job.session, pending)
                 return True
         while self._windows:  # audio of turns still being spoken
             s, i = self._windows.popleft()
@@ -578,15 +595,29 @@ class Engine:
         p = enc.conv1.weight
         return enc.encode_windows(feats.to(p.device, p.dtype))
 
-    def _encode_pending_window(self, s: Session, pending: _PendingAudio) -> None:
-        i = pending.outs.index(None)
+    def _encode_pending_audio(self, s: Session | None, pending: _PendingAudio) -> None:
+        """One slice of a finished audio part: first its exact whole-turn features (windows encoded while the
+        user spoke are kept where the final features equal theirs), then one window at a time."""
         w = self.model.thinker.audio_tower.window
-        pending.outs[i] = self._encode_window(pending.feats[:, i * w:(i + 1) * w])
+        if pending.feats is None:
+            feats = pending.feats = pending.mel.finalize()
+            assert audio_token_count(feats.shape[1]) == pending.tokens
+            outs: list[torch.Tensor | None] = []
+            for i, (used, out) in enumerate(pending.windows):
+                final = feats[:, i * w:(i + 1) * w]
+                if out is None or final.shape != used.shape or not torch.equal(final, used):
+                    break  # the turn's loudest frame moved the floor: this window and the rest are redone
+                outs.append(out)
+            pending.outs = outs + [None] * (-(-feats.shape[1] // w) - len(outs))
+            pending.mel = pending.windows = None
+        else:
+            i = pending.outs.index(None)
+            pending.outs[i] = self._encode_window(pending.feats[:, i * w:(i + 1) * w])
         if None not in pending.outs:
             embeds = self.model.thinker.audio_tower.pool_project(torch.cat(pending.outs, dim=0))
             assert embeds.shape[0] == pending.tokens
             pending.embeds = embeds
-            if any(a is pending for a in s.audio_embeds):
+            if s is not None and any(a is pending for a in s.audio_embeds):
                 s.audio_embeds[next(i for i, a in enumerate(s.audio_embeds) if a is pending)] = embeds
 
     def _prefill_slice(self) -> None:
@@ -632,8 +663,8 @@ class Engine:
         """One piece of a transcription: an audio window, a prefill chunk, or one token."""
         try:
             if isinstance(job.audio, _PendingAudio):
-                if None in job.audio.outs:
-                    self._encode_pending_window(job.session, job.audio)
+                if job.audio.embeds is None:
+                    self._encode_pending_audio(job.session, job.audio)
                     return
                 job.audio = job.audio.embeds
             tm = self.model.thinker.model
@@ -814,28 +845,19 @@ class Engine:
             self._windows.append((s, i))
 
     def _finish_audio_part(self, s: Session) -> None:
-        """The user's audio part is complete: exact whole-turn features. Windows encoded while the user spoke
-        are kept where the final features equal theirs; the rest are encoded before the next response."""
+        """The user's audio part is complete. Its exact whole-turn features and the windows they change are
+        computed later, in background slices (see ``_encode_pending_audio``); its token count is known now."""
         self._flush_resampler(s)
         if s._mel.num_samples == 0:
             return
-        feats = s._mel.finalize()
-        w = self.model.thinker.audio_tower.window
-        outs: list[torch.Tensor | None] = []
-        for i, (used, out) in enumerate(s._windows):
-            final = feats[:, i * w:(i + 1) * w]
-            if out is None or final.shape != used.shape or not torch.equal(final, used):
-                break  # the turn's loudest frame moved the floor: this window and the rest are redone
-            outs.append(out)
-        outs += [None] * (-(-feats.shape[1] // w) - len(outs))
-        pending = _PendingAudio(feats, outs, audio_token_count(feats.shape[1]))
+        frames = -(-s._mel.num_samples // HOP_LENGTH)
+        pending = _PendingAudio(audio_token_count(frames), s._mel, s._windows)
         part = next(pt for pt in reversed(s._turn_parts) if pt["type"] == "audio")
         part["done"] = True
         part["tokens"] = pending.tokens
         s.audio_embeds.append(pending)
-        if None not in outs:
-            s.audio_embeds[-1] = self.model.thinker.audio_tower.pool_project(torch.cat(outs, dim=0))
-        self._reset_audio(s)
+        s._mel = StreamingMelExtractor()   # the finished part keeps its extractor; the next one starts afresh
+        s._raw, s._raw_frames, s._windows = [], 0, []
 
     def _commit_audio(self, s: Session) -> float:
         self._check_open(s)
@@ -1037,11 +1059,14 @@ class Engine:
 
 @dataclass(eq=False)
 class _PendingAudio:
-    """A finished user audio part whose windows are still being encoded (``None`` entries)."""
+    """A finished user audio part on its way to embeddings: its mel extractor and the windows encoded while
+    the user spoke, then its final features and windows (``None`` entries still to encode), then ``embeds``."""
 
-    feats: torch.Tensor
-    outs: list[torch.Tensor | None]
     tokens: int
+    mel: StreamingMelExtractor | None
+    windows: list | None
+    feats: torch.Tensor | None = None
+    outs: list[torch.Tensor | None] | None = None
     embeds: torch.Tensor | None = None
 
 

@@ -424,11 +424,14 @@ class Stepper:
         think = wide = False
         greedy = True
         q, im_end = self.ring_size, self.cfg.im_end_token_id
+        # The reasoner step reads its whole output projection whichever rows think, so it runs only when some
+        # row's ready text runs low, and then every row with room in its ring thinks too: rows fall into step
+        # and share one reasoner step instead of each paying for its own.
+        think = any(not r.text_done and r.emitted - r.fed < max(1, self.lookahead) for r in self.rows.values())
         for r in self.rows.values():
             s = r.slot
-            r.thinking = not r.text_done and r.emitted - r.fed <= self.lookahead
+            r.thinking = think and not r.text_done and r.emitted - r.fed <= self.lookahead
             if r.thinking:
-                think = True
                 ni[s, THINK_ID] = r.tokens[-1]
                 ni[s, THINK_POS] = r.thinker_pos
                 ni[s, RING_W] = r.emitted % q

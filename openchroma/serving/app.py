@@ -49,6 +49,7 @@ class ServerConfig:
     model_id: str = "chroma-4b"
     compile: bool = False                          # torch.compile the frame step at load
     cuda_graphs: bool | None = None                # capture the frame step as CUDA graphs (default: on CUDA)
+    threads: int | None = None                     # the frame loop's intra-op CPU threads (default: by model size)
 
     @property
     def max_response_frames(self) -> int:
@@ -96,7 +97,7 @@ class ServerState:
                 self.config.model, device=self.config.device, dtype=self.config.dtype, progress=True,
                 max_sessions=self.config.max_sessions, max_context=self.config.max_context,
                 max_response_frames=self.config.max_response_frames, compile=self.config.compile,
-                cuda_graphs=self.config.cuda_graphs)
+                cuda_graphs=self.config.cuda_graphs, threads=self.config.threads)
             self._attach(engine)
             log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
         except BaseException as e:  # reported by /health and every route

@@ -424,14 +424,15 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
     paths["json"].write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
-    s = results.get("settings", {})
+    s = results.get("settings")
     md = [f"# openchroma bench: {_title(results)}", "",
           f"- date: {results.get('date', '?')}",
-          f"- command: `{results.get('command', '?')}`",
-          f"- {s.get('frames')} frames ({s.get('frames', 0) * s.get('frame_seconds', 0.08):.2f} s of audio) per "
-          f"response, {s.get('user_seconds')} s of user audio per turn, {s.get('turns')} measured turn(s) after "
-          f"{s.get('warmup')} warm-up round(s); frame step {'compiled' if results.get('compile') else 'eager'}",
-          ""]
+          f"- command: `{results.get('command', '?')}`"]
+    if s:
+        md.append(f"- {s['frames']} frames ({s['frames'] * s['frame_seconds']:.2f} s of audio) per response, "
+                  f"{s['user_seconds']} s of user audio per turn, {s['turns']} measured turn(s) after "
+                  f"{s['warmup']} warm-up round(s); frame step {'compiled' if results.get('compile') else 'eager'}")
+    md.append("")
     if results.get("levels"):
         md += [markdown_table(results), "Where a step's time goes (ms per step):", "",
                stage_table([(f"{lv['sessions']} session(s)", lv.get("stages_ms", {})) for lv in results["levels"]])]
