@@ -454,7 +454,10 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
 
     levels = results.get("levels", [])
     n = [lv["sessions"] for lv in levels]
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
+    if levels:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
+    else:  # only the one-response runs: the stage breakdown alone
+        fig, ax3 = plt.subplots(1, 1, figsize=(6, 4.2))
     bars = [(f"{lv['sessions']} sess.", lv.get("stages_ms", {})) for lv in levels]
     bars += [("1 alone, " + ("compiled" if r["compile"] else "eager"), r["stages_ms_long_run"])
              for r in results.get("per_frame", [])]
@@ -468,23 +471,24 @@ def plot(results: dict[str, Any], path: str | Path) -> None:
     ax3.set_ylabel("ms per frame step")
     ax3.set_title("Where a step's time goes")
     ax3.legend(fontsize=8)
-    for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
-        ax1.plot(n, [lv["ttft_ms"][q] for lv in levels], style, label=f"TTFT {q}")
-    ax1.set_xlabel("concurrent sessions")
-    ax1.set_ylabel("time to first audio (ms)")
-    ax1.set_title("TTFT")
-    ax1.set_ylim(bottom=0)
-    ax2.plot(n, [lv["rtf"]["mean"] for lv in levels], "o-", label="RTF mean")
-    ax2.plot(n, [lv["rtf"]["max"] for lv in levels], "s--", label="RTF max")
-    ax2.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="real time (RTF = 1)")
-    ax2.set_xlabel("concurrent sessions")
-    ax2.set_ylabel("generation time / audio time")
-    ax2.set_title("Real-time factor (below 1 = faster than real time)")
-    ax2.set_ylim(bottom=0)
-    for ax in (ax1, ax2):
-        ax.set_xticks(n)
-        ax.grid(alpha=0.3)
-        ax.legend()
+    if levels:
+        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
+            ax1.plot(n, [lv["ttft_ms"][q] for lv in levels], style, label=f"TTFT {q}")
+        ax1.set_xlabel("concurrent sessions")
+        ax1.set_ylabel("time to first audio (ms)")
+        ax1.set_title("TTFT")
+        ax1.set_ylim(bottom=0)
+        ax2.plot(n, [lv["rtf"]["mean"] for lv in levels], "o-", label="RTF mean")
+        ax2.plot(n, [lv["rtf"]["max"] for lv in levels], "s--", label="RTF max")
+        ax2.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="real time (RTF = 1)")
+        ax2.set_xlabel("concurrent sessions")
+        ax2.set_ylabel("generation time / audio time")
+        ax2.set_title("Real-time factor (below 1 = faster than real time)")
+        ax2.set_ylim(bottom=0)
+        for ax in (ax1, ax2):
+            ax.set_xticks(n)
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.suptitle(_title(results), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
