@@ -129,7 +129,7 @@ class Chroma:
     def _run(self, ids: list[int], voice: VoicePrompt, feats: torch.Tensor | None, max_new_frames: int,
              sampling: SamplingParams | None, forced: list[int] | None = None) -> GenerationResult:
         """One response through the engine's one-slot stepper, kept while it is large enough (its graphs too)."""
-        voice_len = voice.text_ids.numel() + voice.codes.shape[0] + 3
+        voice_len = voice.backbone_length
         if self._runner is None or not self._runner.fits(len(ids), voice_len, max_new_frames):
             self._runner = ResponseRunner.for_call(self.model, max(len(ids), 512), max(voice_len, 400),
                                                    max(max_new_frames, 750))

@@ -19,6 +19,11 @@ class VoicePrompt:
     text_ids: torch.Tensor
     codes: torch.Tensor
 
+    @property
+    def backbone_length(self) -> int:
+        """Backbone positions of its prompt: text start, transcript, text end, one per frame, the zero vector."""
+        return self.text_ids.numel() + self.codes.shape[0] + 3
+
 
 @torch.inference_mode()
 def encode_voice(model: ChromaModel, audio_24k: torch.Tensor, text_ids: Sequence[int] | torch.Tensor) -> VoicePrompt:

@@ -174,32 +174,6 @@ class Generation:
         return GenerationResult(list(self.text_tokens), codes, self.prefill_logits, self.stop_reason or "")
 
 
-def generate(
-    model: ChromaModel,
-    input_ids: torch.Tensor | Sequence[int],
-    voice: VoicePrompt,
-    input_features: torch.Tensor | None = None,
-    max_new_frames: int = 750,
-    sampling: SamplingParams | None = None,
-    forced_text_tokens: Sequence[int] | None = None,
-    decode_audio: bool = True,
-) -> GenerationResult:
-    """Run a whole response; with ``decode_audio`` the result carries 24 kHz audio of all frames."""
-    gen = Generation(model, input_ids, voice, input_features, max_new_frames, sampling, forced_text_tokens)
-    for _ in gen:
-        pass
-    result = gen.result()
-    if decode_audio:
-        with torch.inference_mode():
-            codec = model.codec_model
-            if len(result.codes):
-                dev = next(codec.parameters()).device
-                result.audio = codec.decode(result.codes.T[None].to(dev))[0].float().cpu()
-            else:
-                result.audio = torch.zeros(0)
-    return result
-
-
 def mask_undecodable(logits: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Codes at or above the codec's codebook size cannot be decoded: never produce them."""
     logits[..., codebook_size:] = float("-inf")

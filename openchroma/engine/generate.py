@@ -138,7 +138,6 @@ def generate(
 ) -> GenerationResult:
     """Run one whole response; with ``decode_audio`` the result carries its 24 kHz audio."""
     n_prompt = torch.as_tensor(input_ids).numel()
-    voice_len = voice.text_ids.numel() + voice.codes.shape[0] + 3
-    runner = ResponseRunner.for_call(model, n_prompt, voice_len, max_new_frames)
+    runner = ResponseRunner.for_call(model, n_prompt, voice.backbone_length, max_new_frames)
     return runner.run(input_ids, voice, input_features, max_new_frames, sampling, forced_text_tokens, audio_embeds,
                       decode_audio)

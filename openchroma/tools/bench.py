@@ -281,8 +281,7 @@ def per_frame(chroma: Chroma, short: int = 24, long: int = 200, compile: bool = 
     messages = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful voice assistant."}]},
                 {"role": "user", "content": [{"type": "audio"}]}]
     ids = chroma.prompt_ids(messages, [feats])
-    runner = ResponseRunner.for_call(chroma.model, len(ids), voice.text_ids.numel() + voice.codes.shape[0] + 3,
-                                     long, compile=compile)
+    runner = ResponseRunner.for_call(chroma.model, len(ids), voice.backbone_length, long, compile=compile)
     feats = feats.to(chroma.lm.device)
     t0 = time.perf_counter()
     if compile:  # every variant a greedy response uses, compiled before anything is timed
