@@ -427,3 +427,31 @@ def test_editing_the_history_is_what_the_reasoner_reads_next(chroma, engine):
     assert torch.equal(d2.codes, ref.codes)
     with pytest.raises(EngineError, match="between 1 and"):
         s.delete_message(0)
+
+
+def test_per_response_voice_and_instructions_apply_to_that_response_only(chroma, engine, ref_audio):
+    engine.register_voice("other", ref_audio[::-1].copy(), "a different voice", sample_rate=24000)
+    a = engine.create_session("ref")
+    a.add_text("Hello?")
+    da = a.respond(voice="other", instructions="Answer like a pirate.").result()
+    b = engine.create_session("other", system_prompt="Answer like a pirate.")
+    b.add_text("Hello?")
+    db = b.respond().result()
+    assert da.tokens == db.tokens and torch.equal(da.codes, db.codes)
+    assert a.voice == "ref" and a.history[0]["content"][0]["text"] == DEFAULT_SYSTEM_PROMPT
+
+
+def test_an_out_of_band_response_leaves_the_conversation_as_it_was(engine):
+    a, b = engine.create_session("ref"), engine.create_session("ref")
+    a.add_text("What time is it?")
+    b.add_text("What time is it?")
+    oob = b.respond(out_of_band=True, messages=[{"role": "user", "text": "Summarise our talk."}]).result()
+    assert oob.frames == FRAMES
+    assert [m["role"] for m in b.history] == ["system"]          # the open turn is still open, nothing added
+    da, db = a.respond().result(), b.respond().result()
+    assert da.tokens == db.tokens and torch.equal(da.codes, db.codes)
+    assert b.history == a.history
+    with pytest.raises(EngineError, match="out-of-band"):
+        b.respond(messages=[{"role": "user", "text": "x"}])
+    with pytest.raises(UnknownVoice):
+        b.respond(voice="nobody")

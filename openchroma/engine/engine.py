@@ -178,6 +178,7 @@ class Response(_EventStream):
         self.codes: list[torch.Tensor] = []
         self.tokens: list[int] = []
         self.token_frames: list[int] = []   # the audio frame each text token entered the speech at
+        self.out_of_band = False            # not part of the conversation's history
         self._text = ""
         self._detok = engine.tokenizer.incremental_decoder()
 
@@ -297,14 +298,32 @@ class Session:
         self.engine._call(self.engine._add_text, self, text)
 
     def respond(self, max_frames: int | None = None, forced_text: str | None = None,
-                sampling: SamplingParams | None = None) -> Response:
-        """End the user's turn (if any) and start a response; with ``forced_text``, speak exactly that."""
+                sampling: SamplingParams | None = None, *, voice: str | None = None,
+                instructions: str | None = None, out_of_band: bool = False,
+                messages: list[dict[str, str]] | None = None) -> Response:
+        """End the user's turn (if any) and start a response; with ``forced_text``, speak exactly that.
+
+        For this response only: ``voice`` (a registered voice's name) and ``instructions`` (the system prompt).
+        ``out_of_band``: the response reads the history (or ``messages``, ``[{"role": ..., "text": ...}]``,
+        instead) but is not added to it, and the user's open turn stays open."""
         if forced_text is not None and not forced_text.strip():
             raise EngineError("forced_text is empty: nothing to say")
         if forced_text is not None:
             self.engine._check_text_size(forced_text, "forced_text")
+        if instructions is not None:
+            if not isinstance(instructions, str):
+                raise EngineError("instructions must be a string")
+            self.engine._check_text_size(instructions, "the instructions")
+        if messages is not None:
+            if not out_of_band:
+                raise EngineError("messages replace the history only for an out-of-band response")
+            for m in messages:
+                if not isinstance(m, dict):
+                    raise EngineError(f"each message must be a dict with 'role' and 'text', got {m!r}")
+                self.engine._check_message(m.get("role"), m.get("text"))
         t0 = time.perf_counter()  # timings count from the caller's request, queueing and prefill included
-        resp = self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling)
+        resp = self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling,
+                                 _Overrides(voice, instructions, out_of_band, messages))
         resp.t_start = t0
         return resp
 
@@ -933,9 +952,13 @@ class Engine:
         self._finish_audio_part(s)
         s._turn_parts.append({"type": "text", "text": text})
 
-    def _prompt(self, s: Session) -> list[int]:
-        counts = [e.tokens if isinstance(e, _PendingAudio) else e.shape[0] for e in s.audio_embeds]
-        return build_chat_prompt(self.tokenizer, s.messages, counts)
+    def _prompt(self, s: Session, messages: list[dict[str, Any]] | None = None) -> list[int]:
+        """The reasoner's input for ``messages`` (default: the history); their audio parts are the first of the
+        session's audio embeddings (parts of an open turn come after the history's)."""
+        messages = s.messages if messages is None else messages
+        n_audio = sum(1 for m in messages for part in m["content"] if part.get("type") == "audio")
+        counts = [e.tokens if isinstance(e, _PendingAudio) else e.shape[0] for e in s.audio_embeds[:n_audio]]
+        return build_chat_prompt(self.tokenizer, messages, counts)
 
     def _embed_ids(self, s: Session, ids: list[int], start: int) -> torch.Tensor:
         """Reasoner input vectors for ``ids[start:]``; ``<|AUDIO|>`` tokens take the session's audio embeddings."""
@@ -950,24 +973,35 @@ class Engine:
         return self.model.thinker.embed(tail[None], audio)[0]
 
     def _respond(self, s: Session, max_frames: int | None, forced_text: str | None,
-                 sampling: SamplingParams | None) -> Response:
+                 sampling: SamplingParams | None, over: _Overrides | None = None) -> Response:
+        over = over or _Overrides()
         self._check_open(s)
         if s.slot in self._responses:
             raise EngineError(f"session {s.id} is already responding; cancel it first")
-        voice = self.voices.get(s.voice) if s.voice is not None else None
+        name = over.voice or s.voice
+        voice = self.voices.get(name) if name is not None else None
         if voice is None:
-            raise self._unknown_voice(s.voice) if s.voice is not None else UnknownVoice(
+            raise self._unknown_voice(name) if name is not None else UnknownVoice(
                 "no voice chosen for this session: register one and select it first")
-        self._close_turn(s)  # with no user input at all, the model answers the instructions alone (a greeting)
-        ids = self._prompt(s)
+        if not over.out_of_band:
+            self._close_turn(s)  # with no user input at all, the model answers the instructions alone (a greeting)
+        system = s.messages[0] if over.instructions is None else {
+            "role": "system", "content": [{"type": "text", "text": over.instructions}]}
+        if over.messages is not None:
+            conversation = [system] + [{"role": m["role"], "content": [{"type": "text", "text": m["text"]}]}
+                                       for m in over.messages]
+        else:
+            conversation = [system] + s.messages[1:]
+        ids = self._prompt(s, conversation)
         forced = None
         if forced_text is not None:
             forced = self.tokenizer.encode(forced_text) + [self.cfg.im_end_token_id]
         max_frames = min(max_frames or self.max_response_frames, self.max_response_frames)
         answer = reasoner_budget(0, max_frames, self.stepper.lookahead)
         # A full context forgets the oldest turns (the system prompt and the voice stay), as a person would.
-        while len(ids) + answer > self.max_context and self._forget_oldest_turn(s):
-            ids = self._prompt(s)
+        while len(ids) + answer > self.max_context and over.messages is None and self._forget_oldest_turn(s):
+            conversation = [system] + s.messages[1:]
+            ids = self._prompt(s, conversation)
         if len(ids) + answer > self.max_context:
             raise ContextFull(f"this turn ({len(ids)} tokens with the instructions) leaves no room to answer within "
                               f"the {self.max_context}-token context")
@@ -981,8 +1015,10 @@ class Engine:
         s.ctx_ids = ids[:common]
         # The prefill runs in slices between frames (see _loop); the response starts when it is done.
         resp = Response(self, s)
+        resp.out_of_band = over.out_of_band
         self._responses[s.slot] = resp
-        s.response = resp
+        if not over.out_of_band:
+            s.response = resp
         self._jobs.append(_StartJob(s, resp, voice, ids, common, forced, max_frames, sampling or s.sampling))
         return resp
 
@@ -1040,7 +1076,8 @@ class Engine:
         if row is not None:
             s.ctx_ids = s.ctx_ids[: row.prompt_len] + row.tokens[: row.thinker_pos - row.prompt_len]
         text = self._spoken_text(resp.tokens)
-        s.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+        if not resp.out_of_band:
+            s.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
         now = time.perf_counter()
         secs = resp.frames * self.cfg.audio_frame_freq / self.sample_rate
         timings = {"ttft_ms": (resp.t_first_audio - resp.t_start) * 1000 if resp.t_first_audio else float("nan"),
@@ -1055,6 +1092,16 @@ class Engine:
                                                                      dtype=torch.long)
         resp.done = ResponseDone(text, list(resp.tokens), reason, resp.frames, timings, codes)
         resp._emit(resp.done)
+
+
+@dataclass
+class _Overrides:
+    """What one response changes for itself only (``Session.respond``'s keyword arguments)."""
+
+    voice: str | None = None
+    instructions: str | None = None
+    out_of_band: bool = False
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass(eq=False)
