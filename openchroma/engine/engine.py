@@ -15,7 +15,6 @@ So a long user turn or a new voice delays a live stream by about one step, not b
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import queue
@@ -38,7 +37,7 @@ from ..voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 from .sampling import SamplingParams
 from .schedule import USER_SAMPLE_RATE as USER_RATE
 from .schedule import backbone_budget, reasoner_budget
-from .stepper import ContextFull, StepOutput, Stepper
+from .stepper import ContextFull, StepOutput, Stepper, default_threads, intra_op_threads
 
 DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
 log = logging.getLogger("openchroma.engine")
@@ -389,11 +388,7 @@ class Engine:
         self.frames_generated = 0
         self.step_failures = 0            # frame steps failed in a row
         self.last_error: str | None = None
-        if threads is None and self.stepper.device.type == "cpu" and self.cfg.backbone.hidden_size < 1024:
-            # Measured on 2 cores (see BENCHMARKS.md): from a worker thread, two intra-op threads make small
-            # models 1.3-2.4x slower per frame; at published widths one thread costs about 4%.
-            threads = 1
-        self.threads = threads
+        self.threads = threads if threads is not None else default_threads(self.model)
         self._thread = threading.Thread(target=self._loop, name="openchroma-engine", daemon=True)
         self._thread.start()
         # Every variant of the step runs once now, on the worker with its own thread settings (compiled and
@@ -440,19 +435,10 @@ class Engine:
         with torch.inference_mode(), self._beside_live_streams():
             return encode_voice(self.model, wav, self.tokenizer.encode(transcript))
 
-    @contextlib.contextmanager
     def _beside_live_streams(self):
         """Work done in a caller's thread while responses stream: on the CPU, one intra-op thread, so it takes
         one core and leaves the other to the frame loop (torch's setting is per thread; restored after)."""
-        if self.stepper.device.type != "cpu" or not self.stepper.active:
-            yield
-            return
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
+        return intra_op_threads(1 if self.stepper.device.type == "cpu" and self.stepper.active else None)
 
     def transcribe(self, audio, sample_rate: int | None = None, max_tokens: int | None = None) -> Transcription:
         """Transcribe user audio (path, bytes or array) with the reasoner; returns a stream of ``TextDelta``

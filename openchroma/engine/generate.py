@@ -17,7 +17,7 @@ from ..models.chroma import ChromaModel
 from ..voice import VoicePrompt
 from .sampling import SamplingParams
 from .schedule import backbone_budget, reasoner_budget
-from .stepper import StepOutput, Stepper
+from .stepper import StepOutput, Stepper, default_threads, intra_op_threads
 
 
 @dataclass
@@ -54,8 +54,12 @@ class ResponseRunner:
         return cls(model, reasoner_budget(prompt_len, max_frames, lookahead), backbone_budget(voice_len, max_frames),
                    **kw)
 
-    @torch.inference_mode()
-    def run(
+    def run(self, *args, **kw) -> GenerationResult:
+        """One whole response (see ``_run`` for the arguments), stepped with the engine's thread rule."""
+        with intra_op_threads(default_threads(self.model)), torch.inference_mode():
+            return self._run(*args, **kw)
+
+    def _run(
         self,
         input_ids: torch.Tensor | Sequence[int],
         voice: VoicePrompt,
