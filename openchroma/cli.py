@@ -182,7 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from .serving.app import ServerConfig, create_app
+    from .serving.app import ServerConfig, create_app, uvicorn_options
 
     dtype = args.dtype
     if dtype is None:
@@ -196,7 +196,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=args.max_response_seconds,
         max_upload_bytes=int(args.max_upload_mb * 2**20), default_voice=args.default_voice,
         allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower(),
-        compile=args.compile, cuda_graphs=args.cuda_graphs)
+        compile=args.compile, cuda_graphs=args.cuda_graphs, allow_origins=tuple(args.allow_origin or ()),
+        idle_timeout=args.idle_timeout, max_sessions_per_client=args.max_sessions_per_client,
+        send_timeout=args.send_timeout, max_text_chars=args.max_text_chars)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({dtype}) in the background; GET /health says when it is ready.\n"
@@ -204,8 +206,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"  OpenAI base_url: http://{shown}:{args.port}/v1   (realtime: ws://{shown}:{args.port}/v1/realtime)\n"
           f"  voice library:   {config.data_dir / 'voices'}" + ("\n  API key required" if api_key else ""))
     app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets-sansio",
-                ws_max_size=config.max_ws_message_bytes + 1024, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                **uvicorn_options(config))
     return 0
 
 
@@ -370,6 +372,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let chat requests name audio files on the server's disk (the published Chroma "
                         "server's path form); off by default")
     p.add_argument("--model-id", default=None, help="model id reported by /v1/models (default: the model's name)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let web pages on ORIGIN (e.g. https://app.example.com; '*' for any) open the WebSocket and "
+                        "POST; repeat for several. Default: only the server's own origin and non-browser clients")
+    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
+                   help="close a realtime session after S seconds with no client event and no response "
+                        "(close code 4000; 0 = never; default: 300)")
+    p.add_argument("--max-sessions-per-client", type=int, default=0, metavar="N",
+                   help="sessions one client address may hold at once; more get HTTP 429 / a realtime error "
+                        "(default: 0 = no cap)")
+    p.add_argument("--send-timeout", type=float, default=15.0, metavar="S",
+                   help="drop a realtime client that reads nothing for S seconds while the server has events for "
+                        "it (close code 1008; default: 15)")
+    p.add_argument("--max-text-chars", type=int, default=16000, metavar="N",
+                   help="longest text item, message, instructions or prompt text (default: 16000); the texts of "
+                        "one chat request together get 4x this")
     _add_compile_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the frame step as CUDA graphs at load, one per batch size (default: on with CUDA)")

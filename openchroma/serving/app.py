@@ -85,6 +85,8 @@ def _guard(fn, *args):
     (``KeyboardInterrupt`` from a worker, ``GeneratorExit``) into ``RuntimeError``, so the caller always hears back."""
     try:
         return fn(*args)
+    except (StopIteration, StopAsyncIteration) as e:   # Exceptions, but a Future refuses them: the caller hangs
+        raise RuntimeError(f"engine call {getattr(fn, '__name__', fn)!s} raised {type(e).__name__}") from None
     except Exception:
         raise
     except BaseException as e:
@@ -220,11 +222,15 @@ class ServerState:
         if submit is None:
             return None
         try:   # a no-op command: the worker answers it between two frames
-            await asyncio.wait_for(asyncio.wrap_future(submit(lambda: None)), timeout=HEALTH_PROBE_SECONDS)
-        except TimeoutError:
-            return f"the engine's worker did not answer within {HEALTH_PROBE_SECONDS:g} s"
+            done = submit(lambda: None)
         except Exception as e:
-            return f"the engine's worker failed a no-op: {type(e).__name__}: {e}"
+            return f"the engine refuses commands: {type(e).__name__}: {e}"
+        # Polled, never cancelled: the worker's set_result on a cancelled future would raise inside it.
+        deadline = time.monotonic() + HEALTH_PROBE_SECONDS
+        while not done.done():
+            if time.monotonic() > deadline:
+                return f"the engine's worker did not answer within {HEALTH_PROBE_SECONDS:g} s"
+            await asyncio.sleep(0.01)
         return None
 
     def require_engine(self) -> Engine:
@@ -314,6 +320,12 @@ class RedactKeys(logging.Filter):
     """Keeps ``?api_key=`` values out of uvicorn's access and WebSocket log lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.msg == "ASGI callable returned without completing handshake.":
+            # uvicorn's sans-I/O WebSocket says this after every HTTP denial (a 401 for a missing key, a 403 for
+            # a foreign origin) although the answer was sent: a refused client is not a server error.
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = "WebSocket refused with an HTTP answer"
+            return True
         if isinstance(record.args, tuple) and any(isinstance(a, str) and "api" in a.lower() for a in record.args):
             record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.msg, str) and "api" in record.msg.lower():
@@ -455,6 +467,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if state.engine is None:
             threading.Thread(target=state.load, name="openchroma-load", daemon=True).start()
+        install_log_redaction()   # again: uvicorn configures its loggers after the app is built
         yield
         await realtime.close_all(state)
         state.voices.close()

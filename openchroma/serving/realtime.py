@@ -240,7 +240,8 @@ class RealtimeConnection:
             self.engine_response.cancel()
         session, self.session = self.session, None
         try:
-            await self.run_blocking(session.close)
+            # Not on the connection's own thread: a stuck engine call there must not keep the slot held.
+            await engine_call(self.cfg, session.close)
         except Exception as e:  # the engine may be closing too, or stuck
             log.warning("realtime session %s: closing the engine session failed: %s: %s", self.sid,
                         type(e).__name__, e)
@@ -275,7 +276,7 @@ class RealtimeConnection:
         """Read client events until the client leaves; waits (pushing back on the client) while the processor
         is behind by ``MAX_PENDING_EVENTS`` events or ``max_pending_input_bytes`` of audio."""
         try:
-            while True:
+            while not self.stopping.is_set():
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
                     return
@@ -354,6 +355,8 @@ class RealtimeConnection:
         """Apply client events in order; merge runs of audio appends into one engine call."""
         while True:
             kind, payload, eid = await self.queue.get()
+            if self.session is None or self.stopping.is_set():   # closing: nothing more is applied
+                return
             try:
                 if kind == "audio":
                     chunks = [payload]
