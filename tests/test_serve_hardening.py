@@ -402,6 +402,7 @@ class WorkerKilled(BaseException):
     """Not an ``Exception``: the engine's worker loop does not catch it, so its thread ends."""
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the worker we kill
 def test_a_fault_mid_step_fails_the_response_and_the_server_keeps_serving(tiny_chroma, tmp_path):
     with chroma_server(tiny_chroma, tmp_path, max_response_seconds=60, engine_timeout=3.0) as (url, state):
         add_voice(url)
