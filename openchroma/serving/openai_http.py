@@ -113,7 +113,7 @@ def decode_audio_ref(ref: Any, where: str, state: ServerState) -> bytes:
             raise APIError(400, f"{where}: audio paths on the server are disabled; send the audio as base64 or a "
                                 "data URL (or start the server with --allow-local-audio)", param=where)
         if not path.is_file():
-            raise APIError(400, f"{where}: no audio file at {str(path)!r} on the server", param=where)
+            raise APIError(400, f"{where}: no audio file at {clip(str(path))} on the server", param=where)
         return path.read_bytes()
     try:
         return base64.b64decode(ref, validate=True)
@@ -345,7 +345,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     if req.modalities is not None and any(m not in ("text", "audio") for m in req.modalities):
         raise APIError(400, "modalities may hold 'text' and 'audio' only", param="modalities")
     if want_audio and fmt not in CHAT_AUDIO_FORMATS:
-        raise APIError(400, f"audio.format {fmt!r} is not supported; use one of "
+        raise APIError(400, f"audio.format {clip(fmt)} is not supported; use one of "
                             f"{', '.join(sorted(CHAT_AUDIO_FORMATS))}", param="audio.format")
     if want_audio and req.stream and fmt != "pcm16":
         raise APIError(400, "streamed audio is pcm16 (24 kHz, mono); set audio.format to 'pcm16'",
@@ -470,7 +470,7 @@ async def audio_speech(req: SpeechRequest, request: Request):
     engine = state.require_engine()
     fmt = req.response_format
     if fmt not in SPEECH_FORMATS:
-        raise APIError(400, f"response_format {fmt!r} is not supported; use one of {', '.join(SPEECH_FORMATS)}",
+        raise APIError(400, f"response_format {clip(fmt)} is not supported; use one of {', '.join(SPEECH_FORMATS)}",
                        param="response_format")
     if req.stream_format not in (None, "audio", "sse"):
         raise APIError(400, "stream_format must be 'audio' or 'sse'", param="stream_format")

@@ -517,7 +517,7 @@ class RealtimeConnection:
         if not isinstance(s, dict):
             raise ClientError("session.update needs a 'session' object", "invalid_value", "session")
         if s.get("type") not in (None, "realtime"):
-            raise ClientError(f"session type {s.get('type')!r} is not supported: only 'realtime'", "invalid_value",
+            raise ClientError(f"session type {clip(s.get('type'))} is not supported: only 'realtime'", "invalid_value",
                               "session.type")
         audio = _object_or_empty(s.get("audio"), "session.audio")
         a_in = _object_or_empty(audio.get("input"), "session.audio.input")
@@ -582,7 +582,7 @@ class RealtimeConnection:
     def _format(fmt: Any, param: str, inputs: bool) -> dict[str, Any]:
         if isinstance(fmt, str):
             if fmt not in BETA_FORMATS:
-                raise ClientError(f"unknown audio format {fmt!r}; use one of {', '.join(BETA_FORMATS)}",
+                raise ClientError(f"unknown audio format {clip(fmt)}; use one of {', '.join(BETA_FORMATS)}",
                                   "invalid_value", param)
             fmt = dict(BETA_FORMATS[fmt])
         if not isinstance(fmt, dict) or fmt.get("type") not in INPUT_RATES:
@@ -592,7 +592,7 @@ class RealtimeConnection:
             ok = rate in (8000, 16000, 24000, 44100, 48000) if inputs else rate == 24000
             if not ok:
                 allowed = "8000, 16000, 24000, 44100 or 48000" if inputs else "24000"
-                raise ClientError(f"audio/pcm rate {rate!r} is not supported here; use {allowed}", "invalid_value",
+                raise ClientError(f"audio/pcm rate {clip(rate)} is not supported here; use {allowed}", "invalid_value",
                                   param + ".rate")
             return {"type": "audio/pcm", "rate": rate}
         return {"type": fmt["type"]}
@@ -641,7 +641,7 @@ class RealtimeConnection:
         if not isinstance(item, dict):
             raise ClientError("conversation.item.create needs an 'item' object", "invalid_value", "item")
         if item.get("type", "message") != "message":
-            raise ClientError(f"items of type {item.get('type')!r} are not supported: only messages",
+            raise ClientError(f"items of type {clip(item.get('type'))} are not supported: only messages",
                               "unsupported_item", "item.type")
         role = item.get("role")
         content = item.get("content")
