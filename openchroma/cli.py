@@ -167,13 +167,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(",")) if "," in text else (float(text),) * 2
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S or LO,HI seconds, got {text!r}") from None
+    if not 0 < lo <= hi:
+        raise argparse.ArgumentTypeError(f"expected 0 < LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tools.loadtest import LoadConfig, loadtest
+
+    if args.clients < 1 or args.duration <= 0:
+        print("openchroma loadtest: --clients must be at least 1 and --duration positive", file=sys.stderr)
+        return 2
+    if (args.voice_audio is None) != (args.voice_text is None):
+        print("openchroma loadtest: --voice-audio and --voice-text go together", file=sys.stderr)
+        return 2
+    cfg = LoadConfig(server=args.server, clients=args.clients, duration=args.duration, out=Path(args.out),
+                     api_key=args.api_key or None, voice=args.voice,
+                     voice_audio=Path(args.voice_audio) if args.voice_audio else None, voice_text=args.voice_text,
+                     turn_seconds=args.turn_seconds, response_tokens=args.response_tokens, barge_in=args.barge_in,
+                     disconnect=args.disconnect, jitter_ms=args.jitter_ms, seed=args.seed)
+    summary, paths = loadtest(cfg)
+    print(paths["md"].read_text(), end="")
+    print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
     import uvicorn
 
-    from .serving.app import ServerConfig, create_app
+    from .serving.app import ServerConfig, create_app, uvicorn_options
 
     dtype = args.dtype
     if dtype is None:
@@ -187,7 +219,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=args.max_response_seconds,
         max_upload_bytes=int(args.max_upload_mb * 2**20), default_voice=args.default_voice,
         allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower(),
-        compile=args.compile, cuda_graphs=args.cuda_graphs, threads=args.threads)
+        compile=args.compile, cuda_graphs=args.cuda_graphs, threads=args.threads,
+        allow_origins=tuple(args.allow_origin or ()),
+        idle_timeout=args.idle_timeout, max_sessions_per_client=args.max_sessions_per_client,
+        send_timeout=args.send_timeout, max_text_chars=args.max_text_chars)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({dtype}) in the background; GET /health says when it is ready.\n"
@@ -195,8 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"  OpenAI base_url: http://{shown}:{args.port}/v1   (realtime: ws://{shown}:{args.port}/v1/realtime)\n"
           f"  voice library:   {config.data_dir / 'voices'}" + ("\n  API key required" if api_key else ""))
     app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, ws="websockets-sansio",
-                ws_max_size=config.max_ws_message_bytes + 1024, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                **uvicorn_options(config))
     return 0
 
 
@@ -493,6 +528,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compile_arg(p)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("loadtest", help="load-test a running server with N realtime clients (TTFT, gaps, underruns)",
+                       description="N realtime clients (websockets) stream synthetic speech-like user audio paced in "
+                                   "real time, commit and ask for a response, and listen with a playback clock; "
+                                   "some barge in (response.cancel) or drop the connection mid-answer. Reports TTFT "
+                                   "from the end of speech to the first audio, gaps between audio deltas, playback "
+                                   "underruns, cancel latency, errors and refused sessions as loadtest.json, "
+                                   "loadtest.md and loadtest.png under --out.")
+    p.add_argument("--server", required=True, metavar="URL", help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--clients", type=int, default=4, metavar="N", help="concurrent clients (default: 4)")
+    p.add_argument("--duration", type=float, default=60.0, metavar="S",
+                   help="seconds of load; each client then finishes its turn (default: 60)")
+    p.add_argument("--out", default="loadtest-results", metavar="DIR", help="output directory")
+    p.add_argument("--api-key", default=os.environ.get("OPENCHROMA_API_KEY"), help="the server's API key")
+    p.add_argument("--voice", default=None, help="library voice to answer in (default: the server's default)")
+    p.add_argument("--voice-audio", default=None, metavar="FILE",
+                   help="register this reference audio first (as --voice, default name 'loadtest')")
+    p.add_argument("--voice-text", default=None, metavar="TEXT", help="transcript of --voice-audio")
+    p.add_argument("--turn-seconds", type=_range, default=(1.0, 3.0), metavar="LO,HI",
+                   help="user speech per turn, drawn uniformly (default: 1,3)")
+    p.add_argument("--response-tokens", type=int, default=25, metavar="N",
+                   help="max_output_tokens per answer; 2 frames (160 ms) each (default: 25)")
+    p.add_argument("--barge-in", type=float, default=0.2, metavar="P", help="chance a turn is interrupted (0.2)")
+    p.add_argument("--disconnect", type=float, default=0.05, metavar="P",
+                   help="chance a turn ends with the client dropping the connection (0.05)")
+    p.add_argument("--jitter-ms", type=float, default=100.0, metavar="MS",
+                   help="playback starts this long after the first audio delta (default: 100)")
+    p.add_argument("--seed", type=int, default=0, help="seed for audio and choices (default: 0)")
+    p.set_defaults(func=cmd_loadtest)
+
     p = sub.add_parser("serve", help="run the real-time voice server (OpenAI Realtime, chat, speech, browser client)",
                        description="Serve one model over HTTP and WebSocket: the OpenAI Realtime protocol at "
                                    "/v1/realtime (server VAD, barge-in), /v1/chat/completions and /v1/audio/speech "
@@ -520,6 +584,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let chat requests name audio files on the server's disk (the published Chroma "
                         "server's path form); off by default")
     p.add_argument("--model-id", default=None, help="model id reported by /v1/models (default: the model's name)")
+    p.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="let web pages on ORIGIN (e.g. https://app.example.com; '*' for any) open the WebSocket and "
+                        "POST; repeat for several. Default: only the server's own origin and non-browser clients")
+    p.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
+                   help="close a realtime session after S seconds with no client event and no response "
+                        "(close code 4000; 0 = never; default: 300)")
+    p.add_argument("--max-sessions-per-client", type=int, default=0, metavar="N",
+                   help="sessions one client address may hold at once; more get HTTP 429 / a realtime error "
+                        "(default: 0 = no cap)")
+    p.add_argument("--send-timeout", type=float, default=15.0, metavar="S",
+                   help="drop a realtime client that reads nothing for S seconds while the server has events for "
+                        "it (close code 1008; default: 15)")
+    p.add_argument("--max-text-chars", type=int, default=16000, metavar="N",
+                   help="longest text item, message, instructions or prompt text (default: 16000); the texts of "
+                        "one chat request together get 4x this")
     _add_compile_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the frame step as CUDA graphs at load, one per batch size (default: on with CUDA)")

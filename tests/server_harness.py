@@ -13,7 +13,7 @@ import uvicorn
 
 from openchroma.engine import Engine
 from openchroma.pipeline import Chroma
-from openchroma.serving.app import ServerConfig, create_app
+from openchroma.serving.app import ServerConfig, create_app, uvicorn_options
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEECH_WAV = ROOT / "tests" / "data" / "speech.wav"
@@ -26,11 +26,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(app) -> Iterator[str]:
+def running_server(app, log_level: str = "warning") -> Iterator[str]:
     """Serve ``app`` on 127.0.0.1 until the block ends; yields the base URL (``http://127.0.0.1:PORT``)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           ws="websockets-sansio", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level=log_level, lifespan="on",
+                                           **uvicorn_options(app.state.oc.config)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -46,7 +46,7 @@ def running_server(app) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def chroma_server(chroma: Chroma, data_dir: Path, **config) -> Iterator[tuple[str, object]]:
+def chroma_server(chroma: Chroma, data_dir: Path, log_level: str = "warning", **config) -> Iterator[tuple[str, object]]:
     """A fresh engine over ``chroma`` behind a fresh app (as after a restart); yields (base URL, app state)."""
     config.setdefault("max_response_seconds", 2.0)
     cfg = ServerConfig(model="tiny-random", data_dir=data_dir, model_id="chroma-tiny", **config)
@@ -54,7 +54,7 @@ def chroma_server(chroma: Chroma, data_dir: Path, **config) -> Iterator[tuple[st
                     max_response_frames=cfg.max_response_frames)
     app = create_app(cfg, engine)
     try:
-        with running_server(app) as url:
+        with running_server(app, log_level) as url:
             yield url, app.state.oc
     finally:
         engine.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import json
@@ -26,7 +27,6 @@ import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
-from starlette.concurrency import run_in_threadpool
 
 from ..audio import AudioError, load_audio
 from ..engine import (
@@ -40,7 +40,17 @@ from ..engine import (
     SessionLimit,
     TextDelta,
 )
-from .app import OPENAI_STOCK_VOICES, APIError, ServerState, get_state
+from .app import (
+    OPENAI_STOCK_VOICES,
+    APIError,
+    ServerState,
+    client_id,
+    clip,
+    engine_call,
+    get_state,
+    response_events,
+    shorten,
+)
 from .codecs import encode_wav, float_to_pcm16, pcm16_to_float, wav_header
 
 router = APIRouter()
@@ -103,7 +113,7 @@ def decode_audio_ref(ref: Any, where: str, state: ServerState) -> bytes:
             raise APIError(400, f"{where}: audio paths on the server are disabled; send the audio as base64 or a "
                                 "data URL (or start the server with --allow-local-audio)", param=where)
         if not path.is_file():
-            raise APIError(400, f"{where}: no audio file at {str(path)!r} on the server", param=where)
+            raise APIError(400, f"{where}: no audio file at {clip(str(path))} on the server", param=where)
         return path.read_bytes()
     try:
         return base64.b64decode(ref, validate=True)
@@ -130,14 +140,14 @@ class AdhocVoices:
         self.names: OrderedDict[str, None] = OrderedDict()
         self.lock = asyncio.Lock()
 
-    async def get(self, engine: Engine, audio: bytes, transcript: str) -> str:
+    async def get(self, state: ServerState, engine: Engine, audio: bytes, transcript: str) -> str:
         name = "_adhoc_" + hashlib.sha256(audio + b"\0" + transcript.encode()).hexdigest()[:16]
         async with self.lock:
             if name in engine.voices:
                 self.names.move_to_end(name)
                 return name
             try:
-                await run_in_threadpool(engine.register_voice, name, audio, transcript)
+                await engine_call(state.config, engine.register_voice, name, audio, transcript)
             except (AudioError, EngineError) as e:
                 raise APIError(400, f"prompt_audio: {e}", code="invalid_audio", param="prompt_audio") from None
             self.names[name] = None
@@ -153,32 +163,50 @@ def adhoc(state: ServerState) -> AdhocVoices:
 
 
 # ----- sessions -------------------------------------------------------------------------------------------
-async def open_session(state: ServerState, route: str, voice: str, system_prompt: str | None):
+async def open_session(state: ServerState, route: str, voice: str, system_prompt: str | None, request: Request):
     engine = state.require_engine()
+    client = client_id(request.scope)
+    if not state.claim_client_session(client):
+        raise state.client_limit_error()
     try:
-        session = await run_in_threadpool(engine.create_session, voice, system_prompt)
+        session = await engine_call(state.config, engine.create_session, voice, system_prompt)
     except SessionLimit as e:
+        state.release_client_session(client)
         state.metrics.sessions_rejected.inc()
         raise APIError(503, str(e), "server_error", "session_limit_reached") from None
+    except BaseException:
+        state.release_client_session(client)
+        raise
+    state.http_session_clients[session] = client
     state.metrics.sessions_total.labels(route).inc()
     state.metrics.sessions_active.labels(route).inc()
     return session
 
 
 async def close_session(state: ServerState, route: str, session) -> None:
+    client = state.http_session_clients.pop(session, None)
+    if client is None:   # closed already
+        return
     try:
-        await run_in_threadpool(session.close)
+        await engine_call(state.config, session.close)
     finally:
+        state.release_client_session(client)
         state.metrics.sessions_active.labels(route).dec()
+
+
+async def call(state: ServerState, fn, *args):
+    """An engine call for a route: the engine's refusals (``EngineError``, ``ValueError``) become 400s."""
+    try:
+        return await engine_call(state.config, fn, *args)
+    except (EngineError, ContextFull, AudioError) as e:
+        raise APIError(400, shorten(str(e), 300), code="context_full" if isinstance(e, ContextFull) else None) \
+            from None
 
 
 async def respond(state: ServerState, route: str, session, *args):
     """Start the session's response; on any failure free the session (engine errors become 400s)."""
     try:
-        return await run_in_threadpool(session.respond, *args)
-    except (EngineError, ContextFull) as e:
-        await close_session(state, route, session)
-        raise APIError(400, str(e), code="context_full" if isinstance(e, ContextFull) else None) from None
+        return await call(state, session.respond, *args)
     except BaseException:
         await close_session(state, route, session)
         raise
@@ -187,7 +215,8 @@ async def respond(state: ServerState, route: str, session, *args):
 async def end(state: ServerState, route: str, session, resp) -> None:
     """Stop the response if it still runs (the client left) and free the slot, even while being cancelled."""
     if resp.done is None:
-        resp.cancel()
+        with contextlib.suppress(Exception):
+            resp.cancel()
     await asyncio.shield(close_session(state, route, session))
 
 
@@ -198,16 +227,20 @@ def sampling_from(req: ChatRequest | SpeechRequest) -> SamplingParams | None:
     try:
         return SamplingParams(temperature=float(t or 0.0), top_k=int(getattr(req, "top_k", None) or 0),
                               top_p=float(getattr(req, "top_p", None) or 1.0), seed=getattr(req, "seed", None))
-    except ValueError as e:
-        raise APIError(400, str(e), param="temperature") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        param = next((k for k in ("temperature", "top_k", "top_p", "seed") if str(e).startswith(k)), "temperature")
+        raise APIError(400, shorten(str(e), 200), param=param) from None
 
 
 def text_of(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") in
-                       ("text", "input_text", "output_text"))
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") in
+                 ("text", "input_text", "output_text")]
+        if any(not isinstance(t, str) for t in parts):
+            raise APIError(400, f"{where}: a text part's 'text' must be a string", param=where)
+        return "".join(parts)
     if content is None:
         return ""
     raise APIError(400, f"{where}: content must be a string or a list of parts", param=where)
@@ -226,10 +259,10 @@ async def feed_messages(state: ServerState, session, messages: list[dict[str, An
         if role == "assistant":
             text = text_of(content, where + ".content")
             if text.strip():
-                await run_in_threadpool(session.add_message, "assistant", text)
+                await call(state, session.add_message, "assistant", text)
             continue
         if role != "user":
-            raise APIError(400, f"{where}: role {role!r} is not supported (system, user, assistant)",
+            raise APIError(400, f"{where}: role {clip(role)} is not supported (system, user, assistant)",
                            param=where + ".role")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list) or not parts:
@@ -240,10 +273,13 @@ async def feed_messages(state: ServerState, session, messages: list[dict[str, An
             if ptype in ("text", "input_text"):
                 if not isinstance(p.get("text"), str) or not p["text"].strip():
                     raise APIError(400, f"{pw}: empty text", param=pw)
-                await run_in_threadpool(session.add_text, p["text"])
+                await call(state, session.add_text, p["text"])
                 continue
             if ptype == "input_audio":            # OpenAI: {"input_audio": {"data": b64, "format": "wav"}}
-                ia = p.get("input_audio") or {}
+                ia = p.get("input_audio")
+                if not isinstance(ia, dict) or (ia.get("format") is not None and not isinstance(ia["format"], str)):
+                    raise APIError(400, f"{pw}.input_audio must be an object {{\"data\": base64, \"format\": "
+                                        f"\"wav\"}}, got {clip(ia)}", param=pw + ".input_audio")
                 raw = decode_audio_ref(ia.get("data"), pw + ".input_audio.data", state)
                 wav = read_audio(raw, pw, ia.get("format"))
             elif ptype in ("audio", "audio_url"):  # Chroma / Qwen-Omni: {"audio": path|b64|data URL}
@@ -252,13 +288,41 @@ async def feed_messages(state: ServerState, session, messages: list[dict[str, An
                     ref = ref.get("url") or ref.get("data")
                 wav = read_audio(decode_audio_ref(ref, pw, state), pw)
             else:
-                raise APIError(400, f"{pw}: content part type {ptype!r} is not supported (text, input_audio, "
+                raise APIError(400, f"{pw}: content part type {clip(ptype)} is not supported (text, input_audio, "
                                     "audio)", param=pw + ".type")
             if len(wav) / 16000 > state.config.max_input_audio_seconds:
                 raise APIError(400, f"{pw}: {len(wav) / 16000:.1f} s of audio is over the limit of "
                                     f"{state.config.max_input_audio_seconds:.0f} s", param=pw)
-            await run_in_threadpool(session.append_audio, wav, 16000)
-            await run_in_threadpool(session.commit_audio)
+            await call(state, session.append_audio, wav, 16000)
+            await call(state, session.commit_audio)
+
+
+def check_chat_limits(state: ServerState, req: ChatRequest) -> None:
+    """Refuse a request whose texts would hold the tokenizer (and with it every live stream) for long: a cap per
+    message text and on all texts together, and on the number of messages."""
+    cfg = state.config
+    if len(req.messages) > cfg.max_messages:
+        raise APIError(400, f"messages holds {len(req.messages)} messages; the server's limit is {cfg.max_messages}",
+                       code="array_above_max_length", param="messages")
+    total = 0
+    for i, m in enumerate(req.messages):
+        content = m.get("content")
+        texts = [content] if isinstance(content, str) else [
+            p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)] \
+            if isinstance(content, list) else []
+        for t in texts:
+            if len(t) > cfg.max_text_chars:
+                raise APIError(400, f"messages[{i}]: a text of {len(t)} characters is over the server's limit of "
+                                    f"{cfg.max_text_chars}", code="string_above_max_length", param=f"messages[{i}]")
+            total += len(t)
+    if total > 4 * cfg.max_text_chars:
+        raise APIError(400, f"the messages' texts hold {total} characters together; the server's limit is "
+                            f"{4 * cfg.max_text_chars}", code="string_above_max_length", param="messages")
+    for name in ("prompt_text",):
+        value = getattr(req, name)
+        if value is not None and len(value) > cfg.max_text_chars:
+            raise APIError(400, f"{name} is {len(value)} characters; the server's limit is {cfg.max_text_chars}",
+                           code="string_above_max_length", param=name)
 
 
 # ----- chat completions -----------------------------------------------------------------------------------
@@ -266,18 +330,22 @@ async def feed_messages(state: ServerState, session, messages: list[dict[str, An
 async def chat_completions(req: ChatRequest, request: Request):
     state = get_state(request)
     engine = state.require_engine()
+    check_chat_limits(state, req)
     if req.n not in (None, 1):
         raise APIError(400, "n must be 1", param="n")
     if not req.messages:
         raise APIError(400, "messages must not be empty", param="messages")
     audio_opts = req.audio or {}
+    if not isinstance(audio_opts.get("format"), (str, type(None))):
+        raise APIError(400, f"audio.format must be a string, got {clip(audio_opts.get('format'))}",
+                       param="audio.format")
     fmt = audio_opts.get("format") or ("pcm16" if req.stream else "wav")
     want_audio = bool(req.return_audio) or "audio" in (req.modalities or []) or (
         req.return_audio is None and req.modalities is None and req.prompt_audio is not None)
     if req.modalities is not None and any(m not in ("text", "audio") for m in req.modalities):
         raise APIError(400, "modalities may hold 'text' and 'audio' only", param="modalities")
     if want_audio and fmt not in CHAT_AUDIO_FORMATS:
-        raise APIError(400, f"audio.format {fmt!r} is not supported; use one of "
+        raise APIError(400, f"audio.format {clip(fmt)} is not supported; use one of "
                             f"{', '.join(sorted(CHAT_AUDIO_FORMATS))}", param="audio.format")
     if want_audio and req.stream and fmt != "pcm16":
         raise APIError(400, "streamed audio is pcm16 (24 kHz, mono); set audio.format to 'pcm16'",
@@ -289,7 +357,7 @@ async def chat_completions(req: ChatRequest, request: Request):
         if not req.prompt_text.strip():
             raise APIError(400, "prompt_text is empty", param="prompt_text")
         ref = decode_audio_ref(req.prompt_audio, "prompt_audio", state)
-        voice = await adhoc(state).get(engine, ref, req.prompt_text)
+        voice = await adhoc(state).get(state, engine, ref, req.prompt_text)
     else:
         voice = state.resolve_voice(audio_opts.get("voice") or req.voice)
     system = "\n".join(text_of(m.get("content"), f"messages[{i}].content") for i, m in enumerate(req.messages)
@@ -300,7 +368,7 @@ async def chat_completions(req: ChatRequest, request: Request):
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
     max_frames = engine.max_response_frames if limit is None else min(engine.max_response_frames, 2 * limit)
 
-    session = await open_session(state, "chat", voice, system)
+    session = await open_session(state, "chat", voice, system, request)
     try:
         await feed_messages(state, session, req.messages)
     except BaseException:
@@ -316,7 +384,7 @@ async def chat_completions(req: ChatRequest, request: Request):
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         text, audio, done = "", [], None
-        async for ev in resp:
+        async for ev in response_events(state.config, resp):
             if isinstance(ev, AudioChunk):
                 audio.append(ev.audio)
             elif isinstance(ev, ResponseDone):
@@ -372,7 +440,7 @@ async def stream_chat(state: ServerState, session, resp, cid: str, created: int,
     done = None
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for ev in resp:
+        async for ev in response_events(state.config, resp):
             if isinstance(ev, TextDelta):
                 # As OpenAI streams audio: the words go in audio.transcript; text-only output uses content.
                 yield chunk({"audio": {"id": audio_id, "transcript": ev.text}} if want_audio else {"content": ev.text})
@@ -402,7 +470,7 @@ async def audio_speech(req: SpeechRequest, request: Request):
     engine = state.require_engine()
     fmt = req.response_format
     if fmt not in SPEECH_FORMATS:
-        raise APIError(400, f"response_format {fmt!r} is not supported; use one of {', '.join(SPEECH_FORMATS)}",
+        raise APIError(400, f"response_format {clip(fmt)} is not supported; use one of {', '.join(SPEECH_FORMATS)}",
                        param="response_format")
     if req.stream_format not in (None, "audio", "sse"):
         raise APIError(400, "stream_format must be 'audio' or 'sse'", param="stream_format")
@@ -411,6 +479,9 @@ async def audio_speech(req: SpeechRequest, request: Request):
     text = req.input
     if not text.strip():
         raise APIError(400, "input is empty: nothing to say", param="input")
+    if req.instructions is not None and len(req.instructions) > state.config.max_text_chars:
+        raise APIError(400, f"instructions is {len(req.instructions)} characters; the server's limit is "
+                            f"{state.config.max_text_chars}", code="string_above_max_length", param="instructions")
     if len(text) > MAX_SPEECH_CHARS:
         raise APIError(400, f"input is {len(text)} characters; the limit is {MAX_SPEECH_CHARS}", param="input")
     n_tokens = len(engine.tokenizer.encode(text))
@@ -419,7 +490,7 @@ async def audio_speech(req: SpeechRequest, request: Request):
                             f"{engine.max_response_frames * 0.08:.0f} s per response: split it", param="input")
     voice = state.resolve_voice(req.voice)
     sampling = sampling_from(req)
-    session = await open_session(state, "speech", voice, req.instructions)
+    session = await open_session(state, "speech", voice, req.instructions, request)
     resp = await respond(state, "speech", session, None, text, sampling)
     rate = engine.sample_rate
     if req.stream_format == "sse":
@@ -428,7 +499,7 @@ async def audio_speech(req: SpeechRequest, request: Request):
     if fmt == "flac":  # FLAC needs the whole signal; everything else streams
         pcm, done = [], None
         try:
-            async for ev in resp:
+            async for ev in response_events(state.config, resp):
                 if isinstance(ev, AudioChunk):
                     pcm.append(ev.audio)
                 elif isinstance(ev, ResponseDone):
@@ -446,7 +517,7 @@ async def stream_speech(state: ServerState, session, resp, fmt: str, rate: int) 
     try:
         if fmt == "wav":
             yield wav_header(rate)  # length unknown while streaming, as OpenAI's streamed wav
-        async for ev in resp:
+        async for ev in response_events(state.config, resp):
             if isinstance(ev, AudioChunk):
                 yield float_to_pcm16(ev.audio)
             elif isinstance(ev, ResponseDone):
@@ -457,7 +528,7 @@ async def stream_speech(state: ServerState, session, resp, fmt: str, rate: int) 
 
 async def stream_speech_sse(state: ServerState, session, resp, n_tokens: int) -> AsyncIterator[bytes]:
     try:
-        async for ev in resp:
+        async for ev in response_events(state.config, resp):
             if isinstance(ev, AudioChunk):
                 yield sse({"type": "speech.audio.delta", "audio": base64.b64encode(float_to_pcm16(ev.audio)).decode()})
             elif isinstance(ev, ResponseDone):

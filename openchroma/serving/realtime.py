@@ -15,6 +15,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import json
 import logging
 import secrets
@@ -26,9 +27,20 @@ import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
+from ..audio import AudioError
 from ..engine import AudioChunk, ContextFull, EngineError, ResponseDone, SessionLimit, TextDelta, UnknownVoice
 from ..engine.engine import Response as EngineResponse
-from .app import APIError, ServerState, check_api_key
+from .app import (
+    APIError,
+    EngineTimeout,
+    ServerState,
+    check_api_key,
+    client_id,
+    clip,
+    engine_call,
+    response_events,
+    shorten,
+)
 from .codecs import InputDecoder, OutputEncoder
 from .metrics import response_status
 from .vad import StreamingVAD, VADConfig
@@ -37,12 +49,41 @@ log = logging.getLogger("openchroma.realtime")
 router = APIRouter()
 
 MIN_COMMIT_MS = 100
+MAX_PENDING_EVENTS = 64          # client events read but not yet applied; past this the reader stops reading
+MAX_VAD_MS = 10_000              # prefix padding and silence duration
+MAX_OUTPUT_TOKENS = 4096
+# Close codes (README, "Serve"): what a client sees when the server ends its connection.
+CLOSE_NOT_READING = 1008         # policy: the client stopped reading what it is sent
+CLOSE_ENGINE_FAILED = 1011       # an engine call failed to answer; the session was freed
+CLOSE_TRY_AGAIN = 1013           # session limits, model not ready
+CLOSE_IDLE = 4000                # idle for --idle-timeout seconds
 DEFAULT_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
                "create_response": True, "interrupt_response": True, "idle_timeout_ms": None}
 SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}
 INPUT_RATES = {"audio/pcm": None, "audio/pcmu": 8000, "audio/pcma": 8000}
 BETA_FORMATS = {"pcm16": {"type": "audio/pcm", "rate": 24000}, "g711_ulaw": {"type": "audio/pcmu"},
                 "g711_alaw": {"type": "audio/pcma"}}
+
+
+def _object_or_empty(value: Any, param: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ClientError(f"{param} must be an object, got {clip(value)}", "invalid_value", param)
+    return value
+
+
+def _modalities(value: Any, param: str) -> list[str]:
+    if not isinstance(value, list) or not value or any(m not in ("audio", "text") for m in value):
+        raise ClientError(f"output_modalities must be ['audio'] or ['text'], got {clip(value)}", "invalid_value", param)
+    return ["audio"] if "audio" in value else ["text"]
+
+
+def _max_output_tokens(value: Any, param: str) -> int | str:
+    if value == "inf" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_OUTPUT_TOKENS):
+        return value
+    raise ClientError(f"max_output_tokens must be an integer from 1 to {MAX_OUTPUT_TOKENS} or 'inf', got {clip(value)}",
+                      "invalid_value", param)
 
 
 def _id(prefix: str) -> str:
@@ -57,6 +98,25 @@ class ClientError(Exception):
         self.message, self.code, self.param, self.type = message, code, param, type
 
 
+class PendingBudget:
+    """Bytes of decoded input audio waiting for the processor. The reader waits for room before it reads on (so a
+    client that outruns the engine is pushed back through TCP) instead of queueing without bound."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self.freed = asyncio.Event()
+
+    async def acquire(self, n: int) -> None:
+        while self.used and self.used + n > self.limit:   # one item alone always fits
+            self.freed.clear()
+            await self.freed.wait()
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self.freed.set()
+
+
 class RealtimeConnection:
     def __init__(self, ws: WebSocket, state: ServerState):
         self.ws = ws
@@ -69,7 +129,11 @@ class RealtimeConnection:
         self.conversation_id = _id("conv")
         self.send_lock = asyncio.Lock()
         self.closed = False
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.close_code: tuple[int, str] | None = None   # set when the server decides to end the connection
+        self.stopping = asyncio.Event()
+        self.last_activity = time.monotonic()
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_PENDING_EVENTS)
+        self.pending = PendingBudget(self.cfg.max_pending_input_bytes)
         self.items: list[str] = []              # conversation item ids, in order
         self.last_assistant_item: str | None = None
         self.response_task: asyncio.Task | None = None
@@ -94,7 +158,14 @@ class RealtimeConnection:
 
     # ----- plumbing --------------------------------------------------------------------------------------
     async def run_blocking(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        """An engine call on the connection's own thread, in order; it always answers (an exception at worst)."""
+        return await engine_call(self.cfg, fn, *args, executor=self.pool)
+
+    def stop(self, code: int, reason: str) -> None:
+        """End the connection from the server's side with ``code`` (the first reason given wins)."""
+        if self.close_code is None:
+            self.close_code = (code, reason)
+        self.stopping.set()
 
     async def send(self, event: dict[str, Any]) -> None:
         event.setdefault("event_id", _id("event"))
@@ -103,9 +174,16 @@ class RealtimeConnection:
             if self.closed:
                 return
             try:
-                await self.ws.send_text(data)
+                # A client that stops reading fills the socket; the send then waits, at most this long.
+                await asyncio.wait_for(self.ws.send_text(data), timeout=self.cfg.send_timeout or None)
+            except TimeoutError:
+                self.closed = True
+                log.warning("realtime session %s: the client read nothing for %g s; closing", self.sid,
+                            self.cfg.send_timeout)
+                self.stop(CLOSE_NOT_READING, "client is not reading")
             except Exception:  # the client went away: the reader will notice and clean up
                 self.closed = True
+                self.stopping.set()
 
     async def send_error(self, message: str, code: str, param: str | None = None,
                          type: str = "invalid_request_error", event_id: str | None = None) -> None:
@@ -142,6 +220,12 @@ class RealtimeConnection:
             self.state.metrics.sessions_rejected.inc()
             await self.send_error(str(e), "session_limit_reached", type="server_error")
             return False
+        except Exception as e:   # the engine is closed, stuck or failing: say so rather than drop the socket
+            log.error("realtime: creating a session failed: %s: %s", type(e).__name__, e)
+            await self.send_error(f"the engine could not open a session: {type(e).__name__}: {shorten(str(e))}",
+                                  "engine_timeout" if isinstance(e, EngineTimeout) else "session_failed",
+                                  type="server_error")
+            return False
         self.new_vad()
         self.state.metrics.sessions_total.labels("realtime").inc()
         self.state.metrics.sessions_active.labels("realtime").inc()
@@ -156,19 +240,47 @@ class RealtimeConnection:
             self.engine_response.cancel()
         session, self.session = self.session, None
         try:
-            await self.run_blocking(session.close)
-        except Exception:  # the engine may be closing too
-            pass
+            # Not on the connection's own thread: a stuck engine call there must not keep the slot held.
+            await engine_call(self.cfg, session.close)
+        except Exception as e:  # the engine may be closing too, or stuck
+            log.warning("realtime session %s: closing the engine session failed: %s: %s", self.sid,
+                        type(e).__name__, e)
         self.state.metrics.sessions_active.labels("realtime").dec()
         self.pool.shutdown(wait=False)
 
     async def serve(self) -> None:
         processor = asyncio.create_task(self.process())
+        reader = asyncio.create_task(self.read())
+        idle = asyncio.create_task(self.watch_idle())
+        stopping = asyncio.create_task(self.stopping.wait())
         try:
-            while True:
+            await asyncio.wait([reader, processor, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, processor, idle, stopping):
+                task.cancel()
+            task = self.response_task
+            if task is not None and not task.done():
+                # Stop generating at once; let the task record how the response ended, briefly.
+                if self.engine_response is not None and self.engine_response.done is None:
+                    with contextlib.suppress(Exception):
+                        self.engine_response.cancel()
+                await asyncio.wait([task], timeout=0.5)
+                task.cancel()
+            await self.close()
+            if self.close_code is not None:
+                code, reason = self.close_code
+                with contextlib.suppress(Exception):   # a client that reads nothing never gets the close frame
+                    await asyncio.wait_for(self.ws.close(code=code, reason=reason), timeout=1.0)
+
+    async def read(self) -> None:
+        """Read client events until the client leaves; waits (pushing back on the client) while the processor
+        is behind by ``MAX_PENDING_EVENTS`` events or ``max_pending_input_bytes`` of audio."""
+        try:
+            while not self.stopping.is_set():
                 msg = await self.ws.receive()
                 if msg["type"] == "websocket.disconnect":
-                    break
+                    return
+                self.last_activity = time.monotonic()
                 text = msg.get("text")
                 if text is None:
                     data = msg.get("bytes") or b""
@@ -179,34 +291,47 @@ class RealtimeConnection:
                                               "invalid_event")
                         continue
                 await self.receive_event(text)
-        except WebSocketDisconnect:
-            pass
-        finally:
-            processor.cancel()
-            task = self.response_task
-            if task is not None and not task.done():
-                # Stop generating at once; let the task record how the response ended, briefly.
-                if self.engine_response is not None and self.engine_response.done is None:
-                    self.engine_response.cancel()
-                await asyncio.wait([task], timeout=0.5)
-                task.cancel()
-            await self.close()
+        except (WebSocketDisconnect, RuntimeError):   # RuntimeError: receive after the socket closed
+            return
+
+    async def watch_idle(self) -> None:
+        """Close the session once neither the client nor a response has done anything for ``idle_timeout``."""
+        timeout = self.cfg.idle_timeout
+        if not timeout or timeout <= 0:
+            return
+        while True:
+            busy = self.engine_response is not None and self.engine_response.done is None
+            if busy:
+                self.last_activity = time.monotonic()
+            left = self.last_activity + timeout - time.monotonic()
+            if left <= 0:
+                log.info("realtime session %s idle for %g s: closing", self.sid, timeout)
+                await self.send_error(f"the session was idle for {timeout:g} s and is closed (the server's "
+                                      "--idle-timeout)", "idle_timeout", type="invalid_request_error")
+                self.stop(CLOSE_IDLE, "idle timeout")
+                return
+            await asyncio.sleep(min(left, 1.0))
 
     async def receive_event(self, text: str) -> None:
         if len(text) > self.cfg.max_ws_message_bytes:
-            await self.send_error(f"event of {len(text)} bytes is over the limit of {self.cfg.max_ws_message_bytes}; "
-                                  "send audio in smaller appends", "message_too_large")
+            await self.send_error(f"an event of {len(text)} bytes is over the limit of {self.cfg.max_ws_message_bytes}"
+                                  "; send audio in smaller appends (this event was dropped)", "message_too_large")
             return
         try:
             event = json.loads(text)
-        except json.JSONDecodeError as e:
-            await self.send_error(f"the message is not valid JSON: {e}", "invalid_json")
+        except (ValueError, RecursionError) as e:   # JSONDecodeError, too many digits, nesting too deep
+            why = "nested too deeply" if isinstance(e, RecursionError) else shorten(str(e), 120)
+            await self.send_error(f"the message is not valid JSON: {why}", "invalid_json")
             return
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             await self.send_error("an event must be a JSON object with a string 'type'", "invalid_event")
             return
         kind = event["type"]
         eid = event.get("event_id")
+        if eid is not None and not isinstance(eid, str):
+            eid = None
+        elif eid is not None and len(eid) > 128:
+            eid = eid[:128]
         if kind == "input_audio_buffer.append":
             audio = event.get("audio")
             if not isinstance(audio, str):
@@ -217,9 +342,11 @@ class RealtimeConnection:
                 raw = base64.b64decode(audio, validate=True)
                 samples = self.decode_input(raw)
             except (binascii.Error, ValueError) as e:
-                await self.send_error(f"'audio' is not valid base64 {self.input_format['type']}: {e}",
+                fmt = self.input_format["type"]
+                await self.send_error(f"'audio' is not valid base64 {fmt}: {shorten(str(e), 120)}",
                                       "invalid_value", "audio", event_id=eid)
                 return
+            await self.pending.acquire(samples.nbytes)
             await self.queue.put(("audio", samples, eid))
         else:  # response.cancel too: a cancel right after response.create must find that response
             await self.queue.put(("event", event, eid))
@@ -228,25 +355,36 @@ class RealtimeConnection:
         """Apply client events in order; merge runs of audio appends into one engine call."""
         while True:
             kind, payload, eid = await self.queue.get()
+            if self.session is None or self.stopping.is_set():   # closing: nothing more is applied
+                return
             try:
                 if kind == "audio":
                     chunks = [payload]
                     while not self.queue.empty() and self.queue._queue[0][0] == "audio":  # type: ignore[attr-defined]
                         chunks.append(self.queue.get_nowait()[1])
-                    await self.ingest(np.concatenate(chunks), eid)
+                    try:
+                        await self.ingest(np.concatenate(chunks), eid)
+                    finally:
+                        self.pending.release(sum(c.nbytes for c in chunks))
                 else:
                     await self.handle(payload, eid)
             except ClientError as e:
                 await self.send_error(e.message, e.code, e.param, e.type, event_id=eid)
             except APIError as e:
                 await self.send_error(e.message, e.code or "invalid_request", e.param, e.type, event_id=eid)
-            except (EngineError, ValueError) as e:
-                await self.send_error(str(e), "invalid_request", event_id=eid)
+            except EngineTimeout as e:
+                # The engine is stuck: say so and free the slot rather than leave the client waiting forever.
+                log.error("realtime session %s: %s", self.sid, e)
+                await self.send_error(str(e), "engine_timeout", type="server_error", event_id=eid)
+                self.stop(CLOSE_ENGINE_FAILED, "engine did not answer")
+                return
+            except (EngineError, AudioError, ValueError, TypeError) as e:
+                await self.send_error(shorten(str(e), 300), "invalid_request", event_id=eid)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # never drop the connection over one event
                 log.exception("realtime event failed")
-                await self.send_error(f"internal error: {type(e).__name__}: {e}", "internal_error",
+                await self.send_error(f"internal error: {type(e).__name__}: {shorten(str(e))}", "internal_error",
                                       type="server_error", event_id=eid)
 
     # ----- input audio -----------------------------------------------------------------------------------
@@ -366,7 +504,7 @@ class RealtimeConnection:
                       "transcription_session.update"):
             raise ClientError(f"{kind} is not supported by this server", "unsupported_event")
         else:
-            raise ClientError(f"unknown event type {kind!r}", "invalid_event_type", "type")
+            raise ClientError(f"unknown event type {clip(kind)}", "invalid_event_type", "type")
 
     @staticmethod
     def _vad_config(td: dict[str, Any] | None) -> VADConfig:
@@ -379,11 +517,11 @@ class RealtimeConnection:
         if not isinstance(s, dict):
             raise ClientError("session.update needs a 'session' object", "invalid_value", "session")
         if s.get("type") not in (None, "realtime"):
-            raise ClientError(f"session type {s.get('type')!r} is not supported: only 'realtime'", "invalid_value",
+            raise ClientError(f"session type {clip(s.get('type'))} is not supported: only 'realtime'", "invalid_value",
                               "session.type")
-        audio = s.get("audio") if isinstance(s.get("audio"), dict) else {}
-        a_in = audio.get("input") if isinstance(audio.get("input"), dict) else {}
-        a_out = audio.get("output") if isinstance(audio.get("output"), dict) else {}
+        audio = _object_or_empty(s.get("audio"), "session.audio")
+        a_in = _object_or_empty(audio.get("input"), "session.audio.input")
+        a_out = _object_or_empty(audio.get("output"), "session.audio.output")
         # Older (beta) clients send flat fields; accept both.
         voice = a_out.get("voice", s.get("voice"))
         in_fmt = a_in.get("format", s.get("input_audio_format"))
@@ -408,18 +546,13 @@ class RealtimeConnection:
         if has_td:
             new_td = self._turn_detection(td)
         if modalities is not None:
-            if not isinstance(modalities, list) or not modalities or \
-                    any(m not in ("audio", "text") for m in modalities):
-                raise ClientError("output_modalities must be ['audio'] or ['text']", "invalid_value",
-                                  "session.output_modalities")
-            modalities = ["audio"] if "audio" in modalities else ["text"]
+            modalities = _modalities(modalities, "session.output_modalities")
         mot = s.get("max_output_tokens", s.get("max_response_output_tokens"))
-        if mot is not None and mot != "inf" and not (isinstance(mot, int) and 1 <= mot <= 4096):
-            raise ClientError("max_output_tokens must be an integer from 1 to 4096 or 'inf'", "invalid_value",
-                              "session.max_output_tokens")
+        if mot is not None:
+            mot = _max_output_tokens(mot, "session.max_output_tokens")
         instructions = s.get("instructions")
-        if instructions is not None and not isinstance(instructions, str):
-            raise ClientError("instructions must be a string", "invalid_value", "session.instructions")
+        if instructions is not None:
+            self._check_text(instructions, "session.instructions", allow_empty=True)
 
         if instructions is not None:
             await self.run_blocking(self.session.set_instructions, instructions)
@@ -449,7 +582,7 @@ class RealtimeConnection:
     def _format(fmt: Any, param: str, inputs: bool) -> dict[str, Any]:
         if isinstance(fmt, str):
             if fmt not in BETA_FORMATS:
-                raise ClientError(f"unknown audio format {fmt!r}; use one of {', '.join(BETA_FORMATS)}",
+                raise ClientError(f"unknown audio format {clip(fmt)}; use one of {', '.join(BETA_FORMATS)}",
                                   "invalid_value", param)
             fmt = dict(BETA_FORMATS[fmt])
         if not isinstance(fmt, dict) or fmt.get("type") not in INPUT_RATES:
@@ -459,7 +592,7 @@ class RealtimeConnection:
             ok = rate in (8000, 16000, 24000, 44100, 48000) if inputs else rate == 24000
             if not ok:
                 allowed = "8000, 16000, 24000, 44100 or 48000" if inputs else "24000"
-                raise ClientError(f"audio/pcm rate {rate!r} is not supported here; use {allowed}", "invalid_value",
+                raise ClientError(f"audio/pcm rate {clip(rate)} is not supported here; use {allowed}", "invalid_value",
                                   param + ".rate")
             return {"type": "audio/pcm", "rate": rate}
         return {"type": fmt["type"]}
@@ -474,22 +607,41 @@ class RealtimeConnection:
         out = dict(DEFAULT_VAD)
         if td["type"] == "semantic_vad":  # approximated by the server VAD with a silence matching the eagerness
             out["silence_duration_ms"] = SEMANTIC_SILENCE_MS.get(td.get("eagerness") or "auto", 600)
-        for k in ("threshold", "prefix_padding_ms", "silence_duration_ms", "create_response", "interrupt_response",
-                  "idle_timeout_ms"):
-            if td.get(k) is not None:
-                out[k] = td[k]
-        try:
-            RealtimeConnection._vad_config(out)
-        except (TypeError, ValueError) as e:
-            raise ClientError(f"bad turn_detection: {e}", "invalid_value", "session.audio.input.turn_detection") \
-                from None
+        if td["type"] == "semantic_vad" and td.get("eagerness") not in (None, *SEMANTIC_SILENCE_MS):
+            raise ClientError(f"eagerness must be one of {', '.join(SEMANTIC_SILENCE_MS)}", "invalid_value",
+                              "session.audio.input.turn_detection.eagerness")
+        where = "session.audio.input.turn_detection."
+        for k, lo, hi in (("threshold", 0.0, 1.0), ("prefix_padding_ms", 0, MAX_VAD_MS),
+                          ("silence_duration_ms", 0, MAX_VAD_MS), ("idle_timeout_ms", 0, 3_600_000)):
+            v = td.get(k)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi):
+                raise ClientError(f"{k} must be a number from {lo} to {hi}, got {clip(v)}", "invalid_value", where + k)
+            out[k] = v
+        for k in ("create_response", "interrupt_response"):
+            v = td.get(k)
+            if v is not None and not isinstance(v, bool):
+                raise ClientError(f"{k} must be true or false, got {clip(v)}", "invalid_value", where + k)
+            if v is not None:
+                out[k] = v
         return out
+
+    def _check_text(self, text: Any, param: str, allow_empty: bool = False) -> str:
+        """A client's text, refused when it is not a string, empty, or over ``max_text_chars`` (a huge text would
+        hold the tokenizer, and the interpreter, while every other session waits)."""
+        if not isinstance(text, str) or (not allow_empty and not text.strip()):
+            raise ClientError(f"{param} must be a non-empty string", "invalid_value", param)
+        if len(text) > self.cfg.max_text_chars:
+            raise ClientError(f"{param} is {len(text)} characters; the server's limit is {self.cfg.max_text_chars}",
+                              "string_above_max_length", param)
+        return text
 
     async def create_item(self, item: Any) -> None:
         if not isinstance(item, dict):
             raise ClientError("conversation.item.create needs an 'item' object", "invalid_value", "item")
         if item.get("type", "message") != "message":
-            raise ClientError(f"items of type {item.get('type')!r} are not supported: only messages",
+            raise ClientError(f"items of type {clip(item.get('type'))} are not supported: only messages",
                               "unsupported_item", "item.type")
         role = item.get("role")
         content = item.get("content")
@@ -503,17 +655,22 @@ class RealtimeConnection:
         for i, part in enumerate(content):
             ptype = part.get("type") if isinstance(part, dict) else None
             if ptype in ("input_text", "text", "output_text"):
-                text = part.get("text")
-                if not isinstance(text, str) or not text.strip():
-                    raise ClientError("a text part needs non-empty 'text'", "invalid_value", f"item.content[{i}].text")
+                text = self._check_text(part.get("text"), f"item.content[{i}].text")
                 await self.run_blocking(self.session.add_message, role, text)
                 out_content.append({"type": ptype, "text": text})
             elif ptype == "input_audio" and role == "user":
+                audio = part.get("audio")
+                if not isinstance(audio, str):
+                    raise ClientError("an audio part needs 'audio': base64 audio in the input format", "invalid_value",
+                                      f"item.content[{i}].audio")
                 try:
-                    samples = self.decode_input(base64.b64decode(part.get("audio") or "", validate=True))
+                    samples = self.decode_input(base64.b64decode(audio, validate=True))
                 except (binascii.Error, ValueError) as e:
-                    raise ClientError(f"'audio' is not valid base64 audio: {e}", "invalid_value",
+                    raise ClientError(f"'audio' is not valid base64 audio: {shorten(str(e), 120)}", "invalid_value",
                                       f"item.content[{i}].audio") from None
+                if self.buffer_ms + 1000 * len(samples) / self.in_rate > 1000 * self.cfg.max_input_audio_seconds:
+                    raise ClientError(f"the audio is over the server's {self.cfg.max_input_audio_seconds:.0f} s per "
+                                      "turn", "input_audio_buffer_too_long", f"item.content[{i}].audio")
                 if len(samples) < self.in_rate * MIN_COMMIT_MS / 1000:
                     raise ClientError(f"an audio part needs at least {MIN_COMMIT_MS} ms of audio", "invalid_value",
                                       f"item.content[{i}].audio")
@@ -524,14 +681,14 @@ class RealtimeConnection:
                 await self.run_blocking(self.session.commit_audio)
                 out_content.append({"type": "input_audio", "transcript": None})
             else:
-                raise ClientError(f"content part type {ptype!r} is not supported for a {role} message",
+                raise ClientError(f"content part type {clip(ptype)} is not supported for a {role} message",
                                   "unsupported_content", f"item.content[{i}].type")
         await self.item_added({"id": item.get("id") or _id("item"), "object": "realtime.item", "type": "message",
                                "role": role, "status": "completed", "content": out_content})
 
     async def truncate(self, event: dict[str, Any]) -> None:
         item_id, ms = event.get("item_id"), event.get("audio_end_ms")
-        if not isinstance(ms, (int, float)) or ms < 0:
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0 <= ms <= 86_400_000:
             raise ClientError("audio_end_ms must be a non-negative number", "invalid_value", "audio_end_ms")
         if item_id != self.last_assistant_item or item_id is None:
             raise ClientError(f"only the last assistant item ({self.last_assistant_item}) can be truncated",
@@ -567,8 +724,17 @@ class RealtimeConnection:
         if self.session.voice is None:
             raise ClientError("no voice is selected: set session.audio.output.voice to a library voice (GET "
                               "/v1/voices) first", "voice_required", "session.audio.output.voice")
-        modalities = params.get("output_modalities") or self.output_modalities
-        mot = params.get("max_output_tokens") or self.max_output_tokens
+        modalities = self.output_modalities
+        if params.get("output_modalities", params.get("modalities")) is not None:
+            modalities = _modalities(params.get("output_modalities", params.get("modalities")),
+                                     "response.output_modalities")
+        mot = self.max_output_tokens
+        if params.get("max_output_tokens", params.get("max_response_output_tokens")) is not None:
+            mot = _max_output_tokens(params.get("max_output_tokens", params.get("max_response_output_tokens")),
+                                     "response.max_output_tokens")
+        _object_or_empty(params.get("audio"), "response.audio")   # per-response settings are the session's here
+        if params.get("instructions") is not None:
+            self._check_text(params["instructions"], "response.instructions", allow_empty=True)
         max_frames = self.cfg.max_response_frames if mot == "inf" else min(self.cfg.max_response_frames, 2 * int(mot))
         response_id = _id("resp")
         item_id = _id("item")
@@ -578,12 +744,17 @@ class RealtimeConnection:
             response_id, "in_progress", modalities, [], None)})
         try:
             engine_resp = await self.run_blocking(self.session.respond, max_frames)
-        except (EngineError, UnknownVoice, ContextFull) as e:
+        except Exception as e:   # every response.created gets its response.done
+            client_fault = isinstance(e, (EngineError, UnknownVoice, ContextFull))
             await self.send({"type": "response.done", "response": self._response_obj(
                 response_id, "failed", modalities, [], None,
-                {"type": "failed", "error": {"type": "invalid_request_error", "code": "response_failed"}})})
+                {"type": "failed", "error": {"type": "invalid_request_error" if client_fault else "server_error",
+                                             "code": "response_failed"}})})
             self.state.metrics.responses.labels("realtime", "failed").inc()
-            raise ClientError(str(e), "context_full" if isinstance(e, ContextFull) else "response_failed") from None
+            if client_fault:
+                raise ClientError(str(e), "context_full" if isinstance(e, ContextFull) else "response_failed") \
+                    from None
+            raise
         self.engine_response = engine_resp
         self.last_assistant_item = item_id
         self.response_task = asyncio.create_task(self.stream_response(engine_resp, response_id, item_id, modalities))
@@ -603,9 +774,15 @@ class RealtimeConnection:
         except Exception as e:
             log.exception("streaming a response failed")
             if resp.done is None:
-                resp.cancel()
-            await self.send_error(f"the response failed: {type(e).__name__}: {e}", "response_failed",
+                with contextlib.suppress(Exception):
+                    resp.cancel()
+            await self.send_error(f"the response failed: {type(e).__name__}: {shorten(str(e))}", "response_failed",
                                   type="server_error")
+            await self.send({"type": "response.done", "response": self._response_obj(
+                rid, "failed", modalities, [], None,
+                {"type": "failed", "error": {"type": "server_error", "code": "response_failed"}})})
+            if isinstance(e, EngineTimeout):
+                self.stop(CLOSE_ENGINE_FAILED, "engine did not answer")
 
     async def _stream_response(self, resp: EngineResponse, rid: str, item_id: str, modalities: list[str]) -> None:
         audio_out = "audio" in modalities
@@ -622,7 +799,7 @@ class RealtimeConnection:
         sent_ms = 0.0
         done: ResponseDone | None = None
         transcript = ""
-        async for ev in resp:
+        async for ev in response_events(self.cfg, resp):
             if isinstance(ev, AudioChunk):
                 if encoder is not None:
                     data = encoder.encode(ev.audio)
@@ -698,30 +875,51 @@ async def realtime_endpoint(ws: WebSocket) -> None:
     offered = list(ws.scope.get("subprotocols") or [])
     if not check_api_key(state.config, ws.headers, ws.query_params, offered):
         state.metrics.errors.labels("authentication_error").inc()
+        log.info("realtime: refused a connection without the API key")
         body = APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY' (or, from a browser, the "
                              "'openai-insecure-api-key.KEY' subprotocol)", "authentication_error",
                         "invalid_api_key").body()
         try:
             await ws.send_denial_response(JSONResponse(body, status_code=401))
         except RuntimeError:  # the server cannot answer a WebSocket with HTTP: refuse with a policy close
-            await ws.close(code=1008, reason="invalid API key")
+            with contextlib.suppress(Exception):
+                await ws.close(code=1008, reason="invalid API key")
+        except Exception:   # the client left before hearing why
+            pass
         return
-    await ws.accept(subprotocol="realtime" if "realtime" in offered else (offered[0] if offered else None))
     try:
-        conn = RealtimeConnection(ws, state)
-    except APIError as e:  # still loading, or failed to load
-        await ws.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": {
-            "type": e.type, "code": e.code, "message": e.message, "param": None, "event_id": None}}))
-        await ws.close(code=1013, reason="model not ready")
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else (offered[0] if offered else None))
+    except Exception:   # the client left during the handshake
         return
-    if not await conn.open():
-        await ws.close(code=1013, reason="session limit reached")
+    client = client_id(ws.scope)
+    if not state.claim_client_session(client):
+        err = state.client_limit_error()
+        await _refuse(ws, err.type, err.code, err.message, CLOSE_TRY_AGAIN, "client session limit reached")
         return
-    state.connections.add(conn)
     try:
-        await conn.serve()
+        try:
+            conn = RealtimeConnection(ws, state)
+        except APIError as e:  # still loading, or failed to load
+            await _refuse(ws, e.type, e.code, e.message, CLOSE_TRY_AGAIN, "model not ready")
+            return
+        if not await conn.open():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(code=CLOSE_TRY_AGAIN, reason="no session available"), 1.0)
+            return
+        state.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            state.connections.discard(conn)
     finally:
-        state.connections.discard(conn)
+        state.release_client_session(client)
+
+
+async def _refuse(ws: WebSocket, type: str, code: str | None, message: str, close_code: int, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(ws.send_text(json.dumps({"type": "error", "event_id": _id("event"), "error": {
+            "type": type, "code": code, "message": message, "param": None, "event_id": None}})), 1.0)
+        await asyncio.wait_for(ws.close(code=close_code, reason=reason), 1.0)
 
 
 async def close_all(state: ServerState) -> None:

@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from ..audio import AudioError, load_audio, resample
 from ..engine import EngineError
 from ..voice import MAX_VOICE_SECONDS, VoicePrompt
-from .app import APIError, get_state
+from .app import APIError, clip, get_state
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -462,7 +462,7 @@ def _duration_error(seconds: float) -> APIError:
 
 
 def _not_found(name: str) -> APIError:
-    return APIError(404, f"no voice named {name!r} in the library", code="voice_not_found", param="name")
+    return APIError(404, f"no voice named {clip(name)} in the library", code="voice_not_found", param="name")
 
 
 def _storage_error(what: str, where: Path, e: BaseException) -> APIError:
