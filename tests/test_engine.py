@@ -455,3 +455,15 @@ def test_an_out_of_band_response_leaves_the_conversation_as_it_was(engine):
         b.respond(messages=[{"role": "user", "text": "x"}])
     with pytest.raises(UnknownVoice):
         b.respond(voice="nobody")
+
+
+def test_a_command_cancelled_before_it_runs_is_skipped_and_the_worker_goes_on(engine):
+    import time as _time
+
+    busy = engine._submit(_time.sleep, 0.3)
+    dropped = engine._submit(lambda: pytest.fail("a cancelled command ran"))
+    assert dropped.cancel()
+    busy.result()
+    s = engine.create_session("ref")
+    s.add_text("Still there?")
+    assert s.respond().result().frames == FRAMES

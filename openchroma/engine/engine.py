@@ -503,6 +503,8 @@ class Engine:
                     self._fail_all("the engine was closed")
                     return
                 fn, args, fut = item
+                if not fut.set_running_or_notify_cancel():
+                    continue  # the caller gave up on it (a cancelled future must not be answered)
                 try:
                     with torch.inference_mode():
                         fut.set_result(fn(*args))

@@ -219,6 +219,8 @@ class ServerState:
         worker = getattr(engine, "_thread", None)
         if worker is not None and not worker.is_alive():
             return "the engine's worker thread has stopped"
+        if not getattr(engine, "healthy", True):
+            return f"the engine's frame steps keep failing ({engine.last_error})"
         submit = getattr(engine, "_submit", None)
         if submit is None:
             return None
