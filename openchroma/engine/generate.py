@@ -103,19 +103,22 @@ class ResponseRunner:
         codes: list[torch.Tensor] = []
         audio: list[torch.Tensor] = []
         stop = ""
-        while st.active:
-            for out in st.step():
-                if out.text_token is not None:
-                    text.append(out.text_token)
-                if out.codes is not None:
-                    t_first = t_first or time.perf_counter()
-                    codes.append(out.codes)
-                    if decode_audio:
-                        audio.append(out.audio)
-                if on_frame is not None:
-                    on_frame(out)
-                if out.finished:
-                    stop = out.finished
+        try:
+            while st.active:
+                for out in st.step():
+                    if out.text_token is not None:
+                        text.append(out.text_token)
+                    if out.codes is not None:
+                        t_first = t_first or time.perf_counter()
+                        codes.append(out.codes)
+                        if decode_audio:
+                            audio.append(out.audio)
+                    if on_frame is not None:
+                        on_frame(out)
+                    if out.finished:
+                        stop = out.finished
+        finally:
+            st.rows.clear()   # a failed or interrupted run leaves the runner usable
         k = cfg.audio_num_codebooks
         now = time.perf_counter()
         result = GenerationResult(

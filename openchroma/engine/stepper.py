@@ -383,7 +383,12 @@ class Stepper:
     ) -> Row:
         """Begin a response in ``slot`` whose backbone cache holds the voice prompt (``voice_len`` positions)
         and whose reasoner has just produced ``first_token`` from hidden state ``h_last``."""
-        max_frames = max(1, min(max_frames, frames_within(self.backbone_len, voice_len)))
+        # Never past the caches: the backbone's positions, and one reasoner position per text pair fed (plus the
+        # lookahead) — the callers size their requests; this keeps a mistake from writing out of bounds.
+        pairs = self.thinker_len - thinker_pos - self.lookahead
+        if pairs < 1:
+            raise ContextFull(f"no reasoner positions left to answer ({thinker_pos} of {self.thinker_len} used)")
+        max_frames = max(1, min(max_frames, frames_within(self.backbone_len, voice_len), 2 * pairs))
         self.ring_h[slot, 0] = h_last.to(self.dtype)
         self.ring_tok[slot, 0] = first_token
         self.mimi_state.reset([slot])
