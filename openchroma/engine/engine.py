@@ -71,6 +71,7 @@ class AudioChunk:
     audio: np.ndarray          # float32 [frame_samples], 24 kHz
     index: int
     sample_rate: int
+    made_at: float = 0.0       # time.perf_counter() when the engine emitted it (before any consumer's delay)
 
 
 @dataclass
@@ -395,6 +396,16 @@ class Engine:
         # captured if asked), so no response pays for a first use (compilation, graph capture, or the CPU's
         # kernel set-up for new shapes) mid-stream.
         self._call(self.stepper.warmup, progress and bool(compile or self.stepper.cuda_graphs))
+        self._call(self._warm_front_end)
+
+    def _warm_front_end(self) -> None:
+        """Pay the first-call costs of the chat template and the audio front end now, not in a live stream."""
+        messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
+                    {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "hello"}]}]
+        build_chat_prompt(self.tokenizer, messages, [8])
+        mel = StreamingMelExtractor()
+        mel.push(torch.zeros(USER_RATE))
+        mel.finalize()
 
     @classmethod
     def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
@@ -1047,7 +1058,7 @@ class Engine:
             if resp.t_first_audio is None:
                 resp.t_first_audio = time.perf_counter()
             resp.codes.append(out.codes)
-            resp._emit(AudioChunk(out.audio.numpy(), resp.frames, self.sample_rate))
+            resp._emit(AudioChunk(out.audio.numpy(), resp.frames, self.sample_rate, time.perf_counter()))
             resp.frames += 1
             self.frames_generated += 1
         if out.finished:
