@@ -491,3 +491,32 @@ def test_messages_with_ids_are_edited_by_id_and_a_reply_keeps_its_place(engine):
     assert s.audio_embeds == [] and s.truncate_response(0.0) == ""
     assert s.history[2] == {"role": "assistant", "content": [{"type": "text", "text": ""}], "id": "a1"}
     s.close()
+
+
+def test_async_sessions_are_awaited_and_answer_as_sync_ones_do(engine):
+    import asyncio
+
+    from openchroma.engine import AsyncSession
+
+    async def turn():
+        s = await engine.create_async_session("ref")
+        assert isinstance(s, AsyncSession)
+        await s.append_audio(user_audio(70, 1.0), 16000)
+        await s.commit_audio("u1")
+        await s.add_message("user", "And this?", item_id="u2")
+        resp = await s.respond()
+        events = [ev async for ev in resp]
+        with pytest.raises(EngineError, match="no message with id"):
+            await s.delete_message("nope")
+        history = s.history
+        await s.close()
+        return events[-1], history
+
+    done, history = asyncio.run(turn())
+    s = engine.create_session("ref")
+    s.append_audio(user_audio(70, 1.0), 16000)
+    s.commit_audio("u1")
+    s.add_message("user", "And this?", item_id="u2")
+    ref, _, _ = run(s.respond())
+    assert torch.equal(done.codes, ref.codes) and history == s.history
+    s.close()

@@ -2,6 +2,7 @@
 
 from .engine import (  # noqa: F401
     DEFAULT_SYSTEM_PROMPT,
+    AsyncSession,
     AudioChunk,
     ContextFull,
     Engine,

@@ -233,6 +233,18 @@ class Session:
         self._resampler = None            # soxr stream, while the user's audio is not at 16 kHz
         self._resampler_rate = USER_RATE
 
+    # ----- commands: each is checked here, then runs on the engine's worker ------------------------------
+    def _do(self, fn, *args):
+        """Run one command on the worker and wait for its result (``AsyncSession``: return an awaitable)."""
+        return self.engine._call(fn, *args)
+
+    def _do_all(self, calls: list[tuple]):
+        """Commands in order, each its own turn of the worker's loop (so frames run between them)."""
+        result = None
+        for fn, *args in calls:
+            result = self.engine._call(fn, *args)
+        return result
+
     # ----- user input ---------------------------------------------------------------------------------
     def append_audio(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> None:
         """Add user audio as it arrives (mono or multi-channel, float or int PCM, any chunk size and rate)."""
@@ -241,24 +253,24 @@ class Session:
         wav = load_audio(audio, sample_rate, source_rate=sample_rate)
         # In short pieces, so that the frame loop runs between them.
         piece = max(1, int(sample_rate * APPEND_PIECE_SECONDS))
-        for i in range(0, wav.shape[0], piece):
-            self.engine._call(self.engine._append_audio, self, wav[i:i + piece], sample_rate)
+        return self._do_all([(self.engine._append_audio, self, wav[i:i + piece], sample_rate)
+                             for i in range(0, wav.shape[0], piece)])
 
     def clear_audio(self) -> None:
         """Drop the user audio received since the last turn ended."""
-        self.engine._call(self.engine._clear_audio, self)
+        return self._do(self.engine._clear_audio, self)
 
     def commit_audio(self, item_id: str | None = None) -> float:
         """Close the user's current audio part (it becomes one audio message part); returns its seconds.
 
         With ``item_id``, the user's turn ends here too: its parts become one message with that id (see
         ``end_turn``)."""
-        return self.engine._call(self.engine._commit_audio, self, item_id)
+        return self._do(self.engine._commit_audio, self, item_id)
 
     def end_turn(self, item_id: str | None = None) -> bool:
         """Make the user's pending parts (text, committed audio) one user message, tagged ``item_id`` so that a
         client can later delete it or insert after it. False if nothing was pending."""
-        return self.engine._call(self.engine._end_turn, self, item_id)
+        return self._do(self.engine._end_turn, self, item_id)
 
     @property
     def buffered_audio_seconds(self) -> float:
@@ -267,14 +279,14 @@ class Session:
 
     def set_voice(self, voice: str) -> None:
         """Speak later responses in another registered voice."""
-        self.engine._call(self.engine._set_voice, self, voice)
+        return self._do(self.engine._set_voice, self, voice)
 
     def set_instructions(self, system_prompt: str) -> None:
         """Replace the system prompt; the reasoner re-reads the conversation from the first change."""
         if not isinstance(system_prompt, str):
             raise EngineError("instructions must be a string")
         self.engine._check_text_size(system_prompt, "the instructions")
-        self.engine._call(self.engine._set_instructions, self, system_prompt)
+        return self._do(self.engine._set_instructions, self, system_prompt)
 
     def add_message(self, role: str, text: str, item_id: str | None = None) -> None:
         """Add a whole text message from ``user``, ``assistant`` or ``system`` to the history.
@@ -283,35 +295,34 @@ class Session:
         one, it is a message of its own."""
         self.engine._check_message(role, text)
         if role == "user" and item_id is None:
-            self.add_text(text)
-        else:
-            self.engine._call(self.engine._add_message, self, role, text, item_id)
+            return self.add_text(text)
+        return self._do(self.engine._add_message, self, role, text, item_id)
 
     def insert_message(self, index: int | str, role: str, text: str, item_id: str | None = None) -> None:
         """Put a whole text message at position ``index`` of the history (1 = right after the system prompt; a
         string: right after the message with that id): how a client edits its conversation. The reasoner re-reads
         the history from there."""
         self.engine._check_message(role, text)
-        self.engine._call(self.engine._insert_message, self, index, role, text, item_id)
+        return self._do(self.engine._insert_message, self, index, role, text, item_id)
 
     def delete_message(self, index: int | str) -> None:
         """Remove message ``index`` (>= 1; the system prompt stays; a string: the message with that id) and its
         audio from the history."""
-        self.engine._call(self.engine._delete_message, self, index)
+        return self._do(self.engine._delete_message, self, index)
 
     def truncate_response(self, audio_ms: float) -> str:
         """Keep in the history only the words of the last response spoken in its first ``audio_ms`` ms.
 
         Used when the listener interrupted playback: the model should remember what was heard, not what was
         generated. Returns the kept text."""
-        return self.engine._call(self.engine._truncate_response, self, audio_ms)
+        return self._do(self.engine._truncate_response, self, audio_ms)
 
     def add_text(self, text: str) -> None:
         """Add a user text message to the current turn."""
         if not isinstance(text, str) or not text.strip():
             raise EngineError("the user text is empty")
         self.engine._check_text_size(text, "the user text")
-        self.engine._call(self.engine._add_text, self, text)
+        return self._do(self.engine._add_text, self, text)
 
     def respond(self, max_frames: int | None = None, forced_text: str | None = None,
                 sampling: SamplingParams | None = None, *, voice: str | None = None,
@@ -338,23 +349,41 @@ class Session:
                 if not isinstance(m, dict):
                     raise EngineError(f"each message must be a dict with 'role' and 'text', got {m!r}")
                 self.engine._check_message(m.get("role"), m.get("text"))
-        t0 = time.perf_counter()  # timings count from the caller's request, queueing and prefill included
-        resp = self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling,
-                                 _Overrides(voice, instructions, out_of_band, messages, item_id))
-        resp.t_start = t0
-        return resp
+        # Timings count from the caller's request, queueing and prefill included.
+        return self._do(self.engine._respond, self, max_frames, forced_text, sampling,
+                        _Overrides(voice, instructions, out_of_band, messages, item_id, time.perf_counter()))
 
     def transcribe(self, part: int = -1, max_tokens: int | None = None) -> Transcription:
         """The reasoner's transcript of one committed audio part of this conversation (``-1``: the latest), made
         from the embeddings the response uses, in background slices that never delay a response's audio."""
-        return self.engine._call(self.engine._transcribe_part, self, part, max_tokens)
+        return self._do(self.engine._transcribe_part, self, part, max_tokens)
 
     def close(self) -> None:
-        self.engine._call(self.engine._close_session, self)
+        return self._do(self.engine._close_session, self)
 
     @property
     def history(self) -> list[dict[str, Any]]:
         return [dict(m) for m in self.messages]
+
+
+class AsyncSession(Session):
+    """A ``Session`` for asyncio code: every command returns an awaitable of the worker's answer (``await
+    s.respond()``), so an event loop never blocks on the engine and needs no thread pool. Checks of the arguments
+    still raise at once, before anything is sent."""
+
+    def _do(self, fn, *args) -> asyncio.Future:
+        return asyncio.wrap_future(self.engine._submit(fn, *args))
+
+    def _do_all(self, calls: list[tuple]) -> asyncio.Future:
+        futures = [self.engine._submit(fn, *args) for fn, *args in calls]   # the worker keeps their order
+        if not futures:
+            return asyncio.ensure_future(asyncio.sleep(0))
+
+        async def last():
+            for f in futures[:-1]:
+                await asyncio.wrap_future(f)
+            return await asyncio.wrap_future(futures[-1])
+        return asyncio.ensure_future(last())
 
 
 class Engine:
@@ -485,6 +514,17 @@ class Engine:
                        sampling: SamplingParams | None = None) -> Session:
         return self._call(self._create_session, voice, system_prompt or DEFAULT_SYSTEM_PROMPT,
                           sampling or SamplingParams())
+
+    async def create_async_session(self, voice: str | None, system_prompt: str | None = None,
+                                   sampling: SamplingParams | None = None) -> AsyncSession:
+        """``create_session`` for asyncio code: the session's commands are awaited (see ``AsyncSession``)."""
+        return await asyncio.wrap_future(self._submit(
+            self._create_session, voice, system_prompt or DEFAULT_SYSTEM_PROMPT, sampling or SamplingParams(),
+            AsyncSession))
+
+    async def run(self, fn, *args):
+        """Await ``fn(*args)`` run on the worker, between frames (for changes to tables the worker reads)."""
+        return await asyncio.wrap_future(self._submit(fn, *args))
 
     def close(self) -> None:
         if not self._closed:
@@ -799,13 +839,14 @@ class Engine:
     def _unknown_voice(self, voice: str) -> UnknownVoice:
         return UnknownVoice(f"unknown voice {voice!r} (registered: {', '.join(sorted(self.voices)) or 'none'})")
 
-    def _create_session(self, voice: str | None, system_prompt: str, sampling: SamplingParams) -> Session:
+    def _create_session(self, voice: str | None, system_prompt: str, sampling: SamplingParams,
+                        kind: type[Session] = Session) -> Session:
         if voice is not None and voice not in self.voices:
             raise self._unknown_voice(voice)
         free = [s for s in range(self.max_sessions) if s not in self._slot_session]
         if not free:
             raise SessionLimit(f"all {self.max_sessions} sessions are in use; try again later")
-        s = Session(self, next(self._ids), free[0], voice, system_prompt, sampling)
+        s = kind(self, next(self._ids), free[0], voice, system_prompt, sampling)
         self.sessions[s.id] = s
         self._slot_session[s.slot] = s
         return s
@@ -1066,6 +1107,7 @@ class Engine:
         # The prefill runs in slices between frames (see _loop); the response starts when it is done.
         resp = Response(self, s)
         resp.out_of_band = over.out_of_band
+        resp.t_start = over.t_start or resp.t_start
         resp.item_id = over.item_id
         resp.history_index = len(s.messages)
         self._responses[s.slot] = resp
@@ -1165,6 +1207,7 @@ class _Overrides:
     out_of_band: bool = False
     messages: list[dict[str, str]] | None = None
     item_id: str | None = None
+    t_start: float | None = None          # when the caller asked
 
 
 @dataclass(eq=False)
