@@ -3,6 +3,7 @@ before its fix), the slow-reader test and the engine fault test."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import queue
@@ -26,7 +27,7 @@ from server_harness import chroma_server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from openchroma.engine import EngineError
-from openchroma.engine.engine import Session
+from openchroma.engine.engine import AsyncSession, Engine
 
 MANUAL = {"type": "realtime", "audio": {"input": {"turn_detection": None}, "output": {"voice": "lib"}}}
 
@@ -78,7 +79,7 @@ def test_engine_call_raising_stop_iteration_answers_with_an_error(server, monkey
     def broken(self, *a, **k):
         raise StopIteration   # what a bare next() on an exhausted resampler raised
 
-    monkeypatch.setattr(Session, "add_message", broken)
+    monkeypatch.setattr(Engine, "_add_message", broken)   # on the engine's worker
     with open_manual(url) as ws:
         ws.send(user_text())
         ev = recv(ws, "error", limit=20)
@@ -94,9 +95,9 @@ def test_stuck_engine_call_fails_loudly_and_frees_the_slot(tiny_chroma, tmp_path
         release = threading.Event()
 
         def stuck(self, *a, **k):
-            release.wait(20)
+            return asyncio.get_running_loop().create_future()   # an answer that never comes
 
-        monkeypatch.setattr(Session, "add_message", stuck)
+        monkeypatch.setattr(AsyncSession, "add_message", stuck)
         try:
             with open_manual(url) as ws:
                 t0 = time.monotonic()
@@ -117,13 +118,13 @@ def test_a_client_outrunning_the_engine_is_pushed_back_not_buffered(tiny_chroma,
     limit = 2 * 2**20
     with chroma_server(tiny_chroma, tmp_path, max_pending_input_bytes=limit) as (url, state):
         add_voice(url)
-        original = Session.append_audio
+        original = Engine._append_audio
 
-        def slow_append(self, audio, rate):
+        def slow_append(self, *args):
             time.sleep(0.05)   # the engine is busy: appends arrive faster than they are applied
-            return original(self, audio, rate)
+            return original(self, *args)
 
-        monkeypatch.setattr(Session, "append_audio", slow_append)
+        monkeypatch.setattr(Engine, "_append_audio", slow_append)
         chunk = pcm16_b64(np.random.default_rng(0).uniform(-0.1, 0.1, 48000).astype(np.float32))   # 2 s, 192 kB
         peak = [0]
         stop = threading.Event()

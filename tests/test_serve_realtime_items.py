@@ -74,7 +74,7 @@ def test_metadata_comes_back_and_the_server_timings_stay_apart(server):
         assert done["response"]["server_timings"]["ttft_ms"] > 0
         send(ws, {"type": "response.create", "response": {"metadata": {"k": 5}}})
         err = until(ws, "error")
-        assert err["error"]["param"] == "response.metadata"
+        assert err["error"]["param"] == "response.metadata.k"   # the field, down to the key
 
 
 def test_a_greeting_needs_no_user_input_and_a_failed_response_sends_no_error_event(server):

@@ -576,6 +576,8 @@ class Engine:
                 try:
                     with torch.inference_mode():
                         fut.set_result(fn(*args))
+                except (StopIteration, StopAsyncIteration) as e:   # an asyncio future refuses these: say it plainly
+                    fut.set_exception(RuntimeError(f"{getattr(fn, '__name__', fn)!s} raised {type(e).__name__}"))
                 except BaseException as e:  # reported to the caller; the engine goes on
                     fut.set_exception(e)
                 if live and time.perf_counter() - t0 > step_seconds * SLICE:

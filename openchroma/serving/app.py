@@ -105,6 +105,15 @@ async def engine_call(config: ServerConfig, fn, *args, executor=None) -> Any:
         raise EngineTimeout(f"the engine did not answer within {config.engine_timeout:g} s") from None
 
 
+async def engine_await(config: ServerConfig, awaitable) -> Any:
+    """Await an engine command (an ``AsyncSession``'s); one that does not answer within ``config.engine_timeout``
+    raises ``EngineTimeout`` instead of hanging the caller."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout=config.engine_timeout if config.engine_timeout > 0 else None)
+    except TimeoutError:
+        raise EngineTimeout(f"the engine did not answer within {config.engine_timeout:g} s") from None
+
+
 async def response_events(config: ServerConfig, resp) -> Any:
     """An engine response's events; raises ``EngineTimeout`` when none comes for ``engine_timeout`` seconds
     (a stopped engine worker would otherwise leave the stream, and its client, waiting forever)."""
