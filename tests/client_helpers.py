@@ -27,7 +27,7 @@ from openchroma.serving.codecs import float_to_pcm16
 VOICE = "lib"
 VOICE_TRANSCRIPT = "Hello there. Could you tell me what the weather will be like tomorrow?"
 RATE = 24000            # the OpenAI Realtime protocol's pcm16 rate
-WAIT = 8.0              # seconds any one expected event may take on this tiny model (fail fast, never hang)
+WAIT = 5.0              # seconds any one expected event may take on this tiny model (fail fast, never hang)
 
 # No network calls and no required environment from the frameworks (CI has neither).
 for _var, _value in (("OPENAI_API_KEY", "sk-unused"), ("LIVEKIT_URL", ""), ("LK_OPENAI_DEBUG", "0"),
@@ -87,7 +87,7 @@ async def within(aw: Awaitable[T], what: str, timeout: float = WAIT) -> T:
     try:
         return await asyncio.wait_for(aw, timeout)
     except asyncio.TimeoutError:
-        raise AssertionError(f"no {what} within {timeout:g} s") from None
+        raise AssertionError(f"not received within {timeout:g} s: {what}") from None
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT, step: float = 0.01) -> Any:
@@ -98,7 +98,7 @@ async def until(predicate: Callable[[], Any], what: str, timeout: float = WAIT, 
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout:g} s")
+            raise AssertionError(f"not received within {timeout:g} s: {what}")
         await asyncio.sleep(step)
 
 
@@ -244,17 +244,24 @@ class PipecatRig:
     async def push(self, frame) -> None:
         await self.worker.queue_frame(frame)
 
-    async def push_audio(self, pcm: bytes) -> None:
+    async def push_audio(self, pcm: bytes, realtime_until: Callable[[], Any] | None = None) -> None:
+        """Push ``pcm`` in 100 ms frames: as fast as possible, or, with ``realtime_until``, at the pace of a
+        microphone until that returns something truthy (then the rest at once)."""
         from pipecat.frames.frames import InputAudioRawFrame
 
         for c in chunks(pcm):
             await self.push(InputAudioRawFrame(audio=c, sample_rate=RATE, num_channels=1))
+            if realtime_until is not None and not realtime_until():
+                await asyncio.sleep(0.1)
 
     def of(self, kind: type, since: int = 0, direction: str | None = None) -> list:
         return [f for d, f in self.frames[since:] if isinstance(f, kind) and (direction is None or d == direction)]
 
     def mark(self) -> int:
         return len(self.frames)
+
+    def index(self, frame) -> int:
+        return next(i for i, (_, f) in enumerate(self.frames) if f is frame)
 
     def errors(self) -> list[str]:
         from pipecat.frames.frames import ErrorFrame
@@ -316,12 +323,16 @@ class LiveKitRig:
         with contextlib.suppress(BaseException):
             await asyncio.wait_for(self.model.aclose(), 5)
 
-    def push_audio(self, pcm: bytes) -> None:
+    async def push_audio(self, pcm: bytes, realtime_until: Callable[[], Any] | None = None) -> None:
+        """``push_audio`` ``pcm`` in 100 ms ``rtc.AudioFrame``s: as fast as possible, or, with ``realtime_until``,
+        at the pace of a microphone until that returns something truthy (then the rest at once)."""
         from livekit import rtc
 
         for c in chunks(pcm):
             self.session.push_audio(rtc.AudioFrame(data=c, sample_rate=RATE, num_channels=1,
                                                    samples_per_channel=len(c) // 2))
+            if realtime_until is not None and not realtime_until():
+                await asyncio.sleep(0.1)
 
     def error_messages(self) -> list[str]:
         return [str(getattr(e.error, "body", None) or e.error) for e in self.errors]
