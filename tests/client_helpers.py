@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,11 +27,6 @@ VOICE = "lib"
 VOICE_TRANSCRIPT = "Hello there. Could you tell me what the weather will be like tomorrow?"
 RATE = 24000            # the OpenAI Realtime protocol's pcm16 rate
 WAIT = 5.0              # seconds any one expected event may take on this tiny model (fail fast, never hang)
-
-# No network calls and no required environment from the frameworks (CI has neither).
-for _var, _value in (("OPENAI_API_KEY", "sk-unused"), ("LIVEKIT_URL", ""), ("LK_OPENAI_DEBUG", "0"),
-                     ("PIPECAT_DISABLE_TELEMETRY", "1"), ("OTEL_SDK_DISABLED", "true")):
-    os.environ.setdefault(_var, _value)
 
 T = TypeVar("T")
 
