@@ -138,7 +138,7 @@ def test_items_are_deleted_retrieved_and_inserted_by_id(server):
         assert history[3] == {"role": "assistant", "content": [{"type": "text", "text": "between"}], "id": "m"}
 
         send(ws, text_item("again", item_id="a"))
-        assert until(ws, "error")["error"]["code"] == "item_already_exists"
+        assert until(ws, "error")["error"]["code"] == "item_create_duplicate_item_id"   # OpenAI's
         send(ws, text_item("lost", previous="nope"))
         assert until(ws, "error")["error"]["param"] == "previous_item_id"
 
@@ -208,3 +208,29 @@ def test_transcriptions_route_answers_like_openai(server):
         client.audio.transcriptions.create(model="whisper-1", file=("x.wav", b"not audio at all"))
     with open(SPEECH_WAV, "rb") as f, pytest.raises(BadRequestError, match="response_format"):
         client.audio.transcriptions.create(model="whisper-1", file=f, response_format="srt")
+
+
+def test_any_earlier_reply_can_be_truncated_and_a_late_cancel_is_named_as_openai_does(server):
+    url, state = server
+    with connect(url) as ws:
+        start(ws)
+        send(ws, text_item("one"))
+        send(ws, {"type": "response.create"})
+        first = until(ws, "response.done")["response"]
+        item = first["output"][0]
+        send(ws, text_item("two"))
+        send(ws, {"type": "response.create"})
+        until(ws, "response.created")
+        # What Pipecat does on every barge-in: truncate the earlier reply, even while the next one runs.
+        send(ws, {"type": "conversation.item.truncate", "item_id": item["id"], "content_index": 0, "audio_end_ms": 0})
+        truncated = until(ws, "conversation.item.truncated")
+        assert truncated["item_id"] == item["id"]
+        until(ws, "response.done")
+        history = engine_session(state).history
+        assert next(m for m in history if m.get("id") == item["id"])["content"][0]["text"] == ""
+        # A cancel for a response that already ended: OpenAI's words, which LiveKit recognises.
+        send(ws, {"type": "response.cancel", "response_id": first["id"]})
+        err = until(ws, "error")["error"]
+        assert err["code"] == "response_cancel_not_active" and err["message"].startswith("Cancellation failed")
+        send(ws, {"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 0})
+        assert until(ws, "error")["error"]["param"] == "item_id"

@@ -223,6 +223,7 @@ class Session:
         self.audio_embeds: list[torch.Tensor] = []     # per audio part of the conversation, in order
         self.ctx_ids: list[int] = []                    # what the reasoner's cache row holds
         self.response: Response | None = None
+        self.spoken: dict[str, tuple[list[int], list[int]]] = {}   # a reply's tokens and their frames, by item id
         self.closed = False
         # The user turn being received.
         self._turn_parts: list[dict] = []
@@ -310,12 +311,13 @@ class Session:
         audio from the history."""
         return self._do(self.engine._delete_message, self, index)
 
-    def truncate_response(self, audio_ms: float) -> str:
-        """Keep in the history only the words of the last response spoken in its first ``audio_ms`` ms.
+    def truncate_response(self, audio_ms: float, item_id: str | None = None) -> str:
+        """Keep in the history only the words of the last response (or the response whose message is ``item_id``)
+        spoken in its first ``audio_ms`` ms.
 
         Used when the listener interrupted playback: the model should remember what was heard, not what was
         generated. Returns the kept text."""
-        return self._do(self.engine._truncate_response, self, audio_ms)
+        return self._do(self.engine._truncate_response, self, audio_ms, item_id)
 
     def add_text(self, text: str) -> None:
         """Add a user text message to the current turn."""
@@ -1023,21 +1025,31 @@ class Engine:
         before = sum(1 for m in s.messages[:index] for part in m["content"] if part.get("type") == "audio")
         n = sum(1 for part in s.messages[index]["content"] if part.get("type") == "audio")
         del s.audio_embeds[before:before + n]
+        s.spoken.pop(s.messages[index].get("id"), None)
         del s.messages[index]
 
-    def _truncate_response(self, s: Session, audio_ms: float) -> str:
+    def _truncate_response(self, s: Session, audio_ms: float, item_id: str | None = None) -> str:
         self._check_open(s)
-        resp = s.response
-        if resp is None or resp.done is None:
-            raise EngineError("no finished response to truncate")
-        at = next((i for i, m in enumerate(s.messages) if m is resp.message), None)
-        if at is None:
-            raise EngineError("the response's message is no longer in the history: nothing to truncate")
+        if item_id is None:
+            resp = s.response
+            if resp is None or resp.done is None:
+                raise EngineError("no finished response to truncate")
+            at = next((i for i, m in enumerate(s.messages) if m is resp.message), None)
+            if at is None:
+                raise EngineError("the response's message is no longer in the history: nothing to truncate")
+            spoken = (resp.tokens, resp.token_frames)
+        else:
+            at = self._message_index(s, item_id)
+            spoken = s.spoken.get(item_id)
+            if spoken is None:   # a message the client wrote: no audio to cut
+                return s.messages[at]["content"][0].get("text", "")
         frame_ms = 1000 * self.cfg.audio_frame_freq / self.sample_rate
         frames = max(0, int(audio_ms // frame_ms))
-        kept = [t for t, f in zip(resp.tokens, resp.token_frames, strict=True) if f < frames]
-        text = self._spoken_text(kept)
-        resp.message = s.messages[at] = _message("assistant", text, resp.item_id)
+        text = self._spoken_text([t for t, f in zip(*spoken, strict=True) if f < frames])
+        old = s.messages[at]
+        s.messages[at] = _message("assistant", text, old.get("id"))
+        if s.response is not None and s.response.message is old:
+            s.response.message = s.messages[at]
         return text
 
     def _add_text(self, s: Session, text: str) -> None:
@@ -1176,6 +1188,8 @@ class Engine:
             # At the place the response began: user messages added while it spoke come after it.
             resp.message = _message("assistant", text, resp.item_id)
             s.messages.insert(min(resp.history_index, len(s.messages)), resp.message)
+            if resp.item_id is not None:
+                s.spoken[resp.item_id] = (list(resp.tokens), list(resp.token_frames))
         now = time.perf_counter()
         secs = resp.frames * self.cfg.audio_frame_freq / self.sample_rate
         timings = {"ttft_ms": (resp.t_first_audio - resp.t_start) * 1000 if resp.t_first_audio else float("nan"),

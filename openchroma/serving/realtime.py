@@ -42,7 +42,17 @@ from ..engine import (
 )
 from ..engine.engine import Response as EngineResponse
 from . import realtime_events as ev
-from .app import APIError, EngineTimeout, ServerState, check_api_key, client_id, engine_await, response_events, shorten
+from .app import (
+    OPENAI_STOCK_VOICES,
+    APIError,
+    EngineTimeout,
+    ServerState,
+    check_api_key,
+    client_id,
+    engine_await,
+    response_events,
+    shorten,
+)
 from .codecs import InputDecoder, OutputEncoder
 from .metrics import response_status
 from .realtime_events import RealtimeError
@@ -146,6 +156,7 @@ class RealtimeConnection:
         self.transcribing: set[asyncio.Task] = set()
         self.response_task: asyncio.Task | None = None
         self.engine_response: EngineResponse | None = None
+        self.response_id: str | None = None    # the response's id, as the client knows it
         self.cancel_reason: str | None = None
         self.played: float | None = None        # when the response's first audio delta was sent
         # Session settings, in the GA shape they are reported in.
@@ -405,8 +416,8 @@ class RealtimeConnection:
                 await self.commit()
             case ev.Simple(type="input_audio_buffer.clear"):
                 await self.clear_input()
-            case ev.Simple(type="response.cancel"):
-                await self.cancel_response(eid, "client_cancelled")
+            case ev.ResponseCancel():
+                await self.cancel_response(eid, "client_cancelled", event.response_id)
 
     # ----- session settings ------------------------------------------------------------------------------
     async def update_session(self, s: ev.SessionConfig) -> None:
@@ -447,10 +458,14 @@ class RealtimeConnection:
             self.max_output_tokens = s.max_output_tokens
         await self.send({"type": "session.updated", "session": self.session_object()})
 
-    def _voice(self, name: str, param: str) -> str:
+    def _voice(self, name: str, param: str) -> str | None:
+        """A library voice for ``name``; None keeps the current one when ``name`` is one of OpenAI's stock voices
+        that the server cannot map (frameworks send their default, e.g. "marin", whatever the server has)."""
         try:
             return self.state.resolve_voice(name)
         except APIError as e:
+            if name in OPENAI_STOCK_VOICES and e.code == "voice_required":
+                return None
             raise RealtimeError(e.message, e.code or "invalid_value", param) from None
 
     # ----- input audio -----------------------------------------------------------------------------------
@@ -576,8 +591,8 @@ class RealtimeConnection:
     async def create_item(self, item: ev.MessageItem, previous_item_id: str | None) -> None:
         item_id = item.id or _id("item")
         if any(it["id"] == item_id for it in self.items):
-            raise RealtimeError(f"the conversation already has an item with id {item_id!r}", "item_already_exists",
-                                "item.id")
+            raise RealtimeError(f"the conversation already has an item with id {item_id!r}",
+                                "item_create_duplicate_item_id", "item.id")
         if previous_item_id not in (None, "root"):
             self.find_item(previous_item_id, "previous_item_id")
         at_end = previous_item_id in (None, self.items[-1]["id"] if self.items else "root")
@@ -663,12 +678,14 @@ class RealtimeConnection:
         await self.send({"type": "conversation.item.deleted", "item_id": item_id})
 
     async def truncate(self, event: ev.ItemTruncate) -> None:
-        if event.item_id != self.last_assistant_item:
-            raise RealtimeError(f"only the last assistant item ({self.last_assistant_item}) can be truncated",
-                                "invalid_value", "item_id")
-        if self.responding():
+        item = self.find_item(event.item_id)
+        if item["role"] != "assistant":
+            raise RealtimeError("only assistant items can be truncated", "invalid_value", "item_id")
+        if self.responding() and item["status"] == "in_progress":
             raise RealtimeError("the response is still in progress: cancel it first", "invalid_value", "item_id")
-        await self.call(self.session.truncate_response(event.audio_end_ms))
+        text = await self.call(self.session.truncate_response(event.audio_end_ms, item["id"]))
+        if item["content"] and "transcript" in item["content"][0]:
+            item["content"][0]["transcript"] = text
         await self.send({"type": "conversation.item.truncated", "item_id": event.item_id,
                          "content_index": event.content_index, "audio_end_ms": int(event.audio_end_ms)})
 
@@ -708,10 +725,11 @@ class RealtimeConnection:
                          "usage": {"type": "duration", "seconds": round(seconds, 3)}})
 
     # ----- responses -------------------------------------------------------------------------------------
-    async def cancel_response(self, eid: str | None, reason: str) -> None:
-        if not self.responding():
+    async def cancel_response(self, eid: str | None, reason: str, response_id: str | None = None) -> None:
+        if not self.responding() or response_id not in (None, self.response_id):
             if reason == "client_cancelled":
-                await self.send_error("there is no response in progress to cancel", "response_cancel_not_active",
+                # OpenAI's words: clients (LiveKit's) recognise a cancel that came too late by them.
+                await self.send_error("Cancellation failed: no active response found", "response_cancel_not_active",
                                       event_id=eid)
             return
         self.cancel_reason = reason
@@ -744,6 +762,7 @@ class RealtimeConnection:
                 self.stop(CLOSE_ENGINE_FAILED, "engine did not answer")
             return
         self.engine_response = resp
+        self.response_id = out.id
         out.item = {"id": out.item_id, "object": "realtime.item", "type": "message", "role": "assistant",
                     "status": "in_progress", "content": []}
         # The item joins the conversation now, so that events the client sends next find it there.

@@ -264,15 +264,21 @@ class ResponseCreate(Model):
         return v
 
 
+class ResponseCancel(Model):
+    type: Literal["response.cancel"]
+    response_id: str | None = None
+
+
 class Simple(Model):
     """Events with nothing to check but their type."""
 
-    type: Literal["input_audio_buffer.commit", "input_audio_buffer.clear", "response.cancel"]
+    type: Literal["input_audio_buffer.commit", "input_audio_buffer.clear"]
 
 
-ClientEvent = SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | ItemTruncate | ResponseCreate | Simple
+ClientEvent = (SessionUpdate | ItemCreate | ItemDelete | ItemRetrieve | ItemTruncate | ResponseCreate | ResponseCancel
+               | Simple)
 EVENT_TYPES = {m.model_fields["type"].annotation.__args__[0]: m for m in
-               (SessionUpdate, ItemCreate, ItemDelete, ItemRetrieve, ItemTruncate, ResponseCreate)}
+               (SessionUpdate, ItemCreate, ItemDelete, ItemRetrieve, ItemTruncate, ResponseCreate, ResponseCancel)}
 EVENT_TYPES.update({t: Simple for t in Simple.model_fields["type"].annotation.__args__})
 UNSUPPORTED = ("output_audio_buffer.clear", "transcription_session.update")
 
