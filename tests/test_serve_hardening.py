@@ -461,7 +461,7 @@ def test_a_fault_mid_step_fails_the_response_and_the_server_keeps_serving(tiny_c
 
 def test_health_probe_reports_a_worker_that_does_not_answer(server, monkeypatch):
     url, state = server
-    monkeypatch.setattr("openchroma.serving.app.HEALTH_PROBE_SECONDS", 0.5)
+    monkeypatch.setattr("openchroma.serving.state.HEALTH_PROBE_SECONDS", 0.5)
     gate = threading.Event()
     state.engine._submit(lambda: gate.wait(10))   # the worker is stuck on one command
     try:

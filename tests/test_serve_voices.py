@@ -265,7 +265,7 @@ def test_storage_failure_leaves_nothing_behind(server, monkeypatch, where):
     """A write failing midway (disk full) answers 500 and undoes the files and the engine registration."""
     import sqlite3
 
-    import openchroma.serving.voices as voices
+    import openchroma.serving.voice_library as voices
 
     url, state, _ = server
     if where == "codes file":

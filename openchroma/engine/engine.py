@@ -524,6 +524,20 @@ class Engine:
             self._create_session, voice, system_prompt or DEFAULT_SYSTEM_PROMPT, sampling or SamplingParams(),
             AsyncSession))
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def problem(self) -> str | None:
+        """Why the engine cannot serve now (closed, its worker stopped, its frame steps keep failing), or None."""
+        if self._closed:
+            return "the engine is closed"
+        if not self._thread.is_alive():
+            return "the engine's worker thread has stopped"
+        if not self.healthy:
+            return f"the engine's frame steps keep failing ({self.last_error})"
+        return None
+
     async def run(self, fn, *args):
         """Await ``fn(*args)`` run on the worker, between frames (for changes to tables the worker reads)."""
         return await asyncio.wrap_future(self._submit(fn, *args))

@@ -40,18 +40,10 @@ from ..engine import (
     SessionLimit,
     TextDelta,
 )
-from .app import (
-    OPENAI_STOCK_VOICES,
-    APIError,
-    ServerState,
-    client_id,
-    clip,
-    engine_call,
-    get_state,
-    response_events,
-    shorten,
-)
 from .codecs import encode_wav, float_to_pcm16, pcm16_to_float, wav_header
+from .errors import APIError, clip, shorten
+from .guards import client_id
+from .state import OPENAI_STOCK_VOICES, ServerState, engine_call, get_state, response_events
 
 router = APIRouter()
 

@@ -42,20 +42,12 @@ from ..engine import (
 )
 from ..engine.engine import Response as EngineResponse
 from . import realtime_events as ev
-from .app import (
-    OPENAI_STOCK_VOICES,
-    APIError,
-    EngineTimeout,
-    ServerState,
-    check_api_key,
-    client_id,
-    engine_await,
-    response_events,
-    shorten,
-)
 from .codecs import InputDecoder, OutputEncoder
+from .errors import APIError, EngineTimeout, shorten
+from .guards import check_api_key, client_id
 from .metrics import response_status
 from .realtime_events import RealtimeError
+from .state import OPENAI_STOCK_VOICES, ServerState, engine_await, response_events
 from .vad import StreamingVAD, VADConfig
 
 log = logging.getLogger("openchroma.realtime")
@@ -363,15 +355,21 @@ class RealtimeConnection:
 
     async def process(self) -> None:
         """Apply client events in order; merge runs of audio appends into one engine call."""
+        held = None   # an event read while merging audio, applied next
         while True:
-            kind, payload, eid = await self.queue.get()
+            kind, payload, eid = held or await self.queue.get()
+            held = None
             if self.session is None or self.stopping.is_set():   # closing: nothing more is applied
                 return
             try:
                 if kind == "audio":
                     chunks = [payload]
-                    while not self.queue.empty() and self.queue._queue[0][0] == "audio":  # type: ignore[attr-defined]
-                        chunks.append(self.queue.get_nowait()[1])
+                    while not self.queue.empty():
+                        nxt = self.queue.get_nowait()
+                        if nxt[0] != "audio":
+                            held = nxt
+                            break
+                        chunks.append(nxt[1])
                     try:
                         await self.ingest(np.concatenate(chunks), eid)
                     finally:

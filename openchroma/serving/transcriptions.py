@@ -13,7 +13,8 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ..audio import AudioError, load_audio
 from ..engine import ContextFull, EngineError, TextDelta
-from .app import APIError, engine_call, get_state, response_events
+from .errors import APIError
+from .state import engine_call, get_state, response_events
 
 router = APIRouter()
 

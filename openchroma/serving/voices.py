@@ -1,546 +1,33 @@
-"""The persistent voice library: cloned voices kept on disk and registered with the engine at start-up.
+"""``/v1/voices``: the voice library over HTTP (storage in ``voice_library``; its refusals become API errors).
 
-Layout under ``DATA_DIR/voices/``:
-
-* ``index.sqlite3``: one row per voice (name, transcript, creation time, duration, file names, what was
-  uploaded); a row is inserted only once the voice's files are complete, so a crash never leaves a
-  half-written voice in the index.
-* ``NAME-XXXXXXXX.EXT``: the reference audio exactly as uploaded (served back to clients);
-* ``NAME-XXXXXXXX.24k.wav``: the same audio decoded to 24 kHz mono 16-bit (kept to re-encode if ever needed);
-* ``NAME-XXXXXXXX.safetensors``: the Mimi codes ``[frames, K]`` and the transcript's token ids, so a
-  restart registers every voice without re-encoding it.
-
-The random suffix keeps names that differ only by case apart on case-insensitive file systems.
-Routes: ``POST/GET /v1/voices``, ``GET/DELETE /v1/voices/{name}``, ``GET /v1/voices/{name}/audio``.
+``POST/GET /v1/voices``, ``GET/DELETE /v1/voices/{name}``, ``GET /v1/voices/{name}/audio``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import math
-import os
-import re
-import secrets
-import sqlite3
-import threading
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated
 
-import soundfile as sf
-import torch
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
-from safetensors.torch import load_file, save_file
 from starlette.concurrency import run_in_threadpool
 
-from ..audio import AudioError, load_audio, resample
-from ..engine import EngineError
-from ..voice import MAX_VOICE_SECONDS, VoicePrompt
-from .app import APIError, clip, get_state
+from .errors import APIError
+from .state import get_state
+from .voice_library import VoiceError
 
-if TYPE_CHECKING:
-    from ..engine import Engine
-    from .metrics import Metrics
-
-log = logging.getLogger("openchroma.serve.voices")
-
-INDEX_NAME = "index.sqlite3"
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-RESERVED_PREFIX = "_adhoc_"        # the chat routes' per-request voices live in the engine under this prefix
-MIN_VOICE_SECONDS = 1.0
-MAX_TRANSCRIPT_CHARS = 1000
-MAX_TRANSCRIPT_TOKENS = 256        # what the engine reserves for a voice's transcript in its caches
-SILENCE_DBFS = -50.0               # a reference quieter than this (RMS over the clip) is refused
-MIN_SPEECH_SECONDS = 0.3           # speech that silero-vad must find in the reference
-VAD_RATE = 16000
-_TMP_PREFIX = ".tmp-"
-_ORPHAN_AGE_S = 3600.0             # unreferenced files older than this are swept at start-up
-_FILE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}-[0-9a-f]{8}\.[a-z0-9.]{1,16}")  # NAME-XXXXXXXX.EXT
-
-# libsndfile's major format -> (file extension, media type)
-_FORMATS = {
-    "WAV": (".wav", "audio/wav"), "WAVEX": (".wav", "audio/wav"), "RF64": (".wav", "audio/wav"),
-    "W64": (".w64", "audio/x-w64"), "FLAC": (".flac", "audio/flac"), "OGG": (".ogg", "audio/ogg"),
-    "MP3": (".mp3", "audio/mpeg"), "MPEG": (".mp3", "audio/mpeg"), "AIFF": (".aiff", "audio/aiff"),
-    "AU": (".au", "audio/basic"), "CAF": (".caf", "audio/x-caf"),
-}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS voices (
-    name TEXT PRIMARY KEY,
-    transcript TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    duration_s REAL NOT NULL,
-    sample_rate INTEGER NOT NULL,
-    audio_file TEXT NOT NULL,
-    audio_content_type TEXT NOT NULL,
-    wav_file TEXT,
-    codes_file TEXT NOT NULL,
-    original_filename TEXT,
-    original_content_type TEXT,
-    source_sample_rate INTEGER,
-    speech_seconds REAL
-)
-"""
+HTTP_STATUS = {"invalid": 400, "not_found": 404, "exists": 409, "unavailable": 503, "storage": 500}
 
 
-class VoiceLibrary:
-    """Voices stored under ``data_dir/voices/`` and registered with the engine once it is attached.
-
-    Thread-safe: one SQLite connection guarded by a lock; ``add`` (which decodes, checks and encodes the
-    audio on the engine thread) blocks, so async callers run it in a worker thread.
-    """
-
-    def __init__(self, data_dir: Path, metrics: Metrics | None = None):
-        self.dir = Path(data_dir) / "voices"
-        self.index_path = self.dir / INDEX_NAME
-        self.metrics = metrics
-        self.engine: Engine | None = None
-        self._lock = threading.Lock()              # the connection, _pending, _unavailable
-        self._conn: sqlite3.Connection | None = None
-        self._pending: set[str] = set()            # names being added right now
-        self._unavailable: dict[str, str] = {}     # stored voices that could not be loaded -> why
-
-    # ----- the index ------------------------------------------------------------------------------------
-    def _connect(self, create: bool) -> sqlite3.Connection | None:
-        """The open index (caller holds the lock); None when it does not exist yet and ``create`` is false."""
-        if self._conn is None:
-            if not create and not self.index_path.exists():
-                return None
-            self.dir.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.index_path), check_same_thread=False, timeout=10.0)
-            try:
-                conn.row_factory = sqlite3.Row
-                try:
-                    conn.execute("PRAGMA journal_mode=WAL")
-                except sqlite3.DatabaseError as e:  # e.g. some network file systems; the default journal works
-                    log.warning("voice library %s: WAL mode unavailable (%s)", self.index_path, e)
-                conn.execute(_SCHEMA)
-                conn.commit()
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _query(self, sql: str, args: tuple = (), create: bool = False) -> list[sqlite3.Row]:
-        with self._lock:
-            conn = self._connect(create)
-            return [] if conn is None else conn.execute(sql, args).fetchall()
-
-    def _rows(self) -> list[sqlite3.Row]:
-        try:
-            return self._query("SELECT * FROM voices ORDER BY name")
-        except (sqlite3.Error, OSError) as e:
-            log.error("cannot read the voice library %s: %s", self.index_path, e)
-            return []
-
-    def _row(self, name: str) -> sqlite3.Row:
-        try:
-            rows = self._query("SELECT * FROM voices WHERE name = ?", (name,))
-        except (sqlite3.Error, OSError) as e:
-            raise _storage_error("read", self.index_path, e) from None
-        if not rows:
-            raise _not_found(name)
-        return rows[0]
-
-    def _file(self, stored: str | None) -> Path | None:
-        return self.dir / Path(stored).name if stored else None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    # ----- records --------------------------------------------------------------------------------------
-    def _record(self, row: sqlite3.Row) -> dict[str, Any]:
-        rec = {"id": row["name"], "object": "voice", "name": row["name"], "transcript": row["transcript"],
-               "duration_seconds": round(float(row["duration_s"]), 3), "created_at": int(row["created_at"]),
-               "sample_rate": int(row["sample_rate"])}
-        why = self._unavailable.get(row["name"])
-        if why is not None:
-            rec["status"], rec["error"] = "unavailable", why
-        return rec
-
-    def list(self) -> list[dict[str, Any]]:
-        """Every stored voice's record, sorted by name."""
-        return [self._record(r) for r in self._rows()]
-
-    def get(self, name: str) -> dict[str, Any]:
-        return self._record(self._row(name))
-
-    def names(self) -> list[str]:
-        return [r["name"] for r in self._rows()]
-
-    def audio_file(self, name: str) -> tuple[Path, str]:
-        """The stored reference audio (as uploaded) and its media type; 404 when unknown or missing."""
-        row = self._row(name)
-        path = self._file(row["audio_file"])
-        if path is None or not path.is_file():
-            raise APIError(404, f"the reference audio of voice {name!r} is missing from the server's library",
-                           code="voice_audio_missing", param="name")
-        return path, row["audio_content_type"] or "application/octet-stream"
-
-    def audio_path(self, name: str) -> Path:
-        return self.audio_file(name)[0]
-
-    # ----- start-up -------------------------------------------------------------------------------------
-    def attach(self, engine: Engine) -> None:
-        """Register every stored voice with ``engine`` (damaged ones are skipped with a warning)."""
-        self.engine = engine
-        self._unavailable.clear()
-        try:
-            rows = self._query("SELECT * FROM voices ORDER BY name")
-        except (sqlite3.Error, OSError) as e:
-            log.error("cannot read the voice library %s: %s; starting without its voices", self.index_path, e)
-            rows = []
-        else:
-            if self.index_path.exists():
-                self._sweep(rows)
-        loaded = 0
-        for row in rows:
-            name = row["name"]
-            try:
-                prompt = self._load_prompt(row, engine)
-                engine.add_voice(name, prompt, row["transcript"])
-            except Exception as e:  # one damaged voice must not keep the server from starting
-                why = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-                self._unavailable[name] = why
-                log.warning("voice %r skipped: %s (DELETE /v1/voices/%s and add it again)", name, why, name)
-                continue
-            loaded += 1
-            audio = self._file(row["audio_file"])
-            if audio is None or not audio.is_file():
-                log.warning("voice %r: its reference audio %s is missing (the voice still works)", name, audio)
-        if rows:
-            log.info("voice library %s: %d voices registered, %d skipped", self.dir, loaded, len(rows) - loaded)
-        self._update_gauge()
-
-    def _load_prompt(self, row: sqlite3.Row, engine: Engine) -> VoicePrompt:
-        path = self._file(row["codes_file"])
-        if path is None or not path.is_file():
-            raise ValueError(f"its codes file {path} is missing")
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"its codes file {path} is unreadable: {e}") from None
-        codes, text_ids = tensors.get("codes"), tensors.get("text_ids")
-        k = int(getattr(engine.cfg, "audio_num_codebooks", 0) or 0)
-        size = int(getattr(engine.cfg, "codebook_size", 0) or 0)
-        if codes is None or text_ids is None:
-            raise ValueError(f"its codes file {path} lacks the 'codes' or 'text_ids' tensor")
-        if codes.dtype != torch.long or codes.dim() != 2 or codes.shape[0] < 1 or (k and codes.shape[1] != k):
-            raise ValueError(f"its codes in {path} are {codes.dtype} {tuple(codes.shape)}, expected int64 "
-                             f"[frames, {k or 'K'}] (a voice encoded for another model?)")
-        if int(codes.min()) < 0 or (size and int(codes.max()) >= size):
-            raise ValueError(f"its codes in {path} are outside the codebooks' range 0..{size - 1}")
-        if text_ids.dtype != torch.long or text_ids.dim() != 1:
-            raise ValueError(f"its text ids in {path} are {text_ids.dtype} {tuple(text_ids.shape)}, expected int64 [n]")
-        fresh = torch.as_tensor(engine.tokenizer.encode(row["transcript"]), dtype=torch.long).reshape(-1)
-        if not torch.equal(fresh, text_ids):  # another tokenizer than the one it was stored with: use this one's
-            log.info("voice %r: re-tokenized its transcript for this model's tokenizer", row["name"])
-            text_ids = fresh
-        return VoicePrompt(text_ids, codes)
-
-    def _sweep(self, rows: list[sqlite3.Row]) -> None:
-        """Remove our temp files and voice files no row refers to (left by a crash mid-add), once they are old."""
-        keep = set()
-        for r in rows:
-            keep.update(Path(f).name for f in (r["audio_file"], r["wav_file"], r["codes_file"]) if f)
-        now = time.time()
-        try:
-            entries = list(self.dir.iterdir())
-        except OSError:
-            return
-        for p in entries:
-            try:
-                ours = p.name.startswith(_TMP_PREFIX) or _FILE_RE.fullmatch(p.name)
-                if not ours or p.name in keep or not p.is_file() or now - p.stat().st_mtime < _ORPHAN_AGE_S:
-                    continue
-                p.unlink()
-                log.info("voice library: removed leftover file %s", p)
-            except OSError:
-                pass
-
-    def _update_gauge(self) -> None:
-        if self.metrics is not None:
-            try:
-                n = len(self._rows())
-            except Exception:
-                return
-            self.metrics.voices.set(max(0, n - len(self._unavailable)))
-
-    # ----- adding ---------------------------------------------------------------------------------------
-    def add(self, name: str | None, audio: bytes | None, transcript: str | None, filename: str | None = None,
-            content_type: str | None = None) -> dict[str, Any]:
-        """Check, encode and store a voice, and register it with the engine; returns its record.
-
-        Raises ``APIError`` (400 for unusable input, 409 when the name is taken, 503 while the model loads).
-        Blocks while the engine encodes the audio: call it from a worker thread in async code.
-        """
-        engine = self.engine
-        if engine is None:
-            raise APIError(503, "the model is still loading; retry when GET /health says ready", "server_error",
-                           "model_loading")
-        name = check_name(name)
-        with self._lock:
-            taken = name in self._pending or name in engine.voices
-            if not taken:
-                try:
-                    conn = self._connect(False)
-                    taken = conn is not None and bool(
-                        conn.execute("SELECT 1 FROM voices WHERE name = ?", (name,)).fetchall())
-                except (sqlite3.Error, OSError) as e:
-                    raise _storage_error("read", self.index_path, e) from None
-            if taken:
-                raise APIError(409, f"a voice named {name!r} already exists; delete it first "
-                                    f"(DELETE /v1/voices/{name}) or choose another name",
-                               code="voice_exists", param="name")
-            self._pending.add(name)
-        try:
-            return self._add(engine, name, audio, transcript, filename, content_type)
-        finally:
-            with self._lock:
-                self._pending.discard(name)
-
-    def _add(self, engine: Engine, name: str, audio: bytes | None, transcript: str | None, filename: str | None,
-             content_type: str | None) -> dict[str, Any]:
-        transcript = check_transcript(transcript)
-        n_tokens = len(engine.tokenizer.encode(transcript))
-        if n_tokens > MAX_TRANSCRIPT_TOKENS:
-            raise APIError(400, f"the transcript is {n_tokens} tokens long; the limit is {MAX_TRANSCRIPT_TOKENS} "
-                                "(use a shorter reference and what it says)", code="transcript_too_long",
-                           param="transcript")
-        audio = bytes(audio or b"")
-        if not audio:
-            raise APIError(400, "the audio file is empty", code="audio_empty", param="file")
-        sr = engine.sample_rate
-        fmt, source_rate, probed = _probe(audio)
-        if probed is not None and probed > MAX_VOICE_SECONDS + 0.01:
-            raise _duration_error(probed)
-        try:  # a generous cap bounds the memory of files whose header gives no length; the real check follows
-            wav = load_audio(audio, sr, max_seconds=2 * MAX_VOICE_SECONDS)
-        except AudioError as e:
-            raise APIError(400, f"the audio file cannot be used: {_audio_message(e, audio, filename)}",
-                           code="invalid_audio", param="file") from None
-        duration = wav.numel() / sr
-        if not MIN_VOICE_SECONDS <= duration <= MAX_VOICE_SECONDS + 0.01:
-            raise _duration_error(duration)
-        wav = wav[: int(MAX_VOICE_SECONDS * sr)]  # a resampling rounding over the limit
-        duration = wav.numel() / sr
-        rms = float(wav.double().pow(2).mean().sqrt())
-        level = 20 * math.log10(max(rms, 1e-10))
-        if level < SILENCE_DBFS:
-            raise APIError(400, f"the reference audio is silent (its level is {level:.0f} dBFS, below "
-                                f"{SILENCE_DBFS:.0f} dBFS): record a few seconds of clear speech",
-                           code="voice_silent", param="file")
-        speech = speech_seconds(wav, sr)
-        if speech is not None and speech < MIN_SPEECH_SECONDS:
-            raise APIError(400, f"no speech found in the reference audio ({speech:.1f} s detected, at least "
-                                f"{MIN_SPEECH_SECONDS:g} s needed): record a few seconds of clear speech",
-                           code="voice_silent", param="file")
-        try:
-            prompt = engine.encode_voice(wav, transcript, sample_rate=sr)
-        except AudioError as e:
-            raise APIError(400, f"the audio file cannot be used: {_audio_message(e, audio, filename)}",
-                           code="invalid_audio", param="file") from None
-        except EngineError as e:
-            if getattr(engine, "_closed", False):
-                raise APIError(503, "the server is shutting down", "server_error", "engine_closed") from None
-            raise APIError(400, str(e), code="invalid_voice") from None
-
-        ext, media_type = _FORMATS.get(fmt or "", (".bin", None))
-        if media_type is None:
-            ct = (content_type or "").split(";")[0].strip().lower()
-            media_type = ct if ct.startswith("audio/") else "application/octet-stream"
-        stem = f"{name}-{secrets.token_hex(4)}"
-        audio_file, wav_file, codes_file = stem + ext, stem + ".24k.wav", stem + ".safetensors"
-        written: list[Path] = []
-        registered = False
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.dir / audio_file, lambda p: p.write_bytes(audio), written)
-            _atomic_write(self.dir / wav_file,
-                          lambda p: sf.write(str(p), wav.numpy(), sr, format="WAV", subtype="PCM_16"), written)
-            _atomic_write(self.dir / codes_file, lambda p: save_file(
-                {"codes": prompt.codes.to(torch.long).contiguous(),
-                 "text_ids": prompt.text_ids.to(torch.long).contiguous()}, str(p),
-                metadata={"format": "openchroma-voice/1", "name": name, "sample_rate": str(sr)}), written)
-            _fsync_dir(self.dir)
-            engine.add_voice(name, prompt, transcript)
-            registered = True
-            now = time.time()
-            with self._lock:
-                conn = self._connect(True)
-                with conn:
-                    conn.execute(
-                        "INSERT INTO voices (name, transcript, created_at, duration_s, sample_rate, audio_file, "
-                        "audio_content_type, wav_file, codes_file, original_filename, original_content_type, "
-                        "source_sample_rate, speech_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (name, transcript, now, duration, sr, audio_file, media_type, wav_file, codes_file,
-                         filename, content_type, source_rate, speech))
-                row = conn.execute("SELECT * FROM voices WHERE name = ?", (name,)).fetchone()
-        except BaseException as e:
-            if registered:
-                engine.remove_voice(name)
-            for p in written:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            if isinstance(e, sqlite3.IntegrityError):  # another process took the name meanwhile
-                raise APIError(409, f"a voice named {name!r} already exists", code="voice_exists",
-                               param="name") from None
-            if isinstance(e, (OSError, sqlite3.Error)):
-                raise _storage_error("write", self.dir, e) from None
-            if isinstance(e, EngineError):
-                raise APIError(503, f"the engine cannot take the voice: {e}", "server_error", "engine_error") from None
-            raise
-        log.info("voice %r added: %.2f s of audio (%.2f s of speech), %d frames", name, duration,
-                 speech if speech is not None else float("nan"), prompt.codes.shape[0])
-        self._update_gauge()
-        return self._record(row)
-
-    # ----- deleting -------------------------------------------------------------------------------------
-    def delete(self, name: str) -> None:
-        """Remove a stored voice: its row, its registration with the engine and its files."""
-        with self._lock:
-            try:
-                conn = self._connect(False)
-                row = None if conn is None else conn.execute("SELECT * FROM voices WHERE name = ?",
-                                                             (name,)).fetchone()
-                if row is not None:
-                    with conn:
-                        conn.execute("DELETE FROM voices WHERE name = ?", (name,))
-            except (sqlite3.Error, OSError) as e:
-                raise _storage_error("update", self.index_path, e) from None
-            if row is None:
-                raise _not_found(name)
-            self._unavailable.pop(name, None)
-        if self.engine is not None:
-            self.engine.remove_voice(name)
-        for stored in (row["audio_file"], row["wav_file"], row["codes_file"]):
-            path = self._file(stored)
-            if path is not None:
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as e:  # swept at the next start
-                    log.warning("voice %r deleted but its file %s could not be removed: %s", name, path, e)
-        log.info("voice %r deleted", name)
-        self._update_gauge()
-
-
-# ----- checks ---------------------------------------------------------------------------------------------
-def check_name(name: str | None) -> str:
-    name = (name or "").strip()
-    if not NAME_RE.fullmatch(name) or name.startswith(".") or name.startswith(RESERVED_PREFIX):
-        shown = repr(name[:80] + ("…" if len(name) > 80 else ""))
-        raise APIError(400, f"invalid voice name {shown}: use 1 to 64 letters, digits, '_', '.' or '-', not "
-                            f"starting with '.' (nor with {RESERVED_PREFIX!r}, kept for the server's own voices)",
-                       code="invalid_voice_name", param="name")
-    return name
-
-
-def check_transcript(transcript: str | None) -> str:
-    transcript = (transcript or "").strip()
-    if not transcript:
-        raise APIError(400, "the transcript is empty: give the exact words the reference audio says",
-                       code="transcript_empty", param="transcript")
-    if len(transcript) > MAX_TRANSCRIPT_CHARS:
-        raise APIError(400, f"the transcript is {len(transcript)} characters long; the limit is "
-                            f"{MAX_TRANSCRIPT_CHARS}", code="transcript_too_long", param="transcript")
-    return transcript
-
-
-def _duration_error(seconds: float) -> APIError:
-    code = "audio_too_short" if seconds < MIN_VOICE_SECONDS else "audio_too_long"
-    return APIError(400, f"the reference audio is {seconds:.2f} s long; a voice needs between "
-                         f"{MIN_VOICE_SECONDS:g} and {MAX_VOICE_SECONDS:g} s of audio", code=code, param="file")
-
-
-def _not_found(name: str) -> APIError:
-    return APIError(404, f"no voice named {clip(name)} in the library", code="voice_not_found", param="name")
-
-
-def _storage_error(what: str, where: Path, e: BaseException) -> APIError:
-    log.error("voice library: cannot %s %s: %s", what, where, e)
-    return APIError(500, f"the server cannot {what} its voice library ({type(e).__name__}: {e})", "server_error",
-                    "storage_error")
-
-
-def _probe(audio: bytes) -> tuple[str | None, int | None, float | None]:
-    """(libsndfile format, sample rate, duration in seconds) from the file's header; Nones when unreadable."""
+async def library_call(fn, *args):
+    """A library operation off the event loop (it reads files, and ``add`` waits for the engine's encoder)."""
     try:
-        with sf.SoundFile(io.BytesIO(audio)) as f:
-            rate, frames = int(f.samplerate), int(f.frames)
-            duration = frames / rate if rate > 0 and 0 < frames < 2**62 else None
-            return f.format, rate, duration
-    except Exception:
-        return None, None, None
+        return await run_in_threadpool(fn, *args)
+    except VoiceError as e:
+        status = HTTP_STATUS[e.kind]
+        raise APIError(status, e.message, "server_error" if status >= 500 else "invalid_request_error", e.code,
+                       e.param) from None
 
 
-def _audio_message(e: AudioError, audio: bytes, filename: str | None) -> str:
-    msg = str(e)
-    prefix = f"<{len(audio)} bytes of encoded audio>: "
-    if msg.startswith(prefix):
-        msg = msg[len(prefix):]
-    return f"{filename}: {msg}" if filename else msg
-
-
-_vad_lock = threading.Lock()
-_vad_model: Any = None
-_vad_failed = False
-
-
-def speech_seconds(wav: torch.Tensor, sample_rate: int) -> float | None:
-    """Seconds of speech that silero-vad finds in ``wav``; None when the VAD is unavailable."""
-    global _vad_model, _vad_failed
-    with _vad_lock:
-        if _vad_model is None and not _vad_failed:
-            try:
-                from .vad import load_vad_model  # importing silero directly would set torch to 1 thread
-
-                _vad_model = load_vad_model()
-            except Exception as e:  # the other checks still apply
-                _vad_failed = True
-                log.warning("silero-vad unavailable, voice uploads are not checked for speech: %s", e)
-        if _vad_model is None:
-            return None
-        from silero_vad import get_speech_timestamps
-
-        wav16 = resample(wav, sample_rate, VAD_RATE) if sample_rate != VAD_RATE else wav
-        spans = get_speech_timestamps(wav16.float(), _vad_model, sampling_rate=VAD_RATE)
-        return sum(s["end"] - s["start"] for s in spans) / VAD_RATE
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any], written: list[Path]) -> None:
-    """Write ``path`` through a temp file in the same folder, fsync it, then rename it into place."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    written.append(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# ----- routes ---------------------------------------------------------------------------------------------
 router = APIRouter()
 
 _FIELDS = {"file": "the reference audio, a file upload", "transcript": "the exact words the audio says",
@@ -568,28 +55,28 @@ async def create_voice(request: Request, file: Annotated[UploadFile | None, File
                        + "; send multipart/form-data with file, transcript and name", code="missing_required_parameter",
                        param=missing[0])
     data = await upload.read()
-    record = await run_in_threadpool(state.voices.add, name, data, transcript, upload.filename, upload.content_type)
+    record = await library_call(state.voices.add, name, data, transcript, upload.filename, upload.content_type)
     return JSONResponse(record, status_code=201)
 
 
 @router.get("/v1/voices")
 async def list_voices(request: Request):
-    return {"object": "list", "data": await run_in_threadpool(get_state(request).voices.list)}
+    return {"object": "list", "data": await library_call(get_state(request).voices.list)}
 
 
 @router.get("/v1/voices/{name}")
 async def get_voice(request: Request, name: str):
-    return await run_in_threadpool(get_state(request).voices.get, name)
+    return await library_call(get_state(request).voices.get, name)
 
 
 @router.get("/v1/voices/{name}/audio")
 async def get_voice_audio(request: Request, name: str):
     """The reference audio as uploaded, for clients to play."""
-    path, media_type = await run_in_threadpool(get_state(request).voices.audio_file, name)
+    path, media_type = await library_call(get_state(request).voices.audio_file, name)
     return FileResponse(path, media_type=media_type, filename=f"{name}{path.suffix}", content_disposition_type="inline")
 
 
 @router.delete("/v1/voices/{name}")
 async def delete_voice(request: Request, name: str):
-    await run_in_threadpool(get_state(request).voices.delete, name)
+    await library_call(get_state(request).voices.delete, name)
     return {"id": name, "object": "voice", "deleted": True}

@@ -1,0 +1,41 @@
+"""Errors the server's routes share: OpenAI-shaped API errors, and the engine not answering in time."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class EngineTimeout(RuntimeError):
+    """An engine call did not return within ``engine_timeout``: the engine is stuck or overloaded."""
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def clip(value: Any, limit: int = 60) -> str:
+    """A client's value for an error message, cut to about ``limit`` characters: never echo huge input back."""
+    if isinstance(value, str):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text}... ({len(value)} characters)"
+    if value is None or isinstance(value, (bool, float)):
+        return repr(value)
+    if isinstance(value, int):
+        digits = value.bit_length() * 0.302
+        return repr(value) if digits < limit else f"an integer of about {digits:.0f} digits"
+    kind = "object" if isinstance(value, dict) else "array" if isinstance(value, list) else type(value).__name__
+    return f"a JSON {kind}"
+
+
+
+class APIError(Exception):
+    """An error answered to the client in OpenAI's shape: ``{"error": {"message", "type", "code", "param"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}

@@ -1,0 +1,232 @@
+"""What every route shares: the server's configuration, its state (the engine, loaded in the background so
+``/health`` can say "loading"; the voice library; per-client session counts; metrics) and how routes await the
+engine with a time limit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from ..engine import Engine
+from . import default_data_dir
+from .errors import APIError, EngineTimeout, clip
+from .metrics import Metrics
+from .voice_library import VoiceLibrary
+
+log = logging.getLogger("openchroma.serve")
+
+@dataclass
+class ServerConfig:
+    model: str = ""
+    device: str | None = None
+    dtype: str | None = None
+    api_key: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    max_sessions: int = 8
+    max_context: int = 4096
+    max_response_seconds: float = 60.0
+    max_upload_bytes: int = 25 * 1024 * 1024      # HTTP bodies: voice uploads, chat requests with audio
+    max_ws_message_bytes: int = 8 * 1024 * 1024    # one realtime event
+    max_input_audio_seconds: float = 120.0         # one user turn
+    default_voice: str | None = None
+    allow_local_audio: bool = False                # let chat requests name audio files on the server's disk
+    model_id: str = "chroma-4b"
+    compile: bool = False                          # torch.compile the frame step at load
+    cuda_graphs: bool | None = None                # capture the frame step as CUDA graphs (default: on CUDA)
+    threads: int | None = None                     # the frame loop's intra-op CPU threads (default: by model size)
+    # Abuse and fault limits: one client must never hurt another.
+    allow_origins: tuple[str, ...] = ()            # browser origins besides the server's own ("*": any)
+    idle_timeout: float = 300.0                    # close a realtime session idle this long (0: never)
+    max_sessions_per_client: int = 0               # sessions one client address may hold at once (0: no cap)
+    send_timeout: float = 15.0                     # a client that reads nothing for this long is dropped
+    engine_timeout: float = 120.0                  # an engine call that takes longer fails with an error
+    max_text_chars: int = 16000                    # one text item, message, instructions or speech input
+    max_pending_input_bytes: int = 16 * 2**20      # decoded audio a realtime connection may queue unprocessed
+    max_messages: int = 256                        # messages in one chat request
+
+    @property
+    def max_response_frames(self) -> int:
+        return max(1, int(self.max_response_seconds * 12.5))
+
+    @property
+    def ws_protocol_max_bytes(self) -> int:
+        """Messages up to this size are read and answered with an error event; larger ones close with 1009."""
+        return 2 * self.max_ws_message_bytes
+
+
+T = TypeVar("T")
+
+
+def _guard(fn, *args):
+    """Run ``fn`` turning exceptions that cannot cross a Future (``StopIteration``) or that are not ``Exception``s
+    (``KeyboardInterrupt`` from a worker, ``GeneratorExit``) into ``RuntimeError``, so the caller always hears back."""
+    try:
+        return fn(*args)
+    except (StopIteration, StopAsyncIteration) as e:   # Exceptions, but a Future refuses them: the caller hangs
+        raise RuntimeError(f"engine call {getattr(fn, '__name__', fn)!s} raised {type(e).__name__}") from None
+    except Exception:
+        raise
+    except BaseException as e:
+        raise RuntimeError(f"engine call {getattr(fn, '__name__', fn)!s} raised {type(e).__name__}: {e}") from None
+
+
+async def engine_call(config: ServerConfig, fn, *args, executor=None) -> Any:
+    """Run a blocking engine call off the event loop; every failure comes back as an exception, and a call that
+    does not return within ``config.engine_timeout`` raises ``EngineTimeout`` instead of hanging the caller."""
+    loop = asyncio.get_running_loop()
+    fut = loop.run_in_executor(executor, _guard, fn, *args)
+    try:
+        return await asyncio.wait_for(fut, timeout=config.engine_timeout if config.engine_timeout > 0 else None)
+    except TimeoutError:
+        raise EngineTimeout(f"the engine did not answer within {config.engine_timeout:g} s") from None
+
+
+async def engine_await(config: ServerConfig, awaitable) -> Any:
+    """Await an engine command (an ``AsyncSession``'s); one that does not answer within ``config.engine_timeout``
+    raises ``EngineTimeout`` instead of hanging the caller."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout=config.engine_timeout if config.engine_timeout > 0 else None)
+    except TimeoutError:
+        raise EngineTimeout(f"the engine did not answer within {config.engine_timeout:g} s") from None
+
+
+async def response_events(config: ServerConfig, resp) -> Any:
+    """An engine response's events; raises ``EngineTimeout`` when none comes for ``engine_timeout`` seconds
+    (a stopped engine worker would otherwise leave the stream, and its client, waiting forever)."""
+    events = resp.__aiter__()
+    timeout = config.engine_timeout if config.engine_timeout > 0 else None
+    while True:
+        try:
+            ev = await asyncio.wait_for(events.__anext__(), timeout=timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise EngineTimeout(f"the engine sent nothing for {config.engine_timeout:g} s") from None
+        yield ev
+
+
+class ServerState:
+    """What the routes share: config, engine (once loaded), voice library, metrics."""
+
+    def __init__(self, config: ServerConfig, engine: Engine | None = None):
+
+        self.config = config
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+        self.started = time.time()
+        self.connections: set = set()   # open realtime connections
+        self.client_sessions: Counter[str] = Counter()   # sessions held per client address
+        self.http_session_clients: dict = {}   # an HTTP route's engine session -> the client address holding it
+        self.voices = VoiceLibrary(Path(config.data_dir), self.metrics)
+        if engine is not None:
+            self._attach(engine)
+
+    def _attach(self, engine: Engine) -> None:
+        self.voices.attach(engine)
+        self.engine = engine
+        self.ready.set()
+
+    def load(self) -> None:
+        """Load the model (with progress bars) and the voice library; run in a background thread."""
+        try:
+            engine = Engine.from_pretrained(
+                self.config.model, device=self.config.device, dtype=self.config.dtype, progress=True,
+                max_sessions=self.config.max_sessions, max_context=self.config.max_context,
+                max_response_frames=self.config.max_response_frames, compile=self.config.compile,
+                cuda_graphs=self.config.cuda_graphs, threads=self.config.threads)
+            self._attach(engine)
+            log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
+        except BaseException as e:  # reported by /health and every route
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.error("loading %s failed: %s", self.config.model, self.load_error)
+
+    def claim_client_session(self, client: str) -> bool:
+        """Count one more session for ``client``; False (nothing counted) when it already holds its cap."""
+        cap = self.config.max_sessions_per_client
+        if cap > 0 and self.client_sessions[client] >= cap:
+            return False
+        self.client_sessions[client] += 1
+        return True
+
+    def release_client_session(self, client: str) -> None:
+        self.client_sessions[client] -= 1
+        if self.client_sessions[client] <= 0:
+            del self.client_sessions[client]
+
+    def client_limit_error(self) -> APIError:
+        self.metrics.sessions_rejected.inc()
+        return APIError(429, f"this client already holds {self.config.max_sessions_per_client} sessions (the "
+                             "server's --max-sessions-per-client); close one first", "rate_limit_error",
+                        "client_session_limit_reached")
+
+    async def engine_problem(self) -> str | None:
+        """Why the loaded engine cannot serve (closed, its worker stopped or failing, or it does not answer a no-op
+        command within ``HEALTH_PROBE_SECONDS``), or None when it can."""
+        engine = self.engine
+        if engine is None:
+            return None
+        problem = engine.problem()
+        if problem is not None:
+            return problem
+        try:
+            await asyncio.wait_for(engine.run(lambda: None), HEALTH_PROBE_SECONDS)
+        except TimeoutError:
+            return f"the engine's worker did not answer within {HEALTH_PROBE_SECONDS:g} s"
+        except Exception as e:
+            return f"the engine refuses commands: {type(e).__name__}: {e}"
+        return None
+
+    def require_engine(self) -> Engine:
+        if self.engine is not None:
+            return self.engine
+        if self.load_error:
+            raise APIError(503, f"the model failed to load: {self.load_error}", "server_error", "model_load_failed")
+        raise APIError(503, "the model is still loading; retry when GET /health says ready", "server_error",
+                       "model_loading")
+
+    def resolve_voice(self, name: str | None) -> str:
+        """The library voice to speak in: the one named, else the server's default, else the only one."""
+        engine = self.require_engine()
+        if isinstance(name, dict):  # OpenAI's {"id": "..."} form
+            name = name.get("id")
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, f"voice must be a voice name, got {clip(name)}", code="invalid_value", param="voice")
+        if name is not None and len(name) > 256:
+            raise APIError(404, f"unknown voice {clip(name)}", code="voice_not_found", param="voice")
+        if name and name in engine.voices:
+            return name
+        fallback = self.config.default_voice
+        library = [v for v in engine.voices if not v.startswith("_adhoc_")]   # not voices cloned per request
+        if fallback is None and len(library) == 1:
+            fallback = library[0]
+        if name and name not in OPENAI_STOCK_VOICES:
+            raise APIError(404, f"unknown voice {clip(name)}; voices in the library: "
+                                f"{', '.join(sorted(engine.voices)) or 'none'} (add one with POST /v1/voices)",
+                           code="voice_not_found", param="voice")
+        if fallback is None or fallback not in engine.voices:
+            raise APIError(400, "no voice to speak in: the library has "
+                                f"{len(engine.voices)} voices and no default; name one (voices: "
+                                f"{', '.join(sorted(engine.voices)) or 'none'}) or add one with POST /v1/voices",
+                           code="voice_required", param="voice")
+        return fallback
+
+
+HEALTH_PROBE_SECONDS = 5.0
+
+
+OPENAI_STOCK_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                                 "shimmer", "verse", "marin", "cedar"})
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.oc
