@@ -169,7 +169,7 @@ def check_finished_turn(p: Page) -> dict:
     bubble = p.page.locator(f'#log .msg.assistant[data-item-id="{item_id}"]')
     bubble.wait_for(state="visible")
     assert bubble.locator(".text").text_content() == said[0]["transcript"] == turn["transcript"]
-    meta = done["response"]["metadata"]
+    meta = done["response"]["server_timings"]
     ttft, rtf = round(float(meta["ttft_ms"])), float(meta["rtf"])
     shown = bubble.locator(".meta").text_content()
     assert f"TTFT {ttft} ms" in shown and f"RTF {rtf:.2f}" in shown, shown

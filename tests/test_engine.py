@@ -467,3 +467,27 @@ def test_a_command_cancelled_before_it_runs_is_skipped_and_the_worker_goes_on(en
     s = engine.create_session("ref")
     s.add_text("Still there?")
     assert s.respond().result().frames == FRAMES
+
+
+def test_messages_with_ids_are_edited_by_id_and_a_reply_keeps_its_place(engine):
+    s = engine.create_session("ref")
+    s.append_audio(user_audio(60, 1.0), 16000)
+    s.commit_audio("u1")                      # the audio is a message of its own, named by the client
+    s.add_message("system", "Be brief.", item_id="s1")
+    resp = s.respond(item_id="a1")
+    s.add_message("user", "Another thing.", item_id="u2")   # arrives while the answer is spoken
+    done, _, _ = run(resp)
+    assert [(m["role"], m.get("id")) for m in s.history] == [
+        ("system", None), ("user", "u1"), ("system", "s1"), ("assistant", "a1"), ("user", "u2")]
+    assert s.history[3]["content"][0]["text"] == done.text
+    with pytest.raises(EngineError, match="already has a message with id 'u2'"):
+        s.add_message("user", "again", item_id="u2")
+    s.insert_message("u1", "assistant", "Noted.", item_id="a0")
+    s.delete_message("s1")
+    assert [m.get("id") for m in s.history[1:]] == ["u1", "a0", "a1", "u2"]
+    with pytest.raises(EngineError, match="no message with id 'nope'"):
+        s.delete_message("nope")
+    s.delete_message("u1")                    # its audio goes with it
+    assert s.audio_embeds == [] and s.truncate_response(0.0) == ""
+    assert s.history[2] == {"role": "assistant", "content": [{"type": "text", "text": ""}], "id": "a1"}
+    s.close()

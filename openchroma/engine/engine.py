@@ -179,6 +179,9 @@ class Response(_EventStream):
         self.tokens: list[int] = []
         self.token_frames: list[int] = []   # the audio frame each text token entered the speech at
         self.out_of_band = False            # not part of the conversation's history
+        self.item_id: str | None = None     # the id its message gets in the history
+        self.history_index = 0              # where its message goes in the history
+        self.message: dict[str, Any] | None = None   # that message, once it is there (edits may move it)
         self._text = ""
         self._detok = engine.tokenizer.incremental_decoder()
 
@@ -245,9 +248,17 @@ class Session:
         """Drop the user audio received since the last turn ended."""
         self.engine._call(self.engine._clear_audio, self)
 
-    def commit_audio(self) -> float:
-        """Close the user's current audio part (it becomes one audio message part); returns its seconds."""
-        return self.engine._call(self.engine._commit_audio, self)
+    def commit_audio(self, item_id: str | None = None) -> float:
+        """Close the user's current audio part (it becomes one audio message part); returns its seconds.
+
+        With ``item_id``, the user's turn ends here too: its parts become one message with that id (see
+        ``end_turn``)."""
+        return self.engine._call(self.engine._commit_audio, self, item_id)
+
+    def end_turn(self, item_id: str | None = None) -> bool:
+        """Make the user's pending parts (text, committed audio) one user message, tagged ``item_id`` so that a
+        client can later delete it or insert after it. False if nothing was pending."""
+        return self.engine._call(self.engine._end_turn, self, item_id)
 
     @property
     def buffered_audio_seconds(self) -> float:
@@ -265,22 +276,27 @@ class Session:
         self.engine._check_text_size(system_prompt, "the instructions")
         self.engine._call(self.engine._set_instructions, self, system_prompt)
 
-    def add_message(self, role: str, text: str) -> None:
-        """Add a whole text message from ``user``, ``assistant`` or ``system`` to the history."""
+    def add_message(self, role: str, text: str, item_id: str | None = None) -> None:
+        """Add a whole text message from ``user``, ``assistant`` or ``system`` to the history.
+
+        A user message without ``item_id`` joins the user's open turn (with any audio before the response); with
+        one, it is a message of its own."""
         self.engine._check_message(role, text)
-        if role == "user":
+        if role == "user" and item_id is None:
             self.add_text(text)
         else:
-            self.engine._call(self.engine._add_message, self, role, text)
+            self.engine._call(self.engine._add_message, self, role, text, item_id)
 
-    def insert_message(self, index: int, role: str, text: str) -> None:
-        """Put a whole text message at position ``index`` of the history (1 = right after the system prompt):
-        how a client edits its conversation. The reasoner re-reads the history from there."""
+    def insert_message(self, index: int | str, role: str, text: str, item_id: str | None = None) -> None:
+        """Put a whole text message at position ``index`` of the history (1 = right after the system prompt; a
+        string: right after the message with that id): how a client edits its conversation. The reasoner re-reads
+        the history from there."""
         self.engine._check_message(role, text)
-        self.engine._call(self.engine._insert_message, self, index, role, text)
+        self.engine._call(self.engine._insert_message, self, index, role, text, item_id)
 
-    def delete_message(self, index: int) -> None:
-        """Remove message ``index`` (>= 1; the system prompt stays) and its audio from the history."""
+    def delete_message(self, index: int | str) -> None:
+        """Remove message ``index`` (>= 1; the system prompt stays; a string: the message with that id) and its
+        audio from the history."""
         self.engine._call(self.engine._delete_message, self, index)
 
     def truncate_response(self, audio_ms: float) -> str:
@@ -300,12 +316,13 @@ class Session:
     def respond(self, max_frames: int | None = None, forced_text: str | None = None,
                 sampling: SamplingParams | None = None, *, voice: str | None = None,
                 instructions: str | None = None, out_of_band: bool = False,
-                messages: list[dict[str, str]] | None = None) -> Response:
+                messages: list[dict[str, str]] | None = None, item_id: str | None = None) -> Response:
         """End the user's turn (if any) and start a response; with ``forced_text``, speak exactly that.
 
         For this response only: ``voice`` (a registered voice's name) and ``instructions`` (the system prompt).
         ``out_of_band``: the response reads the history (or ``messages``, ``[{"role": ..., "text": ...}]``,
-        instead) but is not added to it, and the user's open turn stays open."""
+        instead) but is not added to it, and the user's open turn stays open. ``item_id`` tags the response's
+        message in the history."""
         if forced_text is not None and not forced_text.strip():
             raise EngineError("forced_text is empty: nothing to say")
         if forced_text is not None:
@@ -323,7 +340,7 @@ class Session:
                 self.engine._check_message(m.get("role"), m.get("text"))
         t0 = time.perf_counter()  # timings count from the caller's request, queueing and prefill included
         resp = self.engine._call(self.engine._respond, self, max_frames, forced_text, sampling,
-                                 _Overrides(voice, instructions, out_of_band, messages))
+                                 _Overrides(voice, instructions, out_of_band, messages, item_id))
         resp.t_start = t0
         return resp
 
@@ -877,14 +894,41 @@ class Engine:
         s._mel = StreamingMelExtractor()   # the finished part keeps its extractor; the next one starts afresh
         s._raw, s._raw_frames, s._windows = [], 0, []
 
-    def _commit_audio(self, s: Session) -> float:
+    def _commit_audio(self, s: Session, item_id: str | None = None) -> float:
         self._check_open(s)
         if s._mel.num_samples == 0 and s._resampler is None:
             raise EngineError("the input audio buffer is empty: nothing to commit")
         self._flush_resampler(s)
         secs = s._mel.num_samples / USER_RATE
         self._finish_audio_part(s)
+        if item_id is not None:
+            self._end_turn(s, item_id)
         return secs
+
+    def _end_turn(self, s: Session, item_id: str | None) -> bool:
+        self._check_open(s)
+        self._check_new_id(s, item_id)
+        n = len(s.messages)
+        self._close_turn(s)
+        if len(s.messages) == n:
+            return False
+        if item_id is not None:
+            s.messages[-1]["id"] = item_id
+        return True
+
+    @staticmethod
+    def _check_new_id(s: Session, item_id: str | None) -> None:
+        if item_id is not None and any(m.get("id") == item_id for m in s.messages):
+            raise EngineError(f"the conversation already has a message with id {item_id!r}")
+
+    @staticmethod
+    def _message_index(s: Session, index: int | str) -> int:
+        if isinstance(index, str):
+            found = next((i for i, m in enumerate(s.messages) if m.get("id") == index), None)
+            if found is None:
+                raise EngineError(f"no message with id {index!r} in this conversation")
+            return found
+        return index
 
     def _set_voice(self, s: Session, voice: str) -> None:
         self._check_open(s)
@@ -905,12 +949,14 @@ class Engine:
                 {"type": p["type"], **({"text": p["text"]} if p["type"] == "text" else {})} for p in s._turn_parts]})
             s._turn_parts = []
 
-    def _add_message(self, s: Session, role: str, text: str) -> None:
+    def _add_message(self, s: Session, role: str, text: str, item_id: str | None = None) -> None:
         self._check_open(s)
-        if s.slot in self._responses:
+        if s.slot in self._responses and role != "user":
             raise EngineError(f"session {s.id} is responding; wait for the response or cancel it first")
-        self._close_turn(s)
-        s.messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+        self._check_new_id(s, item_id)
+        if item_id is None:
+            self._close_turn(s)   # a message with an id stands alone; the user's open turn stays open
+        s.messages.append(_message(role, text, item_id))
 
     def _editable(self, s: Session, index: int, end: int) -> None:
         self._check_open(s)
@@ -919,13 +965,17 @@ class Engine:
         if not isinstance(index, int) or isinstance(index, bool) or not 1 <= index <= end:
             raise EngineError(f"message index must be between 1 and {end} (0 is the system prompt), got {index!r}")
 
-    def _insert_message(self, s: Session, index: int, role: str, text: str) -> None:
-        self._close_turn(s)
+    def _insert_message(self, s: Session, index: int | str, role: str, text: str, item_id: str | None = None) -> None:
+        self._check_open(s)
+        self._check_new_id(s, item_id)
+        # The user's open turn (audio still arriving) is not in the history yet; edits leave it as it is.
+        index = self._message_index(s, index) + 1 if isinstance(index, str) else index
         self._editable(s, index, len(s.messages))
-        s.messages.insert(index, {"role": role, "content": [{"type": "text", "text": text}]})
+        s.messages.insert(index, _message(role, text, item_id))
 
-    def _delete_message(self, s: Session, index: int) -> None:
-        self._close_turn(s)
+    def _delete_message(self, s: Session, index: int | str) -> None:
+        self._check_open(s)
+        index = self._message_index(s, index)
         self._editable(s, index, len(s.messages) - 1)
         before = sum(1 for m in s.messages[:index] for part in m["content"] if part.get("type") == "audio")
         n = sum(1 for part in s.messages[index]["content"] if part.get("type") == "audio")
@@ -937,13 +987,14 @@ class Engine:
         resp = s.response
         if resp is None or resp.done is None:
             raise EngineError("no finished response to truncate")
-        if not s.messages or s.messages[-1]["role"] != "assistant":
-            raise EngineError("the last message is not the response's: nothing to truncate")
+        at = next((i for i, m in enumerate(s.messages) if m is resp.message), None)
+        if at is None:
+            raise EngineError("the response's message is no longer in the history: nothing to truncate")
         frame_ms = 1000 * self.cfg.audio_frame_freq / self.sample_rate
         frames = max(0, int(audio_ms // frame_ms))
         kept = [t for t, f in zip(resp.tokens, resp.token_frames, strict=True) if f < frames]
         text = self._spoken_text(kept)
-        s.messages[-1] = {"role": "assistant", "content": [{"type": "text", "text": text}]}
+        resp.message = s.messages[at] = _message("assistant", text, resp.item_id)
         return text
 
     def _add_text(self, s: Session, text: str) -> None:
@@ -1015,6 +1066,8 @@ class Engine:
         # The prefill runs in slices between frames (see _loop); the response starts when it is done.
         resp = Response(self, s)
         resp.out_of_band = over.out_of_band
+        resp.item_id = over.item_id
+        resp.history_index = len(s.messages)
         self._responses[s.slot] = resp
         if not over.out_of_band:
             s.response = resp
@@ -1076,7 +1129,9 @@ class Engine:
             s.ctx_ids = s.ctx_ids[: row.prompt_len] + row.tokens[: row.thinker_pos - row.prompt_len]
         text = self._spoken_text(resp.tokens)
         if not resp.out_of_band:
-            s.messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
+            # At the place the response began: user messages added while it spoke come after it.
+            resp.message = _message("assistant", text, resp.item_id)
+            s.messages.insert(min(resp.history_index, len(s.messages)), resp.message)
         now = time.perf_counter()
         secs = resp.frames * self.cfg.audio_frame_freq / self.sample_rate
         timings = {"ttft_ms": (resp.t_first_audio - resp.t_start) * 1000 if resp.t_first_audio else float("nan"),
@@ -1093,6 +1148,14 @@ class Engine:
         resp._emit(resp.done)
 
 
+def _message(role: str, text: str, item_id: str | None = None) -> dict[str, Any]:
+    """A text message of the history; ``id`` is the client's name for it (realtime conversation items)."""
+    m: dict[str, Any] = {"role": role, "content": [{"type": "text", "text": text}]}
+    if item_id is not None:
+        m["id"] = item_id
+    return m
+
+
 @dataclass
 class _Overrides:
     """What one response changes for itself only (``Session.respond``'s keyword arguments)."""
@@ -1101,6 +1164,7 @@ class _Overrides:
     instructions: str | None = None
     out_of_band: bool = False
     messages: list[dict[str, str]] | None = None
+    item_id: str | None = None
 
 
 @dataclass(eq=False)

@@ -462,7 +462,7 @@ async def _too_large(limit: int, send) -> None:
 
 def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     """Build the app. With ``engine`` it serves at once; without, it loads ``config.model`` in the background."""
-    from . import openai_http, realtime, voices
+    from . import openai_http, realtime, transcriptions, voices
 
     state = ServerState(config, engine)
 
@@ -548,6 +548,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app.include_router(voices.router)
     app.include_router(openai_http.router)
     app.include_router(realtime.router)
+    app.include_router(transcriptions.router)
     if STATIC_DIR.is_dir():
         app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="client")
     else:

@@ -16,11 +16,13 @@ import base64
 import binascii
 import collections
 import contextlib
+import functools
 import json
 import logging
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,8 @@ MIN_COMMIT_MS = 100
 MAX_PENDING_EVENTS = 64          # client events read but not yet applied; past this the reader stops reading
 MAX_VAD_MS = 10_000              # prefix padding and silence duration
 MAX_OUTPUT_TOKENS = 4096
+MAX_METADATA_KEYS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512   # OpenAI's limits on response.metadata
+MAX_ITEM_ID = 64
 # Close codes (README, "Serve"): what a client sees when the server ends its connection.
 CLOSE_NOT_READING = 1008         # policy: the client stopped reading what it is sent
 CLOSE_ENGINE_FAILED = 1011       # an engine call failed to answer; the session was freed
@@ -90,12 +94,53 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(10)}"
 
 
+def _metadata(value: Any, param: str) -> dict[str, str] | None:
+    """A response's ``metadata``: the client's own key/value strings, echoed back unchanged."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_METADATA_KEYS or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_METADATA_KEY and len(v) <= MAX_METADATA_VALUE
+            for k, v in value.items()):
+        raise ClientError(f"metadata must be an object of at most {MAX_METADATA_KEYS} string values (keys up to "
+                          f"{MAX_METADATA_KEY} characters, values up to {MAX_METADATA_VALUE}), got {clip(value)}",
+                          "invalid_value", param)
+    return dict(value)
+
+
+def _transcription(value: Any, param: str) -> dict[str, Any] | None:
+    """``audio.input.transcription``: null (off) or ``{model, language, prompt}``. The transcript always comes from
+    the Reasoner, whatever model is named; the settings are reported back as given."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ClientError(f"transcription must be null or an object, got {clip(value)}", "invalid_value", param)
+    for k in ("model", "language", "prompt"):
+        if value.get(k) is not None and not isinstance(value[k], str):
+            raise ClientError(f"{k} must be a string, got {clip(value[k])}", "invalid_value", f"{param}.{k}")
+    return {k: value.get(k) for k in ("model", "language", "prompt") if value.get(k) is not None}
+
+
 class ClientError(Exception):
     """A problem with one client event: answered with an ``error`` event; the connection stays up."""
 
     def __init__(self, message: str, code: str, param: str | None = None, type: str = "invalid_request_error"):
         super().__init__(message)
         self.message, self.code, self.param, self.type = message, code, param, type
+
+
+@dataclass
+class ResponseOut:
+    """What one response sends: its ids and the settings it was created with."""
+
+    id: str
+    item_id: str
+    modalities: list[str]
+    format: dict[str, Any]
+    voice: str
+    max_output_tokens: int | str
+    metadata: dict[str, str] | None
+    out_of_band: bool
+    item: dict[str, Any] = field(default_factory=dict)
 
 
 class PendingBudget:
@@ -134,8 +179,9 @@ class RealtimeConnection:
         self.last_activity = time.monotonic()
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_PENDING_EVENTS)
         self.pending = PendingBudget(self.cfg.max_pending_input_bytes)
-        self.items: list[str] = []              # conversation item ids, in order
+        self.items: list[dict[str, Any]] = []   # the conversation's items, in order (as last reported)
         self.last_assistant_item: str | None = None
+        self.transcribing: set[asyncio.Task] = set()
         self.response_task: asyncio.Task | None = None
         self.engine_response: EngineResponse | None = None
         self.cancel_reason: str | None = None
@@ -148,6 +194,7 @@ class RealtimeConnection:
         self.input_format: dict[str, Any] = {"type": "audio/pcm", "rate": 24000}
         self.output_format: dict[str, Any] = {"type": "audio/pcm", "rate": 24000}
         self.turn_detection: dict[str, Any] | None = dict(DEFAULT_VAD)
+        self.transcription: dict[str, Any] | None = None   # user transcripts: off until the client asks
         # Input audio state.
         self.vad: StreamingVAD | None = None
         self.in_rate = 24000
@@ -197,7 +244,8 @@ class RealtimeConnection:
             "output_modalities": list(self.output_modalities), "instructions": self.instructions or "",
             "max_output_tokens": self.max_output_tokens, "tools": [], "tool_choice": "auto",
             "audio": {
-                "input": {"format": dict(self.input_format), "transcription": None, "noise_reduction": None,
+                "input": {"format": dict(self.input_format), "noise_reduction": None,
+                          "transcription": dict(self.transcription) if self.transcription is not None else None,
                           "turn_detection": dict(self.turn_detection) if self.turn_detection else None},
                 "output": {"format": dict(self.output_format), "voice": self.voice, "speed": 1.0},
             },
@@ -238,6 +286,8 @@ class RealtimeConnection:
         self.closed = True
         if self.engine_response is not None and self.engine_response.done is None:
             self.engine_response.cancel()
+        for task in self.transcribing:
+            task.cancel()
         session, self.session = self.session, None
         try:
             # Not on the connection's own thread: a stuck engine call there must not keep the slot held.
@@ -457,27 +507,80 @@ class RealtimeConnection:
         if self.buffer_ms < MIN_COMMIT_MS:
             raise ClientError(f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, but the buffer "
                               f"holds {self.buffer_ms:.0f} ms", "input_audio_buffer_commit_empty")
-        await self.run_blocking(self.session.commit_audio)
+        item_id = item_id or self.speech_item or _id("item")
+        self.speech_item = None
+        ms = self.buffer_ms
+        # The committed audio is one user message of its own in the engine's history, under the item's id.
+        await self.run_blocking(self.session.commit_audio, item_id)
         self.buffer_ms = 0.0
         if self.vad is not None:
             await self.run_blocking(self.vad.reset)
         self.prefix.clear()
-        item_id = item_id or self.speech_item or _id("item")
-        self.speech_item = None
-        prev = self.items[-1] if self.items else None
+        prev = self.items[-1]["id"] if self.items else None
         await self.send({"type": "input_audio_buffer.committed", "item_id": item_id, "previous_item_id": prev})
-        await self.item_added({"id": item_id, "object": "realtime.item", "type": "message", "role": "user",
-                               "status": "completed", "content": [{"type": "input_audio", "transcript": None}]})
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": "completed",
+                "content": [{"type": "input_audio", "transcript": None}]}
+        await self.item_added(item)
+        await self.transcribe_audio(item, ms / 1000)
 
-    async def item_added(self, item: dict[str, Any]) -> None:
-        prev = self.items[-1] if self.items else None
-        self.items.append(item["id"])
+    async def item_added(self, item: dict[str, Any], after: str | None = None) -> None:
+        """Put ``item`` in the conversation after item ``after`` ("root": first; None: last) and announce it."""
+        if after is None:
+            at = len(self.items)
+        elif after == "root":
+            at = 0
+        else:
+            at = next(i for i, it in enumerate(self.items) if it["id"] == after) + 1
+        prev = self.items[at - 1]["id"] if at else None
+        self.items.insert(at, item)
         # GA clients listen for conversation.item.added, beta clients for conversation.item.created.
         await self.send({"type": "conversation.item.added", "previous_item_id": prev, "item": item})
         await self.send({"type": "conversation.item.created", "previous_item_id": prev, "item": item})
         if item.get("status") == "completed":
             await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
 
+    def find_item(self, item_id: Any, param: str = "item_id", code: str = "item_not_found") -> dict[str, Any]:
+        found = next((it for it in self.items if it["id"] == item_id), None) if isinstance(item_id, str) else None
+        if found is None:
+            raise ClientError(f"the conversation has no item with id {clip(item_id)}", code, param)
+        return found
+
+    # ----- user transcripts --------------------------------------------------------------------------------
+    async def transcribe_audio(self, item: dict[str, Any], seconds: float) -> None:
+        """When the client asked for transcripts, have the Reasoner transcribe the item's newest audio part (already
+        encoded for the response) in the engine's background slices, and stream it as it comes."""
+        if self.transcription is None:
+            return
+        index = max(i for i, part in enumerate(item["content"]) if part["type"] == "input_audio")
+        stream = await self.run_blocking(self.session.transcribe, -1)
+        task = asyncio.create_task(self.stream_transcript(stream, item, index, seconds))
+        self.transcribing.add(task)
+        task.add_done_callback(self.transcribing.discard)
+
+    async def stream_transcript(self, stream, item: dict[str, Any], index: int, seconds: float) -> None:
+        base = {"item_id": item["id"], "content_index": index}
+        try:
+            done = None
+            async for ev in stream:
+                if isinstance(ev, TextDelta):
+                    if ev.text:
+                        await self.send({"type": "conversation.item.input_audio_transcription.delta", **base,
+                                         "delta": ev.text})
+                else:
+                    done = ev
+            if done is None or done.error:
+                raise RuntimeError(done.error if done is not None else "the transcription ended early")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.warning("realtime session %s: transcribing %s failed: %s", self.sid, item["id"], e)
+            await self.send({"type": "conversation.item.input_audio_transcription.failed", **base, "error": {
+                "type": "server_error", "code": "transcription_failed", "message": shorten(str(e)), "param": None}})
+            return
+        text = done.text.strip()
+        item["content"][index]["transcript"] = text
+        await self.send({"type": "conversation.item.input_audio_transcription.completed", **base, "transcript": text,
+                         "usage": {"type": "duration", "seconds": round(seconds, 3)}})
     # ----- client events ---------------------------------------------------------------------------------
     async def handle(self, event: dict[str, Any], eid: str | None) -> None:
         kind = event["type"]
@@ -493,15 +596,19 @@ class RealtimeConnection:
             self.prefix.clear()
             await self.send({"type": "input_audio_buffer.cleared"})
         elif kind == "conversation.item.create":
-            await self.create_item(event.get("item"))
+            await self.create_item(event.get("item"), event.get("previous_item_id"))
+        elif kind == "conversation.item.delete":
+            await self.delete_item(event.get("item_id"))
+        elif kind == "conversation.item.retrieve":
+            item = self.find_item(event.get("item_id"), code="item_retrieve_invalid_item_id")   # OpenAI's codes
+            await self.send({"type": "conversation.item.retrieved", "item": item})
         elif kind == "conversation.item.truncate":
             await self.truncate(event)
         elif kind == "response.create":
             await self.start_response(event.get("response") or {}, eid)
         elif kind == "response.cancel":
             await self.cancel_response(eid, "client_cancelled")
-        elif kind in ("conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear",
-                      "transcription_session.update"):
+        elif kind in ("output_audio_buffer.clear", "transcription_session.update"):
             raise ClientError(f"{kind} is not supported by this server", "unsupported_event")
         else:
             raise ClientError(f"unknown event type {clip(kind)}", "invalid_event_type", "type")
@@ -529,17 +636,12 @@ class RealtimeConnection:
         has_td = "turn_detection" in a_in or "turn_detection" in s
         td = a_in.get("turn_detection", s.get("turn_detection"))
         modalities = s.get("output_modalities", s.get("modalities"))
+        has_tr = "transcription" in a_in or "input_audio_transcription" in s
+        transcription = _transcription(a_in.get("transcription", s.get("input_audio_transcription")),
+                                       "session.audio.input.transcription") if has_tr else None
 
         # Validate everything before changing anything.
-        new_voice = None
-        if voice is not None:
-            name = voice.get("id") if isinstance(voice, dict) else voice
-            if not isinstance(name, str) or not name:
-                raise ClientError("voice must be a voice name", "invalid_value", "session.audio.output.voice")
-            try:
-                new_voice = self.state.resolve_voice(name)
-            except APIError as e:
-                raise ClientError(e.message, e.code or "invalid_value", "session.audio.output.voice") from None
+        new_voice = self._voice(voice, "session.audio.output.voice") if voice is not None else None
         new_in = self._format(in_fmt, "session.audio.input.format", inputs=True) if in_fmt is not None else None
         new_out = self._format(out_fmt, "session.audio.output.format", inputs=False) if out_fmt is not None else None
         new_td = self.turn_detection
@@ -574,6 +676,8 @@ class RealtimeConnection:
             self.prefix.clear()
         if modalities is not None:
             self.output_modalities = modalities
+        if has_tr:
+            self.transcription = transcription
         if mot is not None:
             self.max_output_tokens = mot
         await self.send({"type": "session.updated", "session": self.session_object()})
@@ -637,7 +741,7 @@ class RealtimeConnection:
                               "string_above_max_length", param)
         return text
 
-    async def create_item(self, item: Any) -> None:
+    async def create_item(self, item: Any, previous_item_id: Any = None) -> None:
         if not isinstance(item, dict):
             raise ClientError("conversation.item.create needs an 'item' object", "invalid_value", "item")
         if item.get("type", "message") != "message":
@@ -648,43 +752,96 @@ class RealtimeConnection:
         if role not in ("user", "assistant", "system") or not isinstance(content, list) or not content:
             raise ClientError("a message item needs a role (user, assistant or system) and a non-empty content list",
                               "invalid_value", "item")
-        if self.engine_response is not None and self.engine_response.done is None and role != "user":
-            raise ClientError("a response is in progress: cancel it before adding assistant or system messages",
-                              "conversation_already_has_active_response")
+        item_id = item.get("id")
+        if item_id is None:
+            item_id = _id("item")
+        elif not isinstance(item_id, str) or not 0 < len(item_id) <= MAX_ITEM_ID:
+            raise ClientError(f"item.id must be a string of 1 to {MAX_ITEM_ID} characters", "invalid_value", "item.id")
+        elif any(it["id"] == item_id for it in self.items):
+            raise ClientError(f"the conversation already has an item with id {clip(item_id)}", "item_already_exists",
+                              "item.id")
+        if previous_item_id is not None and previous_item_id != "root":
+            self.find_item(previous_item_id, "previous_item_id")
+        at_end = previous_item_id is None or previous_item_id == (self.items[-1]["id"] if self.items else "root")
+        responding = self.engine_response is not None and self.engine_response.done is None
+        if responding and (role != "user" or not at_end):
+            raise ClientError("a response is in progress: cancel it before adding assistant or system messages or "
+                              "inserting into the history", "conversation_already_has_active_response")
+        texts: list[str] = []
+        audio: dict[int, np.ndarray] = {}
         out_content = []
         for i, part in enumerate(content):
             ptype = part.get("type") if isinstance(part, dict) else None
             if ptype in ("input_text", "text", "output_text"):
-                text = self._check_text(part.get("text"), f"item.content[{i}].text")
-                await self.run_blocking(self.session.add_message, role, text)
-                out_content.append({"type": ptype, "text": text})
+                texts.append(self._check_text(part.get("text"), f"item.content[{i}].text"))
+                out_content.append({"type": ptype, "text": texts[-1]})
+            elif ptype in ("audio", "output_audio") and role == "assistant" and isinstance(part.get("transcript"), str):
+                # An assistant's earlier audio, as its transcript (how clients replay a conversation's history).
+                texts.append(self._check_text(part["transcript"], f"item.content[{i}].transcript"))
+                out_content.append({"type": ptype, "transcript": texts[-1]})
             elif ptype == "input_audio" and role == "user":
-                audio = part.get("audio")
-                if not isinstance(audio, str):
-                    raise ClientError("an audio part needs 'audio': base64 audio in the input format", "invalid_value",
-                                      f"item.content[{i}].audio")
-                try:
-                    samples = self.decode_input(base64.b64decode(audio, validate=True))
-                except (binascii.Error, ValueError) as e:
-                    raise ClientError(f"'audio' is not valid base64 audio: {shorten(str(e), 120)}", "invalid_value",
-                                      f"item.content[{i}].audio") from None
-                if self.buffer_ms + 1000 * len(samples) / self.in_rate > 1000 * self.cfg.max_input_audio_seconds:
-                    raise ClientError(f"the audio is over the server's {self.cfg.max_input_audio_seconds:.0f} s per "
-                                      "turn", "input_audio_buffer_too_long", f"item.content[{i}].audio")
-                if len(samples) < self.in_rate * MIN_COMMIT_MS / 1000:
-                    raise ClientError(f"an audio part needs at least {MIN_COMMIT_MS} ms of audio", "invalid_value",
-                                      f"item.content[{i}].audio")
-                if self.buffer_ms:
-                    await self.run_blocking(self.session.commit_audio)   # keep the buffered audio its own part
-                    self.buffer_ms = 0.0
-                await self.run_blocking(self.session.append_audio, samples, self.in_rate)
-                await self.run_blocking(self.session.commit_audio)
+                audio[i] = self._item_audio(part, i)
                 out_content.append({"type": "input_audio", "transcript": None})
             else:
                 raise ClientError(f"content part type {clip(ptype)} is not supported for a {role} message",
                                   "unsupported_content", f"item.content[{i}].type")
-        await self.item_added({"id": item.get("id") or _id("item"), "object": "realtime.item", "type": "message",
-                               "role": role, "status": "completed", "content": out_content})
+        if audio:
+            if not at_end:
+                raise ClientError("an item with audio can only be added at the end of the conversation",
+                                  "invalid_value", "previous_item_id")
+            if self.buffer_ms:
+                raise ClientError(f"the input audio buffer holds {self.buffer_ms:.0f} ms of audio: commit or clear it "
+                                  "before adding an audio item", "input_audio_buffer_not_empty", "item")
+            # Parts in order; the engine's turn collects them and ends as one message under the item's id.
+            for i in range(len(content)):
+                if i in audio:
+                    await self.run_blocking(self.session.append_audio, audio[i], self.in_rate)
+                    await self.run_blocking(self.session.commit_audio)
+                else:
+                    await self.run_blocking(self.session.add_text, out_content[i]["text"])
+            await self.run_blocking(self.session.end_turn, item_id)
+        elif at_end:
+            await self.run_blocking(self.session.add_message, role, "\n".join(texts), item_id)
+        else:
+            where = 1 if previous_item_id == "root" else previous_item_id
+            await self.run_blocking(self.session.insert_message, where, role, "\n".join(texts), item_id)
+        new = {"id": item_id, "object": "realtime.item", "type": "message", "role": role, "status": "completed",
+               "content": out_content}
+        await self.item_added(new, None if at_end else previous_item_id)
+        if audio:
+            await self.transcribe_audio(new, sum(len(x) for x in audio.values()) / self.in_rate)
+
+    def _item_audio(self, part: dict[str, Any], i: int) -> np.ndarray:
+        audio = part.get("audio")
+        if not isinstance(audio, str):
+            raise ClientError("an audio part needs 'audio': base64 audio in the input format", "invalid_value",
+                              f"item.content[{i}].audio")
+        try:
+            samples = self.decode_input(base64.b64decode(audio, validate=True))
+        except (binascii.Error, ValueError) as e:
+            raise ClientError(f"'audio' is not valid base64 audio: {shorten(str(e), 120)}", "invalid_value",
+                              f"item.content[{i}].audio") from None
+        if 1000 * len(samples) / self.in_rate > 1000 * self.cfg.max_input_audio_seconds:
+            raise ClientError(f"the audio is over the server's {self.cfg.max_input_audio_seconds:.0f} s per turn",
+                              "input_audio_buffer_too_long", f"item.content[{i}].audio")
+        if len(samples) < self.in_rate * MIN_COMMIT_MS / 1000:
+            raise ClientError(f"an audio part needs at least {MIN_COMMIT_MS} ms of audio", "invalid_value",
+                              f"item.content[{i}].audio")
+        return samples
+
+    async def delete_item(self, item_id: Any) -> None:
+        item = self.find_item(item_id, code="item_delete_invalid_item_id")
+        if self.engine_response is not None and self.engine_response.done is None:
+            raise ClientError("a response is in progress: cancel it before deleting items",
+                              "conversation_already_has_active_response", "item_id")
+        try:
+            await self.run_blocking(self.session.delete_message, item["id"])
+        except EngineError:
+            pass   # the engine had already forgotten it (a full context drops the oldest turns)
+        self.items.remove(item)
+        if self.last_assistant_item == item["id"]:
+            self.last_assistant_item = None
+        await self.send({"type": "conversation.item.deleted", "item_id": item["id"]})
 
     async def truncate(self, event: dict[str, Any]) -> None:
         item_id, ms = event.get("item_id"), event.get("audio_end_ms")
@@ -718,57 +875,128 @@ class RealtimeConnection:
         if self.engine_response is not None and self.engine_response.done is None:
             raise ClientError("the conversation already has an active response; cancel it first",
                               "conversation_already_has_active_response")
-        if params.get("conversation") == "none" or params.get("input") is not None:
-            raise ClientError("out-of-band responses (conversation 'none' or 'input') are not supported",
-                              "unsupported_value", "response.conversation")
-        if self.session.voice is None:
+        opts = self._response_options(params)
+        voice = opts["voice"] or self.session.voice
+        if voice is None:
             raise ClientError("no voice is selected: set session.audio.output.voice to a library voice (GET "
                               "/v1/voices) first", "voice_required", "session.audio.output.voice")
-        modalities = self.output_modalities
-        if params.get("output_modalities", params.get("modalities")) is not None:
-            modalities = _modalities(params.get("output_modalities", params.get("modalities")),
-                                     "response.output_modalities")
-        mot = self.max_output_tokens
-        if params.get("max_output_tokens", params.get("max_response_output_tokens")) is not None:
-            mot = _max_output_tokens(params.get("max_output_tokens", params.get("max_response_output_tokens")),
-                                     "response.max_output_tokens")
-        _object_or_empty(params.get("audio"), "response.audio")   # per-response settings are the session's here
-        if params.get("instructions") is not None:
-            self._check_text(params["instructions"], "response.instructions", allow_empty=True)
+        mot = opts["max_output_tokens"]
         max_frames = self.cfg.max_response_frames if mot == "inf" else min(self.cfg.max_response_frames, 2 * int(mot))
-        response_id = _id("resp")
+        rid = _id("resp")
         item_id = _id("item")
+        out = ResponseOut(rid, item_id, opts["modalities"], opts["format"], voice, mot, opts["metadata"],
+                          opts["out_of_band"])
         self.cancel_reason = None
         self.played = None
-        await self.send({"type": "response.created", "response": self._response_obj(
-            response_id, "in_progress", modalities, [], None)})
+        await self.send({"type": "response.created", "response": self._response_obj(out, "in_progress")})
         try:
-            engine_resp = await self.run_blocking(self.session.respond, max_frames)
-        except Exception as e:   # every response.created gets its response.done
+            engine_resp = await self.run_blocking(functools.partial(
+                self.session.respond, max_frames, voice=opts["voice"], instructions=opts["instructions"],
+                out_of_band=out.out_of_band, messages=opts["messages"],
+                item_id=None if out.out_of_band else item_id))
+        except Exception as e:
+            # One answer, as OpenAI gives it: the failed response.done (an error event too would make some
+            # clients, Pipecat's among them, treat the whole session as dead).
             client_fault = isinstance(e, (EngineError, UnknownVoice, ContextFull))
-            await self.send({"type": "response.done", "response": self._response_obj(
-                response_id, "failed", modalities, [], None,
-                {"type": "failed", "error": {"type": "invalid_request_error" if client_fault else "server_error",
-                                             "code": "response_failed"}})})
+            log.log(logging.INFO if client_fault else logging.ERROR, "realtime session %s: a response failed to "
+                    "start: %s: %s", self.sid, type(e).__name__, e)
+            await self.send({"type": "response.done", "response": self._response_obj(out, "failed", details={
+                "type": "failed", "error": {"type": "invalid_request_error" if client_fault else "server_error",
+                                            "code": "context_full" if isinstance(e, ContextFull) else "response_failed",
+                                            "message": shorten(str(e), 300)}})})
             self.state.metrics.responses.labels("realtime", "failed").inc()
-            if client_fault:
-                raise ClientError(str(e), "context_full" if isinstance(e, ContextFull) else "response_failed") \
-                    from None
-            raise
+            if isinstance(e, EngineTimeout):
+                self.stop(CLOSE_ENGINE_FAILED, "engine did not answer")
+            return
         self.engine_response = engine_resp
-        self.last_assistant_item = item_id
-        self.response_task = asyncio.create_task(self.stream_response(engine_resp, response_id, item_id, modalities))
+        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
+                "status": "in_progress", "content": []}
+        out.item = item
+        # The item joins the conversation now, so that events the client sends next find it there.
+        await self.send({"type": "response.output_item.added", "response_id": rid, "output_index": 0, "item": item})
+        if not out.out_of_band:
+            self.last_assistant_item = item_id
+            await self.item_added(item)
+        self.response_task = asyncio.create_task(self.stream_response(engine_resp, out))
 
-    def _response_obj(self, rid: str, status: str, modalities: list[str], output: list, usage,
-                      details: dict | None = None, metadata: dict | None = None) -> dict[str, Any]:
-        return {"id": rid, "object": "realtime.response", "status": status, "status_details": details,
-                "conversation_id": self.conversation_id, "output_modalities": modalities, "output": output,
-                "max_output_tokens": self.max_output_tokens, "usage": usage, "metadata": metadata,
-                "audio": {"output": {"format": dict(self.output_format), "voice": self.session.voice}}}
+    def _response_options(self, p: dict[str, Any]) -> dict[str, Any]:
+        """``response.create``'s per-response settings, checked; what it leaves out comes from the session."""
+        conversation = p.get("conversation", "auto")
+        if conversation not in ("auto", "none"):
+            raise ClientError(f"conversation must be 'auto' or 'none', got {clip(conversation)}", "invalid_value",
+                              "response.conversation")
+        modalities = p.get("output_modalities", p.get("modalities"))
+        modalities = self.output_modalities if modalities is None else _modalities(modalities,
+                                                                                  "response.output_modalities")
+        mot = p.get("max_output_tokens", p.get("max_response_output_tokens"))
+        mot = self.max_output_tokens if mot is None else _max_output_tokens(mot, "response.max_output_tokens")
+        audio_out = _object_or_empty(_object_or_empty(p.get("audio"), "response.audio").get("output"),
+                                     "response.audio.output")
+        fmt = audio_out.get("format", p.get("output_audio_format"))
+        fmt = dict(self.output_format) if fmt is None else self._format(fmt, "response.audio.output.format", False)
+        voice = audio_out.get("voice", p.get("voice"))
+        if voice is not None:
+            voice = self._voice(voice, "response.audio.output.voice")
+        instructions = p.get("instructions")
+        if instructions is not None:
+            self._check_text(instructions, "response.instructions", allow_empty=True)
+        messages = None
+        if p.get("input") is not None:
+            if conversation != "none":
+                raise ClientError("'input' gives an out-of-band response its own context: use it with conversation "
+                                  "'none'", "invalid_value", "response.input")
+            messages = self._input_messages(p["input"])
+        return {"modalities": modalities, "max_output_tokens": mot, "format": fmt, "voice": voice,
+                "instructions": instructions, "metadata": _metadata(p.get("metadata"), "response.metadata"),
+                "out_of_band": conversation == "none", "messages": messages}
 
-    async def stream_response(self, resp: EngineResponse, rid: str, item_id: str, modalities: list[str]) -> None:
+    def _input_messages(self, items: Any) -> list[dict[str, str]]:
+        """An out-of-band response's ``input``: text messages, or references to items of the conversation (audio
+        ones by their transcript)."""
+        if not isinstance(items, list):
+            raise ClientError("response.input must be a list of items", "invalid_value", "response.input")
+        out = []
+        for i, it in enumerate(items):
+            param = f"response.input[{i}]"
+            if isinstance(it, dict) and it.get("type") == "item_reference":
+                it = self.find_item(it.get("id"), param + ".id")
+            if not isinstance(it, dict) or it.get("type", "message") != "message" or \
+                    it.get("role") not in ("user", "assistant", "system") or not isinstance(it.get("content"), list):
+                raise ClientError("each input must be a message item (role and content) or an item_reference",
+                                  "invalid_value", param)
+            words = []
+            for part in it["content"]:
+                text = part.get("text", part.get("transcript")) if isinstance(part, dict) else None
+                if not isinstance(text, str) or not text.strip():
+                    raise ClientError("input items must be text (audio only by an item_reference to audio already "
+                                      "transcribed)", "unsupported_content", param + ".content")
+                words.append(self._check_text(text, param + ".content"))
+            out.append({"role": it["role"], "text": "\n".join(words)})
+        return out
+
+    def _voice(self, voice: Any, param: str) -> str:
+        name = voice.get("id") if isinstance(voice, dict) else voice
+        if not isinstance(name, str) or not name:
+            raise ClientError("voice must be a voice name", "invalid_value", param)
         try:
-            await self._stream_response(resp, rid, item_id, modalities)
+            return self.state.resolve_voice(name)
+        except APIError as e:
+            raise ClientError(e.message, e.code or "invalid_value", param) from None
+
+    def _response_obj(self, out: ResponseOut, status: str, output: list | None = None, usage=None,
+                      details: dict | None = None, timings: dict | None = None) -> dict[str, Any]:
+        obj = {"id": out.id, "object": "realtime.response", "status": status, "status_details": details,
+               "conversation_id": None if out.out_of_band else self.conversation_id,
+               "output_modalities": out.modalities, "output": output or [], "max_output_tokens": out.max_output_tokens,
+               "usage": usage, "metadata": out.metadata,
+               "audio": {"output": {"format": dict(out.format), "voice": out.voice}}}
+        if timings is not None:
+            obj["server_timings"] = timings   # the server's own figures; metadata is the client's
+        return obj
+
+    async def stream_response(self, resp: EngineResponse, out: ResponseOut) -> None:
+        try:
+            await self._stream_response(resp, out)
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -776,29 +1004,23 @@ class RealtimeConnection:
             if resp.done is None:
                 with contextlib.suppress(Exception):
                     resp.cancel()
-            await self.send_error(f"the response failed: {type(e).__name__}: {shorten(str(e))}", "response_failed",
-                                  type="server_error")
-            await self.send({"type": "response.done", "response": self._response_obj(
-                rid, "failed", modalities, [], None,
-                {"type": "failed", "error": {"type": "server_error", "code": "response_failed"}})})
+            await self.send({"type": "response.done", "response": self._response_obj(out, "failed", details={
+                "type": "failed", "error": {"type": "server_error", "code": "response_failed",
+                                            "message": f"{type(e).__name__}: {shorten(str(e))}"}})})
             if isinstance(e, EngineTimeout):
                 self.stop(CLOSE_ENGINE_FAILED, "engine did not answer")
 
-    async def _stream_response(self, resp: EngineResponse, rid: str, item_id: str, modalities: list[str]) -> None:
-        audio_out = "audio" in modalities
-        item = {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant",
-                "status": "in_progress", "content": []}
+    async def _stream_response(self, resp: EngineResponse, out: ResponseOut) -> None:
+        audio_out = "audio" in out.modalities
+        rid, item_id, item = out.id, out.item_id, out.item
         base = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
-        await self.send({"type": "response.output_item.added", "response_id": rid, "output_index": 0, "item": item})
-        await self.item_added(item)
         part_type = "audio" if audio_out else "text"
         await self.send({"type": "response.content_part.added", **base,
                          "part": {"type": part_type, "transcript": ""} if audio_out else {"type": "text", "text": ""}})
-        encoder = OutputEncoder(self.output_format["type"]) if audio_out else None
+        encoder = OutputEncoder(out.format["type"]) if audio_out else None
         ms_per_frame = 1000 * self.engine.cfg.audio_frame_freq / self.engine.sample_rate
         sent_ms = 0.0
         done: ResponseDone | None = None
-        transcript = ""
         async for ev in response_events(self.cfg, resp):
             if isinstance(ev, AudioChunk):
                 if encoder is not None:
@@ -810,7 +1032,6 @@ class RealtimeConnection:
                         self.played = (time.monotonic(), 0)
                     sent_ms += ms_per_frame
             elif isinstance(ev, TextDelta):
-                transcript += ev.text
                 kind = "response.output_audio_transcript.delta" if audio_out else "response.output_text.delta"
                 await self.send({"type": kind, **base, "delta": ev.text})
             elif isinstance(ev, ResponseDone):
@@ -823,7 +1044,7 @@ class RealtimeConnection:
                                  "delta": base64.b64encode(tail).decode()})
         status = response_status(done.stop_reason)
         text = done.text
-        if status == "cancelled" and audio_out:
+        if status == "cancelled" and audio_out and not out.out_of_band:
             # Barge-in or cancel: keep in the history what the listener can have heard by now (playback starts
             # with the first delta and runs in real time); a conversation.item.truncate can correct it later.
             heard = 0.0 if self.played is None else min(sent_ms, 1000 * (time.monotonic() - self.played[0]))
@@ -837,12 +1058,15 @@ class RealtimeConnection:
             await self.send({"type": "response.output_text.done", **base, "text": text})
             part = {"type": "text", "text": text}
         await self.send({"type": "response.content_part.done", **base, "part": part})
-        item = {**item, "status": "completed" if status == "completed" else "incomplete",
-                "content": [{"type": "output_audio" if audio_out else "output_text",
-                             **({"transcript": text} if audio_out else {"text": text})}]}
+        # The conversation's copy of the item changes in place, so that a retrieve sees the final one.
+        item.update(status="completed" if status == "completed" else "incomplete",
+                    content=[{"type": "output_audio" if audio_out else "output_text",
+                              **({"transcript": text} if audio_out else {"text": text})}])
         await self.send({"type": "response.output_item.done", "response_id": rid, "output_index": 0, "item": item})
-        prev = self.items[-2] if len(self.items) > 1 else None
-        await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
+        if not out.out_of_band and item in self.items:
+            at = self.items.index(item)
+            prev = self.items[at - 1]["id"] if at else None
+            await self.send({"type": "conversation.item.done", "previous_item_id": prev, "item": item})
         details = None
         if status == "cancelled":
             details = {"type": "cancelled", "reason": self.cancel_reason or "client_cancelled"}
@@ -852,9 +1076,9 @@ class RealtimeConnection:
             details = {"type": "failed", "error": {"type": "server_error", "code": "generation_failed",
                                                    "message": done.error}}
         t = done.timings or {}
-        metadata = {k: f"{t[k]:.4g}" for k in ("ttft_ms", "rtf", "audio_seconds") if k in t and t[k] == t[k]}
+        timings = {k: round(t[k], 4) for k in ("ttft_ms", "rtf", "audio_seconds") if k in t and t[k] == t[k]}
         await self.send({"type": "response.done", "response": self._response_obj(
-            rid, status, modalities, [item], self._usage(resp, done), details, metadata)})
+            out, status, [item], self._usage(resp, done), details, timings)})
 
     def _usage(self, resp: EngineResponse, done: ResponseDone) -> dict[str, Any]:
         row = getattr(resp, "row", None)

@@ -498,7 +498,7 @@ function renderMeta(rec) {
 }
 
 function onResponseDone(r) {
-  const meta = r.metadata || {};
+  const meta = r.server_timings || {};   // the server's figures (metadata is the client's own)
   const out = (r.output || [])[0] || {};
   const itemId = out.id || (S.response && S.response.itemId);
   const rec = itemId ? S.items.get(itemId) : null;
