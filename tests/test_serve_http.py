@@ -341,3 +341,14 @@ def test_health_says_loading_until_ready(tmp_path):
         assert r.status_code == 503 and r.json()["status"] == "error"
         r = c.post("/v1/audio/speech", json={"model": "m", "input": "hi", "voice": "x"})
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+
+
+def test_models_and_health_say_when_the_weights_are_random(server, fixture_dir, tmp_path):
+    """init-random checkpoints are labelled (the browser client shows a badge); the reference fixture is not."""
+    from openchroma.serving.app import ServerConfig, ServerState
+
+    url = server[0]
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["random_weights"] is True
+    assert httpx.get(f"{url}/v1/models/chroma-tiny").json()["random_weights"] is True
+    assert httpx.get(f"{url}/health").json()["random_weights"] is True
+    assert ServerState(ServerConfig(model=str(fixture_dir), data_dir=tmp_path)).random_weights is False
