@@ -11,9 +11,15 @@ import sys
 COMMON_MODEL_HELP = "checkpoint directory or Hugging Face hub repo id (e.g. FlashLabs/Chroma-4B)"
 
 
-def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32") -> None:
-    """``--model/--device/--dtype``; ``dtype=None`` means bfloat16 on CUDA, float32 on CPU."""
-    p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
+PUBLISHED_MODEL = "FlashLabs/Chroma-4B"
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32", model: str | None = None) -> None:
+    """``--model/--device/--dtype``; ``dtype=None`` means bfloat16 on CUDA, float32 on CPU; ``model`` a default."""
+    if model is None:
+        p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
+    else:
+        p.add_argument("--model", default=model, help=f"{COMMON_MODEL_HELP} (default: {model})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"],
                    help=f"weights and activations dtype (default: {dtype or 'bfloat16 on CUDA, float32 on CPU'})")
@@ -682,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(streaming), a persistent voice library at /v1/voices, /v1/models, /metrics "
                                    "(Prometheus), /health, and a browser client at /. The model loads in the "
                                    "background; /health answers 503 until it is ready.")
-    _add_model_args(p, dtype=None)
+    _add_model_args(p, dtype=None, model=PUBLISHED_MODEL)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("OPENCHROMA_API_KEY"),
