@@ -424,7 +424,7 @@ def test_api_key_voice_library_and_typed_message(browser, tiny_chroma, tmp_path)
                 r = httpx.post(f"{url}/v1/voices", files={"file": ("short.wav", f, "audio/wav")},
                                data={"name": "short", "transcript": "Hi."}, headers=auth, timeout=60)
             assert r.status_code >= 400
-            pg.click("#voice-add summary")
+            pg.locator("#voice-add[open]").wait_for()   # an empty library opens the form by itself
             pg.fill("#voice-name", "short")
             pg.fill("#voice-transcript", "Hi.")
             pg.set_input_files("#voice-file", str(short))

@@ -183,7 +183,7 @@ def test_speech_formats_decode_to_the_right_audio(client, speech_ref, fmt, codec
     """Each of OpenAI's response formats, asked for through the SDK, decodes to the answer's length."""
     r = client.audio.speech.with_raw_response.create(model="chroma-tiny", voice="lib", input=SPEECH_TEXT,
                                                      response_format=fmt)
-    assert r.headers["content-type"] == media_type
+    assert r.headers["content-type"] == media_type and r.headers["x-sample-rate"] == str(rate)
     x, got_rate, got_codec = decode_all(r.content)
     seconds = len(speech_ref) / 2 / 24000
     assert (got_codec, got_rate) == (codec, rate)

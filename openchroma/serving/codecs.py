@@ -302,6 +302,7 @@ class SpeechEncoder:
         self.format = fmt
         self.media_type = SPEECH_FORMATS[fmt]
         self._source_rate = int(source_rate)
+        self.sample_rate = _AV_FORMATS[fmt][2] if fmt in _AV_FORMATS else self._source_rate   # of the encoded audio
         self._whole = fmt == "flac" or (fmt == "wav" and not streaming)
         self._held: list[np.ndarray] = []
         self._started = False

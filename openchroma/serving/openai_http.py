@@ -497,9 +497,10 @@ async def audio_speech(req: SpeechRequest, request: Request):
     if encoder is None:
         return StreamingResponse(stream_speech_sse(state, session, resp, n_tokens), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    headers = {"X-Sample-Rate": str(rate)}
+    headers = {"X-Sample-Rate": str(encoder.sample_rate)}
     if not req.stream or fmt == "flac":  # the whole file, with its exact length (FLAC's header needs it)
-        data = b"".join([chunk async for chunk in stream_speech(state, session, resp, encoder)])
+        async with contextlib.aclosing(stream_speech(state, session, resp, encoder)) as chunks:
+            data = b"".join([chunk async for chunk in chunks])
         return Response(data, media_type=encoder.media_type, headers=headers)
     return StreamingResponse(stream_speech(state, session, resp, encoder), media_type=encoder.media_type,
                              headers=headers)

@@ -561,7 +561,7 @@ function updateStartUI() {
   $("voice-needed").hidden = !none;
   $("start").disabled = none && !S.running;
   $("text-send").disabled = none;
-  if (none) $("voice-add").open = true;
+  if (none && !S.shownAddVoice) { S.shownAddVoice = true; $("voice-add").open = true; }   // once: it may be closed again
   updateModeUI();
 }
 
