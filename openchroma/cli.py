@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -10,9 +11,15 @@ import sys
 COMMON_MODEL_HELP = "checkpoint directory or Hugging Face hub repo id (e.g. FlashLabs/Chroma-4B)"
 
 
-def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32") -> None:
-    """``--model/--device/--dtype``; ``dtype=None`` means bfloat16 on CUDA, float32 on CPU."""
-    p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
+PUBLISHED_MODEL = "FlashLabs/Chroma-4B"
+
+
+def _add_model_args(p: argparse.ArgumentParser, dtype: str | None = "float32", model: str | None = None) -> None:
+    """``--model/--device/--dtype``; ``dtype=None`` means bfloat16 on CUDA, float32 on CPU; ``model`` a default."""
+    if model is None:
+        p.add_argument("--model", required=True, help=COMMON_MODEL_HELP)
+    else:
+        p.add_argument("--model", default=model, help=f"{COMMON_MODEL_HELP} (default: {model})")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"],
                    help=f"weights and activations dtype (default: {dtype or 'bfloat16 on CUDA, float32 on CPU'})")
@@ -85,18 +92,83 @@ def _sampling(args: argparse.Namespace):
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voice-audio", required=True, help="reference audio of the voice to clone (1-30 s)")
     p.add_argument("--voice-text", required=True, help="transcript of the reference audio")
-    p.add_argument("--out", default="reply.wav", help="where to write the 24 kHz WAV (default: reply.wav)")
-    p.add_argument("--max-frames", type=int, default=750, help="at most this many 80 ms frames (default 750 = 60 s)")
+    p.add_argument("--out", default="reply.wav",
+                   help="where to write the 24 kHz audio: .wav, .flac, .ogg or .mp3 (default: reply.wav)")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help="at most this many 80 ms frames (default 750 = 60 s; 50 = 4 s for init-random checkpoints)")
     p.add_argument("--temperature", type=float, default=0.0, help="audio-code sampling temperature (0 = greedy)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest codes (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
 
 
-def _write_reply(reply, out: str) -> None:
-    from .pipeline import save_wav
+# --out suffix -> (libsndfile format, subtype): what speak/chat can write.
+OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
+               ".mp3": ("MP3", "MPEG_LAYER_III")}
 
-    save_wav(out, reply.audio, reply.sample_rate)
+
+def check_out_path(out: str) -> None:
+    """Raise ``ValueError`` when ``out`` cannot be written (folder missing or read-only, unknown extension), so a
+    bad ``--out`` fails before the model loads rather than after it has generated."""
+    from pathlib import Path
+
+    path = Path(out).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name such as {path / 'reply.wav'}")
+    if suffix not in OUT_FORMATS:
+        raise ValueError(f"--out {out}: cannot write {suffix or 'extension-less'} files; "
+                         f"use one of {', '.join(OUT_FORMATS)}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable (check the permissions of {folder})")
+
+
+def check_audio_arg(flag: str, path: str) -> None:
+    """Decode ``path`` once (``AudioError`` naming the flag when it is missing or unreadable) before any loading."""
+    from .audio import AudioError, load_audio
+
+    try:
+        load_audio(path, 24000)
+    except AudioError as e:
+        raise AudioError(f"{flag} {e}") from None
+
+
+def _max_frames(args: argparse.Namespace) -> int:
+    """``--max-frames``, else 60 s, or a few seconds for an init-random checkpoint (it speaks noise)."""
+    from .tools.init_random import RANDOM_DEMO_SECONDS, is_random_checkpoint
+
+    if args.max_frames is not None:
+        if args.max_frames < 1:
+            raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
+        return args.max_frames
+    if is_random_checkpoint(args.model):
+        frames = round(RANDOM_DEMO_SECONDS * 12.5)
+        print(f"{args.model} has random weights (init-random): it speaks noise, so the answer stops after "
+              f"{RANDOM_DEMO_SECONDS:g} s (--max-frames N for more)", file=sys.stderr)
+        return frames
+    return 750
+
+
+def _check_generation_args(args: argparse.Namespace) -> int:
+    """Every check that needs no model, before it loads; returns the response's frame limit."""
+    check_out_path(args.out)
+    check_audio_arg("--voice-audio", args.voice_audio)
+    if getattr(args, "audio", None):
+        check_audio_arg("--audio", args.audio)
+    return _max_frames(args)
+
+
+def _write_reply(reply, out: str) -> None:
+    from pathlib import Path
+
+    import soundfile as sf
+
+    fmt, subtype = OUT_FORMATS[Path(out).suffix.lower()]
+    sf.write(str(Path(out).expanduser()), reply.audio.detach().float().cpu().numpy(), reply.sample_rate,
+             format=fmt, subtype=subtype)
     secs = reply.audio.numel() / reply.sample_rate
     print(json.dumps({"text": reply.text, "audio": out, "seconds": round(secs, 2),
                       "stop_reason": reply.result.stop_reason}, ensure_ascii=False))
@@ -105,9 +177,10 @@ def _write_reply(reply, out: str) -> None:
 def cmd_speak(args: argparse.Namespace) -> int:
     from .pipeline import Chroma
 
+    max_frames = _check_generation_args(args)
     chroma = Chroma.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     voice = chroma.voice(args.voice_audio, args.voice_text)
-    _write_reply(chroma.speak(args.text, voice, max_new_frames=args.max_frames, sampling=_sampling(args)), args.out)
+    _write_reply(chroma.speak(args.text, voice, max_new_frames=max_frames, sampling=_sampling(args)), args.out)
     return 0
 
 
@@ -117,9 +190,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if not args.audio and not args.text:
         print("openchroma chat: give --audio and/or --text", file=sys.stderr)
         return 2
+    max_frames = _check_generation_args(args)
     chroma = Chroma.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     voice = chroma.voice(args.voice_audio, args.voice_text)
-    reply = chroma.chat(voice, audio=args.audio, text=args.text, max_new_frames=args.max_frames,
+    reply = chroma.chat(voice, audio=args.audio, text=args.text, max_new_frames=max_frames,
                         sampling=_sampling(args))
     _write_reply(reply, args.out)
     return 0
@@ -199,6 +273,45 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_model_arg(model: str) -> None:
+    """Raise ``CheckpointError`` when ``model`` names a local checkpoint that is not there or not a checkpoint.
+    Hub ids (``org/name``, not an existing path) are left to the loader, which downloads them."""
+    from pathlib import Path
+
+    from .config import ChromaConfig
+    from .loading import CheckpointError, checkpoint_files
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        ChromaConfig.from_file(path / "config.json")   # raises ConfigError (a ValueError) naming the problem
+        checkpoint_files(path)
+        return
+    if path.exists():
+        raise CheckpointError(f"{model}: not a directory (give the checkpoint directory, not a file)")
+    if str(model).count("/") != 1 or str(model).startswith((".", "/", "~")):
+        raise CheckpointError(f"{model}: no such checkpoint directory (and not a hub repo id like "
+                              "'FlashLabs/Chroma-4B'; `openchroma init-random --preset small --out DIR` writes "
+                              "a random-weight one for demos)")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``ValueError`` when ``host:port`` cannot be listened on (taken, or not this machine's address)."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as e:
+            hint = " (is another server running there? pick another --port)" if e.errno == errno.EADDRINUSE else ""
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
@@ -206,6 +319,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .serving.app import ServerConfig, create_app, uvicorn_options
+    from .tools.init_random import RANDOM_DEMO_SECONDS, is_random_checkpoint
+
+    # Fail at start-up, before anything loads in the background: a server that can never answer must not run.
+    check_model_arg(args.model)
+    check_port_free(args.host, args.port)
+    random_weights = is_random_checkpoint(args.model)
+    max_response_seconds = args.max_response_seconds
+    if max_response_seconds is None:
+        max_response_seconds = RANDOM_DEMO_SECONDS if random_weights else 60.0
 
     dtype = args.dtype
     if dtype is None:
@@ -216,7 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or None
     config = ServerConfig(
         model=args.model, device=args.device, dtype=dtype, api_key=api_key, data_dir=Path(args.data_dir),
-        max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=args.max_response_seconds,
+        max_sessions=args.max_sessions, max_context=args.max_context, max_response_seconds=max_response_seconds,
         max_upload_bytes=int(args.max_upload_mb * 2**20), default_voice=args.default_voice,
         allow_local_audio=args.allow_local_audio, model_id=args.model_id or Path(str(args.model)).name.lower(),
         compile=args.compile, cuda_graphs=args.cuda_graphs, threads=args.threads,
@@ -229,6 +351,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"  browser client:  http://{shown}:{args.port}/\n"
           f"  OpenAI base_url: http://{shown}:{args.port}/v1   (realtime: ws://{shown}:{args.port}/v1/realtime)\n"
           f"  voice library:   {config.data_dir / 'voices'}" + ("\n  API key required" if api_key else ""))
+    if random_weights:
+        print(f"  RANDOM WEIGHTS (init-random): the model speaks noise; answers stop after {max_response_seconds:g} s "
+              "(--max-response-seconds to change)")
     app = create_app(config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
                 **uvicorn_options(config))
@@ -563,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(streaming), a persistent voice library at /v1/voices, /v1/models, /metrics "
                                    "(Prometheus), /health, and a browser client at /. The model loads in the "
                                    "background; /health answers 503 until it is ready.")
-    _add_model_args(p, dtype=None)
+    _add_model_args(p, dtype=None, model=PUBLISHED_MODEL)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("OPENCHROMA_API_KEY"),
@@ -574,8 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=8,
                    help="conversations served at once; more get HTTP 503 / a realtime error (default: 8)")
     p.add_argument("--max-context", type=int, default=4096, help="reasoner context per conversation, tokens")
-    p.add_argument("--max-response-seconds", type=float, default=60.0,
-                   help="longest single spoken response (default: 60)")
+    p.add_argument("--max-response-seconds", type=float, default=None,
+                   help="longest single spoken response (default: 60; 4 for init-random checkpoints)")
     p.add_argument("--max-upload-mb", type=float, default=25.0, help="largest HTTP request body (default: 25)")
     p.add_argument("--default-voice", default=None,
                    help="library voice used when a request names none or an OpenAI stock voice (alloy, ...); "

@@ -178,9 +178,12 @@ def check_finished_turn(p: Page) -> dict:
     assert re.fullmatch(r"\d+ ms", p.page.locator("#stat-ttft").text_content()), p.diagnostics()
     assert re.fullmatch(r"\d+\.\d\d", p.page.locator("#stat-rtf").text_content()), p.diagnostics()
     assert re.fullmatch(r"\d+ ms", p.page.locator("#stat-played").text_content())
-    # The user's turn is shown as speech, before the answer.
+    # The user's turn is shown as speech before the answer, then as the transcript the server sent for it.
     user = p.page.locator("#log .msg.user").first
-    assert user.locator(".text").text_content() == "🎤 speech"
+    user_item = user.get_attribute("data-item-id")
+    heard = [e["transcript"] for e in p.received_of("conversation.item.input_audio_transcription.completed")
+             if e["item_id"] == user_item]
+    assert user.locator(".text").text_content() == (heard[0] if heard and heard[0].strip() else "🎤 speech")
     assert p.page.locator("#banner").is_hidden(), p.diagnostics()
     assert not p.errors, p.diagnostics()
     # The session was set up as the page asked: the library voice, pcm16 at 24 kHz.
@@ -207,6 +210,134 @@ def test_hands_free_turn_in_chromium(page):
     assert all(abs(len(e["audio"]) * 3 / 4 / 2 - 1200) < 10 for e in appends[:-1]), {
         len(e["audio"]) for e in appends}
     p.screenshot("browser-turn.png")
+
+
+def test_hands_free_user_turn_shows_the_servers_transcript(page):
+    """The page asks for transcripts of the user's audio; the user's bubble shows the one the server sends."""
+    p = page
+    p.page.click("#start")
+    p.wait("() => window.__oc.events.includes('conversation.item.input_audio_transcription.completed')", 60,
+           "a user transcript")
+    done = p.received_of("conversation.item.input_audio_transcription.completed")[0]
+    assert p.sent_of("session.update")[0]["session"]["audio"]["input"]["transcription"] == {"model": "chroma"}
+    bubble = p.page.locator(f'#log .msg.user[data-item-id="{done["item_id"]}"] .text')
+    want = done["transcript"].strip() or "🎤 speech"   # a random-weight reasoner may hear nothing at all
+    p.wait(f"() => document.querySelector('#log .msg.user[data-item-id=\"{done['item_id']}\"] .text')"
+           f".textContent === {json.dumps(want)}", 5, "the transcript in the bubble")
+    assert bubble.text_content() == want
+    assert not p.errors, p.diagnostics()
+
+
+def test_user_bubble_follows_transcription_events(browser, server):
+    """What the client does with OpenAI's transcription events, on a known text. In the browser's WebSocket the
+    server's own transcript events (of a random-weight reasoner) are dropped, and the test sends deltas and then a
+    completion of a fixed sentence for the user's item; everything else is the real server's conversation."""
+    p = Page(browser, server)
+    routes, user_items = [], []
+    try:
+        def route(ws):
+            srv = ws.connect_to_server()
+
+            def from_server(message):
+                ev = _json(message)
+                if ev.get("type", "").startswith("conversation.item.input_audio_transcription."):
+                    return
+                item = ev.get("item") or {}
+                if ev.get("type") == "conversation.item.added" and item.get("role") == "user":
+                    user_items.append(item["id"])
+                ws.send(message)
+
+            srv.on_message(from_server)
+            ws.on_message(lambda m: srv.send(m))
+            routes.append(ws)
+
+        def transcript_event(kind: str, **fields) -> str:
+            return json.dumps({"type": f"conversation.item.input_audio_transcription.{kind}", "item_id": user_items[0],
+                               "content_index": 0, **fields})
+
+        def shown() -> str:
+            return p.page.locator(f'#log .msg.user[data-item-id="{user_items[0]}"] .text').text_content()
+
+        p.page.route_web_socket(re.compile(r".*/v1/realtime.*"), route)
+        p.page.click("#start")
+        p.wait("() => document.querySelector('#log .msg.user')", 60, "the user's turn")
+        assert user_items and shown() == "🎤 speech"
+        routes[0].send(transcript_event("delta", delta="What is"))
+        routes[0].send(transcript_event("delta", delta=" the weather"))
+        p.page.wait_for_timeout(300)
+        assert shown() == "What is the weather"
+        cls = p.page.locator(f'#log .msg.user[data-item-id="{user_items[0]}"]').get_attribute("class")
+        assert "transcribing" in cls
+        routes[0].send(transcript_event("completed", transcript=" What is the weather tomorrow? "))
+        p.page.wait_for_timeout(300)
+        assert shown() == "What is the weather tomorrow?"
+        cls = p.page.locator(f'#log .msg.user[data-item-id="{user_items[0]}"]').get_attribute("class")
+        assert "transcribing" not in cls
+        # An event for an item the page does not show changes nothing, and raises nothing.
+        routes[0].send(json.dumps({"type": "conversation.item.input_audio_transcription.completed",
+                                   "item_id": "item_unknown", "content_index": 0, "transcript": "x"}))
+        p.page.wait_for_timeout(200)
+        assert shown() == "What is the weather tomorrow?"
+        assert not p.errors, p.diagnostics()
+    finally:
+        p.close()
+
+
+def test_push_to_talk_is_usable_as_soon_as_it_is_chosen(page):
+    """Choosing push-to-talk shows a button that works at once: holding it (without pressing Start first) connects,
+    listens while held and answers on release."""
+    p = page
+    p.page.check('input[name="mode"][value="ptt"]')
+    talk = p.page.locator("#ptt")
+    assert talk.is_visible() and talk.is_enabled()
+    box = talk.bounding_box()
+    p.page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    p.page.mouse.down()
+    p.wait("() => window.__oc.connected", 15, "connecting")
+    p.page.wait_for_timeout(2500)
+    p.page.mouse.up()
+    p.wait(TURN_DONE, 45, "a push-to-talk turn")
+    check_finished_turn(p)
+    sent = [e.get("type") for e in p.sent]
+    assert sent[sent.index("input_audio_buffer.commit") + 1] == "response.create"
+    assert p.received_of("session.updated")[-1]["session"]["audio"]["input"]["turn_detection"] is None
+
+
+def test_model_badge_and_our_own_instructions_placeholder(page):
+    p = page
+    p.page.locator("#model-name", has_text="chroma-tiny").wait_for(timeout=10_000)
+    badge = p.page.locator("#random-badge")
+    assert badge.is_visible() and badge.text_content() == "random weights — speaks noise"
+    placeholder = lambda: p.page.locator("#instructions").get_attribute("placeholder")  # noqa: E731
+    before = placeholder()
+    assert "Qwen" not in before and "voice assistant" in before
+    p.page.click("#start")
+    p.wait("() => window.__oc.events.includes('session.updated')", 15, "connecting")
+    assert placeholder() == before   # not replaced by the model's built-in system prompt
+    p.screenshot("browser-model-badge.png")
+
+
+def test_empty_library_disables_start_and_says_how_to_add_a_voice(browser, tiny_chroma, tmp_path):
+    with chroma_server(tiny_chroma, tmp_path / "data") as (url, _):
+        p = Page(browser, url, voice=None)
+        try:
+            pg = p.page
+            pg.locator("#voice-needed").wait_for(state="visible", timeout=10_000)
+            notice = pg.locator("#voice-needed").text_content()
+            assert "No voice yet" in notice and "Add a voice" in notice and "Upload voice" in notice
+            assert pg.locator("#start").is_disabled() and pg.locator("#text-send").is_disabled()
+            assert pg.locator("#voice-add").get_attribute("open") is not None   # the form is already open
+            p.screenshot("browser-no-voice.png")
+            with open(SPEECH_WAV, "rb") as f:
+                r = httpx.post(f"{url}/v1/voices", files={"file": ("speech.wav", f, "audio/wav")},
+                               data={"name": VOICE, "transcript": TRANSCRIPT}, timeout=60)
+            assert r.status_code == 201, r.text
+            pg.click("#voices-refresh")
+            pg.locator(f'#voice-list li.voice.selected[data-voice="{VOICE}"]').wait_for(timeout=10_000)
+            assert pg.locator("#voice-needed").is_hidden() and pg.locator("#start").is_enabled()
+            assert not p.errors, p.diagnostics()
+        finally:
+            p.close()
 
 
 def test_push_to_talk_turn_in_chromium(page):
@@ -293,7 +424,7 @@ def test_api_key_voice_library_and_typed_message(browser, tiny_chroma, tmp_path)
                 r = httpx.post(f"{url}/v1/voices", files={"file": ("short.wav", f, "audio/wav")},
                                data={"name": "short", "transcript": "Hi."}, headers=auth, timeout=60)
             assert r.status_code >= 400
-            pg.click("#voice-add summary")
+            pg.locator("#voice-add[open]").wait_for()   # an empty library opens the form by itself
             pg.fill("#voice-name", "short")
             pg.fill("#voice-transcript", "Hi.")
             pg.set_input_files("#voice-file", str(short))

@@ -70,3 +70,104 @@ def test_help_runs_as_a_console_command():
     out = subprocess.run([sys.executable, "-m", "openchroma.cli", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("chat", "speak", "conformance", "init-random", "info"):
         assert cmd in out.stdout
+
+
+# ----- fail fast: every check that needs no model runs before it loads ---------------------------------------
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Loading the model fails the test: the checks under test must come first."""
+    from openchroma.pipeline import Chroma
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(Chroma, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("missing-folder/reply.wav", "missing-folder does not exist"),
+    ("reply.txt", "cannot write .txt files; use one of .wav, .flac, .ogg, .mp3"),
+    (".", "is a folder"),
+])
+def test_bad_out_fails_before_the_model_loads(tiny_random_dir, wavs, tmp_path, capsys, no_model_load, out, message):
+    for cmd in (["speak", "--text", "hi"], ["chat", "--audio", str(wavs / "q.flac")]):
+        status = main([*cmd, "--model", str(tiny_random_dir), "--voice-audio", str(wavs / "ref.wav"),
+                       "--voice-text", "hi", "--out", str(tmp_path / out)])
+        err = capsys.readouterr().err
+        assert status == 1 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag", ["--voice-audio", "--audio"])
+def test_bad_audio_fails_before_the_model_loads(tiny_random_dir, wavs, tmp_path, capsys, no_model_load, flag):
+    bad = tmp_path / "notes.wav"
+    bad.write_text("not audio")
+    args = {"--voice-audio": str(wavs / "ref.wav"), "--audio": str(wavs / "q.flac"), flag: str(bad)}
+    status = main(["chat", "--model", str(tiny_random_dir), "--voice-text", "hi", "--out", str(tmp_path / "a.wav"),
+                   *[x for kv in args.items() for x in kv]])
+    err = capsys.readouterr().err
+    assert status == 1 and f"{flag} {bad}: cannot decode audio" in err, err
+    missing = str(tmp_path / "nope.wav")
+    status = main(["chat", "--model", str(tiny_random_dir), "--voice-text", "hi", "--out", str(tmp_path / "a.wav"),
+                   *[x for kv in {**args, flag: missing}.items() for x in kv]])
+    assert status == 1 and f"{flag} {missing}: no such audio file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".flac", ".ogg", ".mp3"])
+def test_speak_writes_the_format_its_extension_names(tiny_random_dir, wavs, tmp_path, suffix):
+    out = tmp_path / f"hello{suffix}"
+    assert main(["speak", "--model", str(tiny_random_dir), "--voice-audio", str(wavs / "ref.wav"),
+                 "--voice-text", "hi", "--text", "Hello", "--out", str(out), "--max-frames", "10"]) == 0
+    info = sf.info(out)
+    assert info.samplerate == 24000 and abs(info.duration - 0.8) < 0.1, info
+
+
+def test_random_checkpoints_answer_a_few_seconds_by_default(tiny_random_dir, wavs, tmp_path, capsys):
+    from openchroma.tools.init_random import RANDOM_DEMO_SECONDS, RANDOM_WEIGHTS_KEY, is_random_checkpoint
+
+    assert json.loads((tiny_random_dir / "config.json").read_text())[RANDOM_WEIGHTS_KEY] is True
+    assert is_random_checkpoint(tiny_random_dir) and not is_random_checkpoint("FlashLabs/Chroma-4B")
+    out = tmp_path / "noise.wav"
+    assert main(["chat", "--model", str(tiny_random_dir), "--voice-audio", str(wavs / "ref.wav"), "--voice-text", "hi",
+                 "--text", "Tell me a long story.", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "random weights" in captured.err
+    assert 0 < sf.info(out).duration <= RANDOM_DEMO_SECONDS
+
+
+def test_the_fixture_is_not_taken_for_random_weights(fixture_dir):
+    from openchroma.tools.init_random import is_random_checkpoint
+
+    assert not is_random_checkpoint(fixture_dir)
+
+
+def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "openchroma.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("model, message", [
+    ("./no-such-checkpoint", "no such checkpoint directory"),
+    ("{tmp}/ckpt.wav", "not a directory"),
+    ("{tmp}", "config.json: no such config file"),
+])
+def test_serve_exits_at_once_on_a_missing_local_model(tmp_path, model, message):
+    (tmp_path / "ckpt.wav").write_bytes(b"")
+    r = _serve("--model", model.format(tmp=tmp_path), "--port", "0", "--data-dir", str(tmp_path / "data"))
+    assert r.returncode == 1, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("openchroma serve: error:") and message in lines[0], r.stderr
+
+
+def test_serve_exits_at_once_when_the_port_is_taken(tiny_random_dir, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = _serve("--model", str(tiny_random_dir), "--port", str(port), "--data-dir", str(tmp_path))
+    assert r.returncode == 1, r
+    assert r.stderr.strip() == (f"openchroma serve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
+                                "(is another server running there? pick another --port)")

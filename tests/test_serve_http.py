@@ -5,9 +5,13 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import shutil
+import subprocess
 import time
 
 import httpx
+import numpy as np
 import pytest
 import soundfile as sf
 from openai import APIStatusError, OpenAI
@@ -152,10 +156,95 @@ def test_speech_streams_wav_and_pcm_of_the_forced_text(client, server, tiny_chro
     assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == ref
 
 
+SPEECH_TEXT = "Hello from OpenChroma."
+
+
+@pytest.fixture(scope="module")
+def speech_ref(tiny_chroma, server) -> bytes:
+    return engine_reference(tiny_chroma, server[1], forced=SPEECH_TEXT)
+
+
+def decode_all(data: bytes) -> tuple[np.ndarray, int, str]:
+    """Any of the speech formats, decoded with PyAV (FFmpeg): (mono samples, rate, codec name)."""
+    import av
+
+    with av.open(io.BytesIO(data)) as c:
+        stream = c.streams.audio[0]
+        x = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(stream)])
+        return x, stream.rate, stream.codec_context.name
+
+
+@pytest.mark.parametrize("fmt, codec, rate, media_type", [
+    ("mp3", "mp3float", 24000, "audio/mpeg"), ("opus", "opus", 48000, "audio/ogg"),
+    ("aac", "aac", 24000, "audio/aac"), ("flac", "flac", 24000, "audio/flac"),
+    ("wav", "pcm_s16le", 24000, "audio/wav"),
+])
+def test_speech_formats_decode_to_the_right_audio(client, speech_ref, fmt, codec, rate, media_type):
+    """Each of OpenAI's response formats, asked for through the SDK, decodes to the answer's length."""
+    r = client.audio.speech.with_raw_response.create(model="chroma-tiny", voice="lib", input=SPEECH_TEXT,
+                                                     response_format=fmt)
+    assert r.headers["content-type"] == media_type and r.headers["x-sample-rate"] == str(rate)
+    x, got_rate, got_codec = decode_all(r.content)
+    seconds = len(speech_ref) / 2 / 24000
+    assert (got_codec, got_rate) == (codec, rate)
+    assert abs(len(x) / got_rate - seconds) < 0.1, (len(x) / got_rate, seconds)   # mp3/aac add encoder priming
+    if fmt in ("flac", "wav"):   # lossless: the very samples (FFmpeg decodes both to int16)
+        assert x.dtype == np.int16 and x.astype("<i2").tobytes() == speech_ref
+    if fmt == "opus":
+        assert r.content[:4] == b"OggS" and b"OpusHead" in r.content[:100]
+
+
+def test_speech_defaults_to_mp3_as_openai_does(server, speech_ref):
+    r = httpx.post(f"{server[0]}/v1/audio/speech", json={"voice": "lib", "input": SPEECH_TEXT}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/mpeg"
+    x, rate, codec = decode_all(r.content)
+    assert codec == "mp3float" and abs(len(x) / rate - len(speech_ref) / 2 / 24000) < 0.1
+
+
+def test_speech_pcm_is_raw_24khz_pcm16(client, speech_ref):
+    r = client.audio.speech.with_raw_response.create(model="chroma-tiny", voice="lib", input=SPEECH_TEXT,
+                                                     response_format="pcm")
+    assert r.headers["content-type"] == "audio/pcm" and r.headers["x-sample-rate"] == "24000"
+    assert r.content == speech_ref
+
+
+def riff_sizes(data: bytes) -> tuple[int, int]:
+    """(RIFF chunk size, data chunk size) of a 44-byte-header PCM WAV."""
+    assert data[:4] == b"RIFF" and data[8:16] == b"WAVEfmt " and data[36:40] == b"data"
+    return int.from_bytes(data[4:8], "little"), int.from_bytes(data[40:44], "little")
+
+
+def test_streamed_wav_says_unknown_length_and_whole_wav_exact(server, speech_ref, tmp_path):
+    """A streamed WAV cannot know its length: its sizes are 0xFFFFFFFF, which sox, libsndfile and FFmpeg read to the
+    end of the file (a size of 0 would make sox and libsndfile read no samples at all). ``stream: false`` sends the
+    whole file with exact sizes."""
+    url = server[0]
+    streamed = httpx.post(f"{url}/v1/audio/speech", json={"voice": "lib", "input": SPEECH_TEXT,
+                                                          "response_format": "wav"}, timeout=60)
+    assert riff_sizes(streamed.content) == (0xFFFFFFFF, 0xFFFFFFFF)
+    assert streamed.headers.get("transfer-encoding") == "chunked"
+    whole = httpx.post(f"{url}/v1/audio/speech", json={"voice": "lib", "input": SPEECH_TEXT, "response_format": "wav",
+                                                       "stream": False}, timeout=60)
+    assert riff_sizes(whole.content) == (36 + len(speech_ref), len(speech_ref))
+    assert whole.headers["content-length"] == str(44 + len(speech_ref)) and whole.content[44:] == speech_ref
+    for name, data in (("streamed", streamed.content), ("whole", whole.content)):
+        (tmp_path / f"{name}.wav").write_bytes(data)
+        assert sf.info(tmp_path / f"{name}.wav").frames == len(speech_ref) // 2, name
+    if shutil.which("sox") is None:
+        pytest.skip("sox is not installed (apt-get install sox): the libsndfile checks passed")
+    samples = len(speech_ref) // 2
+    for name in ("streamed", "whole"):
+        stat = subprocess.run(["sox", str(tmp_path / f"{name}.wav"), "-n", "stat"], capture_output=True, text=True)
+        assert re.search(rf"Samples read:\s+{samples}\n", stat.stderr), (name, stat.stderr)
+    soxi = subprocess.run(["soxi", "-s", str(tmp_path / "whole.wav")], capture_output=True, text=True, check=True)
+    assert int(soxi.stdout) == samples
+
+
 @pytest.mark.parametrize("body,status,needle", [
     ({"model": "m", "input": "", "voice": "lib"}, 400, "input is empty"),
     ({"model": "m", "input": "hi", "voice": "nobody"}, 404, "unknown voice"),
-    ({"model": "m", "input": "hi", "voice": "lib", "response_format": "mp3"}, 400, "response_format"),
+    ({"model": "m", "input": "hi", "voice": "lib", "response_format": "ogg"}, 400,
+     "response_format 'ogg' is not supported; use one of mp3, opus, aac, flac, wav, pcm"),
     ({"model": "m", "input": "hi", "voice": "lib", "speed": 2.0}, 400, "speed"),
     ({"model": "m", "input": "x" * 5000, "voice": "lib"}, 400, "limit"),
     ({"model": "m", "voice": "lib"}, 400, "input"),
@@ -252,3 +341,14 @@ def test_health_says_loading_until_ready(tmp_path):
         assert r.status_code == 503 and r.json()["status"] == "error"
         r = c.post("/v1/audio/speech", json={"model": "m", "input": "hi", "voice": "x"})
         assert r.status_code == 503 and "failed to load" in r.json()["error"]["message"]
+
+
+def test_models_and_health_say_when_the_weights_are_random(server, fixture_dir, tmp_path):
+    """init-random checkpoints are labelled (the browser client shows a badge); the reference fixture is not."""
+    from openchroma.serving.app import ServerConfig, ServerState
+
+    url = server[0]
+    assert httpx.get(f"{url}/v1/models").json()["data"][0]["random_weights"] is True
+    assert httpx.get(f"{url}/v1/models/chroma-tiny").json()["random_weights"] is True
+    assert httpx.get(f"{url}/health").json()["random_weights"] is True
+    assert ServerState(ServerConfig(model=str(fixture_dir), data_dir=tmp_path)).random_weights is False

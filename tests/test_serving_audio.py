@@ -384,3 +384,32 @@ def test_vad_config_defaults():
     cfg = vad.VADConfig()
     assert (cfg.threshold, cfg.prefix_padding_ms, cfg.silence_duration_ms) == (0.5, 300, 500)
     vad.VADConfig(threshold=0.0, prefix_padding_ms=0, silence_duration_ms=0)
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "aac", "wav", "pcm"])
+def test_speech_encoder_streams_before_the_end(fmt):
+    """mp3, Ogg Opus, aac, wav and pcm leave while the answer is spoken, not only when it ends."""
+    from openchroma.serving.codecs import SpeechEncoder
+
+    enc = SpeechEncoder(fmt)
+    x = (0.3 * np.sin(np.arange(1920 * 12) * 0.05)).astype(np.float32)
+    early = b"".join(enc.encode(x[i:i + 1920]) for i in range(0, 1920 * 6, 1920))
+    late = b"".join(enc.encode(x[i:i + 1920]) for i in range(1920 * 6, len(x), 1920)) + enc.finish()
+    assert len(early) > 0.2 * len(early + late), (len(early), len(late))   # half the audio, a fifth of the bytes
+
+
+def test_speech_encoder_refuses_unknown_formats():
+    from openchroma.serving.codecs import SpeechEncoder
+
+    with pytest.raises(ValueError, match="unsupported response_format 'ogg'"):
+        SpeechEncoder("ogg")
+
+
+def test_wav_header_sizes():
+    """Streaming: 0xFFFFFFFF ("read to the end"); a whole file: its exact sizes."""
+    import struct
+
+    riff, data = struct.unpack_from("<I", wav_header(24000), 4)[0], struct.unpack_from("<I", wav_header(24000), 40)[0]
+    assert riff == data == 0xFFFFFFFF
+    whole = encode_wav(np.zeros(100, np.float32), 24000)
+    assert struct.unpack_from("<I", whole, 4)[0] == 36 + 200 and struct.unpack_from("<I", whole, 40)[0] == 200

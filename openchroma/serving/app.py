@@ -91,7 +91,8 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             problem = await state.engine_problem()
             if problem is not None:
                 return JSONResponse({"status": "error", "error": problem, "model": config.model_id}, status_code=503)
-            return {"status": "ok", "model": config.model_id, "voices": len(state.engine.voices),
+            return {"status": "ok", "model": config.model_id, "random_weights": state.random_weights,
+                    "voices": len(state.engine.voices),
                     "sessions": len(state.engine.sessions), "max_sessions": state.engine.max_sessions}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)
@@ -103,17 +104,20 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             state.metrics.voices.set(len(state.engine.voices))
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def model_card() -> dict[str, Any]:   # random_weights: ours, so clients can say the model speaks noise
+        return {"id": config.model_id, "object": "model", "created": int(state.started), "owned_by": "openchroma",
+                "random_weights": state.random_weights}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": int(state.started),
-                                            "owned_by": "openchroma"}]}
+        return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{model_id}")
     async def model(model_id: str):
         if model_id != config.model_id:
             raise APIError(404, f"unknown model {clip(model_id)}; this server serves {config.model_id!r}",
                            code="model_not_found", param="model")
-        return {"id": config.model_id, "object": "model", "created": int(state.started), "owned_by": "openchroma"}
+        return model_card()
 
     app.include_router(voices.router)
     app.include_router(openai_http.router)

@@ -1,29 +1,37 @@
-"""Audio wire formats for the server: PCM16, G.711 μ-law / A-law, streaming resampling and WAV headers.
+"""Audio wire formats for the server: PCM16, G.711 μ-law / A-law, streaming resampling, WAV headers and the
+``/v1/audio/speech`` response formats (mp3, opus, aac, flac, wav, pcm).
 
-Everything here is pure numpy (plus ``soxr`` for resampling); nothing uses ``audioop``, which Python 3.13 removed.
 Float audio is float32 nominally in [-1, 1]; 16-bit PCM maps ``x`` to ``round(x * 32768)`` clipped to the int16
 range, so ``pcm16_to_float`` followed by ``float_to_pcm16`` gives back the same bytes.
 
-The G.711 tables follow the ITU-T G.711 reference (Sun Microsystems' ``g711.c``, the code ``audioop`` and sox use):
-μ-law works on the 14 most significant bits of the 16-bit sample, A-law on the 13 most significant bits.
+G.711 is ``audioop``'s (Sun's ``g711.c``, the ITU-T reference sox uses too): the standard library's up to Python 3.12,
+the maintained ``audioop-lts`` backport from 3.13 (a dependency there). mp3, aac and Ogg Opus are encoded with PyAV
+(FFmpeg's libmp3lame, aac and libopus), imported only when a speech request asks for them.
 """
 
 from __future__ import annotations
 
-import functools
 import struct
+import warnings
 
 import numpy as np
 import soxr
+
+with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standard library; 3.13+ has audioop-lts
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
 
 __all__ = [
     "FORMAT_RATES",
     "INPUT_FORMATS",
     "InputDecoder",
     "OutputEncoder",
+    "SPEECH_FORMATS",
+    "SpeechEncoder",
     "StreamResampler",
     "alaw_decode",
     "alaw_encode",
+    "encode_speech",
     "encode_wav",
     "float_to_pcm16",
     "pcm16_to_float",
@@ -68,78 +76,27 @@ def float_to_pcm16(x: np.ndarray) -> bytes:
 # G.711
 # ----------------------------------------------------------------------------------------------------------
 
-_ULAW_BIAS = 0x84
-_ULAW_CLIP = 8159  # 14-bit magnitude limit
-_ULAW_SEG_END = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF], dtype=np.int32)
-_ALAW_SEG_END = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF], dtype=np.int32)
-
-
-def _all_int16() -> np.ndarray:
-    """Every int16 value, ordered so that entry ``i`` is the int16 whose bit pattern is the uint16 ``i``."""
-    return np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16).astype(np.int32)
-
-
-@functools.cache
-def _ulaw_tables() -> tuple[np.ndarray, np.ndarray]:
-    pcm = _all_int16() >> 2  # 14-bit
-    mask = np.where(pcm < 0, 0x7F, 0xFF)
-    mag = np.minimum(np.abs(pcm), _ULAW_CLIP) + (_ULAW_BIAS >> 2)
-    seg = np.searchsorted(_ULAW_SEG_END, mag, side="left")  # 8 only for the clipped maximum, 8159 + 33 = 0x2000
-    code = np.where(seg >= 8, 0x7F, (seg << 4) | ((mag >> (seg + 1)) & 0xF))
-    encode = (code ^ mask).astype(np.uint8)
-
-    u = ~np.arange(256, dtype=np.int32) & 0xFF
-    t = (((u & 0x0F) << 3) + _ULAW_BIAS) << ((u & 0x70) >> 4)
-    linear = np.where(u & 0x80, _ULAW_BIAS - t, t - _ULAW_BIAS)
-    decode = (linear / _PCM_SCALE).astype(np.float32)
-    return encode, decode
-
-
-@functools.cache
-def _alaw_tables() -> tuple[np.ndarray, np.ndarray]:
-    pcm = _all_int16() >> 3  # 13-bit
-    mask = np.where(pcm >= 0, 0xD5, 0x55)
-    mag = np.where(pcm >= 0, pcm, -pcm - 1)
-    seg = np.searchsorted(_ALAW_SEG_END, mag, side="left")  # mag <= 4095 = 0xFFF, so seg <= 7
-    shift = np.where(seg < 2, 1, seg)
-    code = (seg << 4) | ((mag >> shift) & 0xF)
-    encode = (code ^ mask).astype(np.uint8)
-
-    a = np.arange(256, dtype=np.int32) ^ 0x55
-    seg = (a & 0x70) >> 4
-    t = (a & 0x0F) << 4
-    t = np.where(seg == 0, t + 8, (t + 0x108) << np.maximum(seg - 1, 0))
-    linear = np.where(a & 0x80, t, -t)
-    decode = (linear / _PCM_SCALE).astype(np.float32)
-    return encode, decode
-
-
-def _g711_encode(x: np.ndarray, table: np.ndarray) -> bytes:
-    return table[_float_to_int16(x).view(np.uint16)].tobytes()
-
-
-def _g711_decode(data: bytes | bytearray | memoryview, table: np.ndarray) -> np.ndarray:
-    return table[np.frombuffer(data, dtype=np.uint8)]
+# Hand-written tables used to live here; audioop (audioop-lts on 3.13+) gives byte-identical results, so it is used.
 
 
 def ulaw_encode(x: np.ndarray) -> bytes:
     """Float audio to G.711 μ-law bytes (one byte per sample)."""
-    return _g711_encode(x, _ulaw_tables()[0])
+    return audioop.lin2ulaw(float_to_pcm16(x), 2)
 
 
 def ulaw_decode(data: bytes | bytearray | memoryview) -> np.ndarray:
     """G.711 μ-law bytes to float32 audio."""
-    return _g711_decode(data, _ulaw_tables()[1])
+    return pcm16_to_float(audioop.ulaw2lin(bytes(data), 2))
 
 
 def alaw_encode(x: np.ndarray) -> bytes:
     """Float audio to G.711 A-law bytes (one byte per sample)."""
-    return _g711_encode(x, _alaw_tables()[0])
+    return audioop.lin2alaw(float_to_pcm16(x), 2)
 
 
 def alaw_decode(data: bytes | bytearray | memoryview) -> np.ndarray:
     """G.711 A-law bytes to float32 audio."""
-    return _g711_decode(data, _alaw_tables()[1])
+    return pcm16_to_float(audioop.alaw2lin(bytes(data), 2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,3 +249,141 @@ def encode_wav(x: np.ndarray, rate: int) -> bytes:
         raise ValueError(f"expected (samples,) or (samples, channels) audio, got shape {x.shape}")
     channels = 1 if x.ndim == 1 else x.shape[1]
     return wav_header(rate, channels, 16, x.shape[0]) + float_to_pcm16(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# /v1/audio/speech response formats
+# ----------------------------------------------------------------------------------------------------------
+
+#: OpenAI's speech ``response_format`` values and the media type each is sent with (OpenAI's default is mp3).
+SPEECH_FORMATS = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+                  "wav": "audio/wav", "pcm": "audio/pcm"}
+#: Formats PyAV encodes: (FFmpeg muxer, codec, sample rate, bit rate, muxer options). Opus is Ogg Opus at 48 kHz
+#: (what OpenAI sends; Opus has no 24 kHz mode); the Ogg muxer writes a page per 80 ms so pages leave as spoken.
+_AV_FORMATS = {
+    "mp3": ("mp3", "libmp3lame", 24000, 64000, {}),
+    "aac": ("adts", "aac", 24000, 64000, {}),
+    "opus": ("ogg", "libopus", 48000, 32000, {"page_duration": "80000"}),
+}
+
+
+class _Sink:
+    """A write-only, unseekable file for PyAV's muxers: what they write is taken out after every chunk."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        return len(data)
+
+    def seekable(self) -> bool:  # muxers then never go back to patch a header: everything streams
+        return False
+
+    def take(self) -> bytes:
+        out = b"".join(self._parts)
+        self._parts.clear()
+        return out
+
+
+class SpeechEncoder:
+    """Encode generated float audio (mono, ``source_rate``) into a speech ``response_format``, chunk by chunk.
+
+    ``encode`` returns the bytes ready to send so far, ``finish`` the rest; joined they are a complete file. pcm is
+    raw 16-bit little-endian mono at 24 kHz; wav is that behind a header whose sizes say "unknown length"
+    (0xFFFFFFFF: see ``wav_header``), unless ``streaming=False``, when the whole file comes from ``finish`` with
+    exact sizes; flac always comes whole from ``finish`` (its header holds the length); mp3, aac (ADTS) and Ogg
+    Opus stream as encoded.
+    """
+
+    def __init__(self, fmt: str, source_rate: int = 24000, streaming: bool = True) -> None:
+        if fmt not in SPEECH_FORMATS:
+            raise ValueError(f"unsupported response_format {fmt!r}; use one of {', '.join(SPEECH_FORMATS)}")
+        self.format = fmt
+        self.media_type = SPEECH_FORMATS[fmt]
+        self._source_rate = int(source_rate)
+        self.sample_rate = _AV_FORMATS[fmt][2] if fmt in _AV_FORMATS else self._source_rate   # of the encoded audio
+        self._whole = fmt == "flac" or (fmt == "wav" and not streaming)
+        self._held: list[np.ndarray] = []
+        self._started = False
+        self._container = None
+        if fmt in _AV_FORMATS:
+            self._open_av(*_AV_FORMATS[fmt])
+
+    def _open_av(self, muxer: str, codec: str, rate: int, bit_rate: int, options: dict[str, str]) -> None:
+        import av  # the `serve` extra
+
+        self._av = av
+        self._sink = _Sink()
+        self._container = av.open(self._sink, mode="w", format=muxer, container_options=options)
+        self._stream = self._container.add_stream(codec, rate=rate)
+        self._stream.layout = "mono"
+        self._stream.bit_rate = bit_rate
+        self._resampler = StreamResampler(self._source_rate, rate)
+        self._pts = 0
+
+    def _mux(self, x: np.ndarray | None) -> bytes:
+        frame = None
+        if x is not None:
+            if not x.shape[0]:
+                return self._sink.take()
+            frame = self._av.AudioFrame.from_ndarray(np.clip(x, -1.0, 1.0)[None, :], format="flt", layout="mono")
+            frame.sample_rate = self._stream.rate
+            frame.pts, self._pts = self._pts, self._pts + x.shape[0]
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+        return self._sink.take()
+
+    def encode(self, x: np.ndarray) -> bytes:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 1:
+            raise ValueError(f"expected mono 1-D audio, got shape {x.shape}")
+        if self._whole:
+            self._held.append(x)
+            return b""
+        if self._container is not None:
+            return self._mux(self._resampler.process(x))
+        head = b""
+        if self.format == "wav" and not self._started:
+            head = wav_header(self._source_rate)  # length unknown while streaming
+        self._started = True
+        return head + float_to_pcm16(x)
+
+    def finish(self) -> bytes:
+        """The rest of the file (all of it for flac and non-streamed wav); the encoder is done afterwards."""
+        if self._whole:
+            x = np.concatenate(self._held) if self._held else np.zeros(0, np.float32)
+            self._held = []
+            if self.format == "wav":
+                return encode_wav(x, self._source_rate)
+            import io
+
+            import soundfile as sf
+
+            buf = io.BytesIO()
+            sf.write(buf, x, self._source_rate, format="FLAC", subtype="PCM_16")
+            return buf.getvalue()
+        if self._container is not None:
+            out = self._mux(self._resampler.flush()) + self._mux(None)
+            self._container.close()
+            self._container = None
+            return out + self._sink.take()
+        if self.format == "wav" and not self._started:  # nothing was said: still a valid (empty) file
+            self._started = True
+            return wav_header(self._source_rate)
+        return b""
+
+    def close(self) -> None:
+        """Drop an unfinished encoder (the client left): frees FFmpeg's state without writing more."""
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # a muxer that had nothing yet may refuse to write its trailer; nothing to keep
+                pass
+            self._container = None
+
+
+def encode_speech(x: np.ndarray, fmt: str, rate: int = 24000) -> bytes:
+    """A whole file of ``x`` in speech format ``fmt`` (wav with exact sizes)."""
+    enc = SpeechEncoder(fmt, rate, streaming=False)
+    return enc.encode(x) + enc.finish()

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from ..audio import AudioError, load_audio
@@ -40,7 +40,7 @@ from ..engine import (
     SessionLimit,
     TextDelta,
 )
-from .codecs import encode_wav, float_to_pcm16, pcm16_to_float, wav_header
+from .codecs import SPEECH_FORMATS, SpeechEncoder, encode_wav, float_to_pcm16, pcm16_to_float
 from .errors import APIError, clip, shorten
 from .guards import client_id
 from .state import OPENAI_STOCK_VOICES, ServerState, engine_call, get_state, response_events
@@ -48,7 +48,6 @@ from .state import OPENAI_STOCK_VOICES, ServerState, engine_call, get_state, res
 router = APIRouter()
 
 MAX_ADHOC_VOICES = 8
-SPEECH_FORMATS = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
 CHAT_AUDIO_FORMATS = {"wav", "pcm16", "flac"}
 MAX_SPEECH_CHARS = 4096
 
@@ -79,9 +78,10 @@ class SpeechRequest(BaseModel):
     model: str | None = None
     input: str
     voice: str | dict[str, Any] | None = None
-    response_format: str = "wav"
+    response_format: str = "mp3"             # OpenAI's default
     speed: float | None = None
     stream_format: str | None = None
+    stream: bool = True                      # ours: false sends the whole file at once (exact WAV sizes)
     instructions: str | None = None
     temperature: float | None = None
     seed: int | None = None
@@ -482,39 +482,38 @@ async def audio_speech(req: SpeechRequest, request: Request):
                             f"{engine.max_response_frames * 0.08:.0f} s per response: split it", param="input")
     voice = state.resolve_voice(req.voice)
     sampling = sampling_from(req)
+    rate = engine.sample_rate
+    encoder = None if req.stream_format == "sse" else SpeechEncoder(fmt, rate, streaming=req.stream)
     session = await open_session(state, "speech", voice, req.instructions, request)
     resp = await respond(state, "speech", session, None, text, sampling)
-    rate = engine.sample_rate
-    if req.stream_format == "sse":
+    if encoder is None:
         return StreamingResponse(stream_speech_sse(state, session, resp, n_tokens), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
-    if fmt == "flac":  # FLAC needs the whole signal; everything else streams
-        pcm, done = [], None
-        try:
-            async for ev in response_events(state.config, resp):
-                if isinstance(ev, AudioChunk):
-                    pcm.append(ev.audio)
-                elif isinstance(ev, ResponseDone):
-                    done = ev
-        finally:
-            await end(state, "speech", session, resp)
-        state.metrics.observe_response("speech", done)
-        data = encode_audio(np.concatenate(pcm) if pcm else np.zeros(0, np.float32), "flac", rate)
-        return StreamingResponse(iter([data]), media_type=SPEECH_FORMATS[fmt])
-    return StreamingResponse(stream_speech(state, session, resp, fmt, rate), media_type=SPEECH_FORMATS[fmt],
-                             headers={"X-Sample-Rate": str(rate)})
+    headers = {"X-Sample-Rate": str(encoder.sample_rate)}
+    if not req.stream or fmt == "flac":  # the whole file, with its exact length (FLAC's header needs it)
+        async with contextlib.aclosing(stream_speech(state, session, resp, encoder)) as chunks:
+            data = b"".join([chunk async for chunk in chunks])
+        return Response(data, media_type=encoder.media_type, headers=headers)
+    return StreamingResponse(stream_speech(state, session, resp, encoder), media_type=encoder.media_type,
+                             headers=headers)
 
 
-async def stream_speech(state: ServerState, session, resp, fmt: str, rate: int) -> AsyncIterator[bytes]:
+async def stream_speech(state: ServerState, session, resp, encoder: SpeechEncoder) -> AsyncIterator[bytes]:
+    """The response's audio in ``encoder``'s format, as it is made; the engine session ends however this ends."""
+    finished = False
     try:
-        if fmt == "wav":
-            yield wav_header(rate)  # length unknown while streaming, as OpenAI's streamed wav
         async for ev in response_events(state.config, resp):
             if isinstance(ev, AudioChunk):
-                yield float_to_pcm16(ev.audio)
+                data = encoder.encode(ev.audio)
+                if data:
+                    yield data
             elif isinstance(ev, ResponseDone):
                 state.metrics.observe_response("speech", ev)
+        finished = True
+        yield encoder.finish()
     finally:
+        if not finished:
+            encoder.close()
         await end(state, "speech", session, resp)
 
 

@@ -150,6 +150,15 @@ class ServerState:
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", self.config.model, self.load_error)
 
+    @property
+    def random_weights(self) -> bool:
+        """Whether the model is an init-random checkpoint (it speaks noise): shown by /health, /v1/models, the page."""
+        from ..tools.init_random import RANDOM_WEIGHTS_KEY, is_random_checkpoint
+
+        if self.engine is not None:
+            return bool(getattr(self.engine.cfg, "raw", {}).get(RANDOM_WEIGHTS_KEY))
+        return is_random_checkpoint(self.config.model) if self.config.model else False
+
     def claim_client_session(self, client: str) -> bool:
         """Count one more session for ``client``; False (nothing counted) when it already holds its cap."""
         cap = self.config.max_sessions_per_client

@@ -181,6 +181,8 @@ class StreamingVAD:
                 self._step(p, events)
         return events
 
+    # Not silero's own VADIterator: it starts the silence timer a window late, reports the end shifted by its padding
+    # and cannot change settings mid-stream, so its events differ from OpenAI's server_vad timing kept here.
     def _step(self, p: float, events: list[VADEvent]) -> None:
         start = self._pos16
         self._pos16 += VAD_WINDOW

@@ -18,6 +18,10 @@ from ..config import ChromaConfig
 from ..models.chroma import ChromaModel
 
 PRESETS = ("tiny", "small", "chroma-4b")
+#: config.json key init-random sets, so speak/chat/serve can default to short demos and label the noise.
+RANDOM_WEIGHTS_KEY = "openchroma_random_weights"
+#: Default response length (seconds) for random-weight checkpoints: noise needs no minute-long answers.
+RANDOM_DEMO_SECONDS = 4.0
 
 _SPECIAL = {
     "im_end_token_id": 151645,
@@ -266,7 +270,7 @@ def write_random_checkpoint(
         index = {"metadata": {"total_size": total_bytes},
                  "weight_map": {k: final[v] for k, v in weight_map.items()}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(complete_config(cfg_dict), indent=2))
+    (out / "config.json").write_text(json.dumps({**complete_config(cfg_dict), RANDOM_WEIGHTS_KEY: True}, indent=2))
     write_test_tokenizer(out)
     (out / "README.md").write_text(
         f"# Random-weight Chroma checkpoint ({preset})\n\nWritten by `openchroma init-random --preset {preset}` "
@@ -274,3 +278,15 @@ def write_random_checkpoint(
         "real code paths (loading, generation, serving, benchmarks) where the published weights cannot be had.\n"
     )
     return out
+
+
+def is_random_checkpoint(model: str | Path) -> bool:
+    """Whether ``model`` is a local directory written by init-random (its config.json says so; older ones are
+    known by the README init-random writes). Hub ids and unreadable directories count as real weights."""
+    path = Path(model).expanduser()
+    try:
+        if json.loads((path / "config.json").read_text()).get(RANDOM_WEIGHTS_KEY):
+            return True
+        return (path / "README.md").read_text().startswith("# Random-weight Chroma checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return False

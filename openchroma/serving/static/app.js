@@ -21,16 +21,18 @@ const S = {
   mode: store.get(LS.mode) === "ptt" ? "ptt" : "vad",
   voice: store.get(LS.voice) || null,
   voices: [],
+  voicesKnown: false,      // the library has been listed at least once (until then nothing is disabled for it)
   ws: null,
   connecting: null,        // promise while a connection opens
   configured: false,       // our session.update has been sent
   running: false,          // a conversation is on (mic streams / push-to-talk armed)
-  ptt: "idle",             // idle | holding | releasing
+  ptt: "idle",             // idle | starting | holding | releasing
+  pttHeld: false,          // the push-to-talk button (or space bar) is down right now
   pttSamples: 0,
   response: null,          // the response in progress: {id, itemId}
   muted: new Set(),        // response ids whose audio we stopped playing: later deltas are dropped
   lastAssistantItem: null,
-  items: new Map(),        // item id -> {role, li, text, meta, transcript}
+  items: new Map(),        // item id -> {role, li, text, meta, transcript, heard (user audio transcript)}
   segments: new Map(),     // assistant item id -> {start, end} in 24 kHz samples pushed to the player
   pushed: 0,               // 24 kHz samples pushed to the player so far
   played: 0,               // 24 kHz samples the player has played so far
@@ -316,7 +318,11 @@ function sessionConfig() {
   const s = {
     type: "realtime",
     audio: {
-      input: { format: { type: "audio/pcm", rate: RATE }, turn_detection: S.mode === "vad" ? { ...VAD } : null },
+      input: {
+        format: { type: "audio/pcm", rate: RATE },
+        turn_detection: S.mode === "vad" ? { ...VAD } : null,
+        transcription: { model: "chroma" },   // the server's Reasoner transcribes the user's turns
+      },
       output: { format: { type: "audio/pcm", rate: RATE } },
     },
   };
@@ -388,9 +394,6 @@ function handleEvent(ev) {
   switch (t) {
     case "session.created":
       setConn("on", "Connected");
-      if (!$("instructions").value.trim() && ev.session && ev.session.instructions && !store.get(LS.instr)) {
-        $("instructions").placeholder = `Server default: ${ev.session.instructions}`;
-      }
       send({ type: "session.update", session: sessionConfig() });
       S.configured = true;
       break;
@@ -415,6 +418,13 @@ function handleEvent(ev) {
       onItemAdded(ev.item || {});
       break;
     case "conversation.item.created": // the same item again, for beta clients
+      break;
+    case "conversation.item.input_audio_transcription.delta":
+    case "conversation.item.input_audio_transcription.completed":
+      onUserTranscript(ev, t.endsWith(".completed"));
+      break;
+    case "conversation.item.input_audio_transcription.failed":
+      console.debug("realtime: no transcript for", ev.item_id, ev.error && ev.error.message);
       break;
     case "response.created":
       S.response = { id: ev.response && ev.response.id, itemId: null };
@@ -482,6 +492,19 @@ function onItemAdded(item) {
   }
 }
 
+/** What the server heard in a user's audio: shown in that turn's bubble, as it arrives and when complete. */
+function onUserTranscript(ev, completed) {
+  const rec = S.items.get(ev.item_id);
+  if (!rec || rec.role !== "user") return;
+  rec.heard = completed ? (ev.transcript || "").trim() : (rec.heard || "") + (ev.delta || "");
+  if (completed) rec.heardFinal = true;
+  if (!rec.heard.trim()) return;   // nothing recognised: keep the "speech" placeholder
+  rec.text.textContent = completed ? rec.heard : rec.heard.trimStart();
+  rec.text.classList.add("transcribed");
+  rec.li.classList.toggle("transcribing", !completed);
+  scrollLog();
+}
+
 function renderMeta(rec) {
   const bits = [];
   const t = rec.turn;
@@ -532,6 +555,16 @@ function onResponseDone(r) {
 }
 
 // ----- conversation controls -----------------------------------------------------------------------------
+/** Start, Send and push-to-talk need a voice to answer in: with an empty library, say how to add one. */
+function updateStartUI() {
+  const none = S.voicesKnown && !S.voices.length;
+  $("voice-needed").hidden = !none;
+  $("start").disabled = none && !S.running;
+  $("text-send").disabled = none;
+  if (none && !S.shownAddVoice) { S.shownAddVoice = true; $("voice-add").open = true; }   // once: it may be closed again
+  updateModeUI();
+}
+
 async function startConversation() {
   const btn = $("start");
   btn.disabled = true;
@@ -552,6 +585,7 @@ async function startConversation() {
     if (e && e.message && e.message !== "connection failed") showError(e.message);
   } finally {
     btn.disabled = false;
+    updateStartUI();
   }
 }
 
@@ -579,7 +613,8 @@ function updateModeUI() {
   document.querySelectorAll('input[name="mode"]').forEach((r) => { r.checked = r.value === S.mode; });
   const ptt = $("ptt");
   ptt.hidden = S.mode !== "ptt";
-  ptt.disabled = !(S.running && S.mode === "ptt");
+  // Usable as soon as push-to-talk is chosen: a press before Start starts the conversation itself.
+  ptt.disabled = S.mode !== "ptt" || (S.voicesKnown && !S.voices.length && !S.running);
   $("mode-hint").textContent = S.mode === "vad"
     ? "Hands-free: just talk; speaking over the answer interrupts it (headphones help if it interrupts itself)."
     : "Push-to-talk: hold the button (or the space bar) while you speak, release to send.";
@@ -597,7 +632,16 @@ document.querySelectorAll('input[name="mode"]').forEach((r) => r.addEventListene
 }));
 
 async function pttDown() {
-  if (!S.running || S.mode !== "ptt" || S.ptt !== "idle") return;
+  if (S.mode !== "ptt" || S.ptt !== "idle" || $("ptt").disabled) return;
+  S.pttHeld = true;
+  if (!S.running) {   // pressed before Start: connect and open the microphone, then listen while it is held
+    S.ptt = "starting";
+    $("ptt").textContent = "Connecting…";
+    await startConversation();
+    S.ptt = "idle";
+    $("ptt").textContent = "Hold to talk";
+    if (!S.running || !S.pttHeld) return;
+  }
   S.ptt = "holding";
   S.pttSamples = 0;
   $("ptt").classList.add("held");
@@ -609,6 +653,7 @@ async function pttDown() {
 }
 
 async function pttUp() {
+  S.pttHeld = false;
   if (S.ptt !== "holding") return;
   S.ptt = "releasing";
   $("ptt").classList.remove("held");
@@ -650,7 +695,7 @@ function typing(el) {
   return el.tagName === "INPUT" && TEXT_INPUTS.has((el.getAttribute("type") || "").toLowerCase());
 }
 window.addEventListener("keydown", (e) => {
-  if (e.code !== "Space" || typing(e.target) || S.mode !== "ptt" || !S.running) return;
+  if (e.code !== "Space" || typing(e.target) || S.mode !== "ptt") return;
   e.preventDefault();
   if (!e.repeat) pttDown();
 });
@@ -705,9 +750,11 @@ async function loadVoices() {
   const res = await api("v1/voices");
   const body = await res.json();
   S.voices = Array.isArray(body.data) ? body.data : [];
+  S.voicesKnown = true;
   if (!S.voices.some((v) => v.name === S.voice)) S.voice = S.voices.length ? S.voices[0].name : null;
   store.set(LS.voice, S.voice);
   renderVoices();
+  updateStartUI();
   if (S.voice && S.ws && S.configured && oc.voice !== S.voice) selectVoice(S.voice);
 }
 
@@ -717,7 +764,7 @@ function renderVoices() {
   if (!S.voices.length) {
     const li = document.createElement("li");
     li.className = "empty";
-    li.textContent = "No voices yet: add one below (a few seconds of speech and what it says).";
+    li.textContent = "No voices yet: add one below (1–30 s of clear speech and exactly what it says).";
     ul.append(li);
     return;
   }
@@ -889,7 +936,25 @@ $("voice-form").addEventListener("submit", async (e) => {
   }
 });
 
+// ----- the model -----------------------------------------------------------------------------------------
+/** Which model the server runs, and a warning badge when its weights are random (it speaks noise). */
+async function loadModelInfo() {
+  let body = null;
+  try { body = await (await fetch("health")).json(); } catch { /* unreachable: the connection code says so */ }
+  const status = body && body.status;
+  if (status === "ok") {
+    $("model-name").textContent = body.model || "?";
+    $("random-badge").hidden = !body.random_weights;
+    oc.model = { id: body.model, random_weights: !!body.random_weights };
+    return;
+  }
+  $("model-name").textContent = status === "loading" ? "loading…" : status === "error" ? "failed to load" : "?";
+  if (status === "error" && body.error) $("model-name").title = body.error;
+  if (status === "loading" || !body) setTimeout(loadModelInfo, 2000);
+}
+
 // ----- start ---------------------------------------------------------------------------------------------
+loadModelInfo();
 updateModeUI();
 if (S.apiKey) $("api-key").value = S.apiKey;
 loadVoices().catch((e) => { if (!/API key/.test(e.message)) showError(`Cannot list voices: ${e.message}`); });
