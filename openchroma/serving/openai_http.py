@@ -43,7 +43,7 @@ from ..engine import (
 from .codecs import SPEECH_FORMATS, SpeechEncoder, encode_wav, float_to_pcm16, pcm16_to_float
 from .errors import APIError, clip, shorten
 from .guards import client_id
-from .state import OPENAI_STOCK_VOICES, ServerState, engine_call, get_state, response_events
+from .state import OPENAI_STOCK_VOICES, ServerState, engine_await, engine_call, get_state, response_events
 
 router = APIRouter()
 
@@ -144,7 +144,7 @@ class AdhocVoices:
                 raise APIError(400, f"prompt_audio: {e}", code="invalid_audio", param="prompt_audio") from None
             self.names[name] = None
             while len(self.names) > MAX_ADHOC_VOICES:
-                engine.remove_voice(self.names.popitem(last=False)[0])
+                await engine_call(state.config, engine.remove_voice, self.names.popitem(last=False)[0])
             return name
 
 
@@ -161,7 +161,7 @@ async def open_session(state: ServerState, route: str, voice: str, system_prompt
     if not state.claim_client_session(client):
         raise state.client_limit_error()
     try:
-        session = await engine_call(state.config, engine.create_session, voice, system_prompt)
+        session = await engine_await(state.config, engine.create_async_session(voice, system_prompt))
     except SessionLimit as e:
         state.release_client_session(client)
         state.metrics.sessions_rejected.inc()
@@ -180,16 +180,17 @@ async def close_session(state: ServerState, route: str, session) -> None:
     if client is None:   # closed already
         return
     try:
-        await engine_call(state.config, session.close)
+        await engine_await(state.config, session.close())
     finally:
         state.release_client_session(client)
         state.metrics.sessions_active.labels(route).dec()
 
 
-async def call(state: ServerState, fn, *args):
-    """An engine call for a route: the engine's refusals (``EngineError``, ``ValueError``) become 400s."""
+async def call(state: ServerState, command, *args):
+    """Await ``command(*args)``, an ``AsyncSession`` method: the engine's refusals (``EngineError``, ``ValueError``,
+    raised by its argument checks or by the worker) become 400s."""
     try:
-        return await engine_call(state.config, fn, *args)
+        return await engine_await(state.config, command(*args))
     except (EngineError, ContextFull, AudioError) as e:
         raise APIError(400, shorten(str(e), 300), code="context_full" if isinstance(e, ContextFull) else None) \
             from None
