@@ -1156,6 +1156,8 @@ class Engine:
         n_audio = sum(1 for m in dropped for part in m["content"] if part.get("type") == "audio")
         del s.messages[1:end]
         del s.audio_embeds[:n_audio]
+        for m in dropped:
+            s.spoken.pop(m.get("id"), None)
         return True
 
     def _cancel(self, s: Session) -> None:
