@@ -263,7 +263,7 @@ def test_speech_bad_requests(server, body, status, needle):
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(b"not audio at all").decode(), "format": "wav"}}]}]}, "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "not supported"),
+     "messages[0].content[0]: Input tag 'image_url'"),   # the schema names the field and what it takes
     ({"messages": [{"role": "user", "content": "hi"}], "modalities": ["audio"], "audio": {"voice": "lib",
                                                                                          "format": "mp3"}},
      "audio.format"),

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from . import openai_http, realtime, transcriptions, voices
-from .errors import APIError, EngineTimeout, clip, shorten
+from .errors import APIError, EngineTimeout, clip, pydantic_problem, shorten
 from .guards import BodyLimit, CheckOrigin, RequireKey, install_log_redaction
 from .state import ServerConfig, ServerState
 
@@ -63,9 +63,9 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             msg = f"the request body is not valid JSON: {first.get('ctx', {}).get('error', 'parse error')}"
             param = None
         else:
-            loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-            param = ".".join(loc) or None
-            msg = f"invalid request: {param + ': ' if param else ''}{first.get('msg', 'bad value')}"
+            param, why, _ = pydantic_problem(errs)
+            param = param or None
+            msg = f"invalid request: {param + ': ' if param else ''}{why}"
         err = APIError(400, msg, param=param)
         state.metrics.errors.labels(err.type).inc()
         return JSONResponse(err.body(), status_code=400)

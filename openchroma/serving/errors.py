@@ -39,3 +39,26 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+
+def pydantic_problem(errors: list[dict[str, Any]]) -> tuple[str, str, str]:
+    """(dotted field path, message, error type) of the most specific of pydantic's errors: the deepest one, so that
+    a value matching no branch of a union is reported where it went wrong, not at the union."""
+    err = max(errors, key=lambda e: len(_path(e.get("loc", ()))))
+    return ".".join(_path(err.get("loc", ()))).replace(".[", "["), err.get("msg", "bad value"), err.get("type", "")
+
+
+def _path(loc) -> list[str]:
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif part != "body" and not _is_branch(part):
+            out.append(part)
+    return out
+
+
+def _is_branch(part: str) -> bool:
+    """pydantic's names for a union's branch or a validator wrapping a field, not a field of the payload."""
+    return any(c in part for c in "[]-'") or part in ("str", "int", "float", "bool", "list", "dict", "none") or \
+        part[:1].isupper()

@@ -20,13 +20,13 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import soundfile as sf
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..audio import AudioError, load_audio
 from ..engine import (
@@ -52,14 +52,60 @@ CHAT_AUDIO_FORMATS = {"wav", "pcm16", "flac"}
 MAX_SPEECH_CHARS = 4096
 
 
+class TextPart(BaseModel):
+    type: Literal["text", "input_text", "output_text"]
+    text: str
+
+
+class InputAudio(BaseModel):
+    data: str
+    format: str | None = None
+
+
+class InputAudioPart(BaseModel):            # OpenAI: {"input_audio": {"data": b64, "format": "wav"}}
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioRefPart(BaseModel):              # Chroma / Qwen-Omni: {"audio": path|b64|data URL} or {"audio_url": ...}
+    type: Literal["audio", "audio_url"]
+    audio: str | dict[str, Any] | None = None
+    audio_url: str | dict[str, Any] | None = None
+
+    def ref(self) -> Any:
+        ref = self.audio or self.audio_url
+        return ref.get("url") or ref.get("data") if isinstance(ref, dict) else ref
+
+
+ContentPart = Annotated[TextPart | InputAudioPart | AudioRefPart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+    def text(self) -> str:
+        """The message's text parts, joined (what system and assistant messages say)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content or () if isinstance(p, TextPart))
+
+
+class ChatAudio(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    voice: str | None = None
+    format: str | None = None
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
-    messages: list[dict[str, Any]]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: ChatAudio | None = None
     return_audio: bool | None = None          # the published Chroma server's shape
     prompt_text: str | None = None
     prompt_audio: str | None = None
@@ -225,64 +271,33 @@ def sampling_from(req: ChatRequest | SpeechRequest) -> SamplingParams | None:
         raise APIError(400, shorten(str(e), 200), param=param) from None
 
 
-def text_of(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") in
-                 ("text", "input_text", "output_text")]
-        if any(not isinstance(t, str) for t in parts):
-            raise APIError(400, f"{where}: a text part's 'text' must be a string", param=where)
-        return "".join(parts)
-    if content is None:
-        return ""
-    raise APIError(400, f"{where}: content must be a string or a list of parts", param=where)
-
-
-async def feed_messages(state: ServerState, session, messages: list[dict[str, Any]]) -> None:
+async def feed_messages(state: ServerState, session, messages: list[ChatMessage]) -> None:
     """Replay the request's conversation into the session; the last message must be the user's."""
-    rest = [m for m in messages if m.get("role") not in ("system", "developer")]
-    if not rest or rest[-1].get("role") != "user":
+    rest = [m for m in messages if m.role not in ("system", "developer")]
+    if not rest or rest[-1].role != "user":
         raise APIError(400, "messages: the last message must be the user's (what should be answered)",
                        param="messages")
     for i, m in enumerate(messages):
-        role, content, where = m.get("role"), m.get("content"), f"messages[{i}]"
-        if role in ("system", "developer"):
+        where = f"messages[{i}]"
+        if m.role == "assistant" and m.text().strip():
+            await call(state, session.add_message, "assistant", m.text())
+        if m.role != "user":
             continue
-        if role == "assistant":
-            text = text_of(content, where + ".content")
-            if text.strip():
-                await call(state, session.add_message, "assistant", text)
-            continue
-        if role != "user":
-            raise APIError(400, f"{where}: role {clip(role)} is not supported (system, user, assistant)",
-                           param=where + ".role")
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        if not isinstance(parts, list) or not parts:
+        parts = [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content or []
+        if not parts:
             raise APIError(400, f"{where}: empty user message", param=where + ".content")
         for j, p in enumerate(parts):
             pw = f"{where}.content[{j}]"
-            ptype = p.get("type") if isinstance(p, dict) else None
-            if ptype in ("text", "input_text"):
-                if not isinstance(p.get("text"), str) or not p["text"].strip():
+            if isinstance(p, TextPart):
+                if not p.text.strip():
                     raise APIError(400, f"{pw}: empty text", param=pw)
-                await call(state, session.add_text, p["text"])
+                await call(state, session.add_text, p.text)
                 continue
-            if ptype == "input_audio":            # OpenAI: {"input_audio": {"data": b64, "format": "wav"}}
-                ia = p.get("input_audio")
-                if not isinstance(ia, dict) or (ia.get("format") is not None and not isinstance(ia["format"], str)):
-                    raise APIError(400, f"{pw}.input_audio must be an object {{\"data\": base64, \"format\": "
-                                        f"\"wav\"}}, got {clip(ia)}", param=pw + ".input_audio")
-                raw = decode_audio_ref(ia.get("data"), pw + ".input_audio.data", state)
-                wav = read_audio(raw, pw, ia.get("format"))
-            elif ptype in ("audio", "audio_url"):  # Chroma / Qwen-Omni: {"audio": path|b64|data URL}
-                ref = p.get("audio") or p.get("audio_url")
-                if isinstance(ref, dict):
-                    ref = ref.get("url") or ref.get("data")
-                wav = read_audio(decode_audio_ref(ref, pw, state), pw)
+            if isinstance(p, InputAudioPart):
+                raw = decode_audio_ref(p.input_audio.data, pw + ".input_audio.data", state)
+                wav = read_audio(raw, pw, p.input_audio.format)
             else:
-                raise APIError(400, f"{pw}: content part type {clip(ptype)} is not supported (text, input_audio, "
-                                    "audio)", param=pw + ".type")
+                wav = read_audio(decode_audio_ref(p.ref(), pw, state), pw)
             if len(wav) / 16000 > state.config.max_input_audio_seconds:
                 raise APIError(400, f"{pw}: {len(wav) / 16000:.1f} s of audio is over the limit of "
                                     f"{state.config.max_input_audio_seconds:.0f} s", param=pw)
@@ -299,10 +314,8 @@ def check_chat_limits(state: ServerState, req: ChatRequest) -> None:
                        code="array_above_max_length", param="messages")
     total = 0
     for i, m in enumerate(req.messages):
-        content = m.get("content")
-        texts = [content] if isinstance(content, str) else [
-            p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)] \
-            if isinstance(content, list) else []
+        texts = [m.content] if isinstance(m.content, str) else [p.text for p in m.content or ()
+                                                                 if isinstance(p, TextPart)]
         for t in texts:
             if len(t) > cfg.max_text_chars:
                 raise APIError(400, f"messages[{i}]: a text of {len(t)} characters is over the server's limit of "
@@ -326,17 +339,10 @@ async def chat_completions(req: ChatRequest, request: Request):
     check_chat_limits(state, req)
     if req.n not in (None, 1):
         raise APIError(400, "n must be 1", param="n")
-    if not req.messages:
-        raise APIError(400, "messages must not be empty", param="messages")
-    audio_opts = req.audio or {}
-    if not isinstance(audio_opts.get("format"), (str, type(None))):
-        raise APIError(400, f"audio.format must be a string, got {clip(audio_opts.get('format'))}",
-                       param="audio.format")
-    fmt = audio_opts.get("format") or ("pcm16" if req.stream else "wav")
+    audio_opts = req.audio or ChatAudio()
+    fmt = audio_opts.format or ("pcm16" if req.stream else "wav")
     want_audio = bool(req.return_audio) or "audio" in (req.modalities or []) or (
         req.return_audio is None and req.modalities is None and req.prompt_audio is not None)
-    if req.modalities is not None and any(m not in ("text", "audio") for m in req.modalities):
-        raise APIError(400, "modalities may hold 'text' and 'audio' only", param="modalities")
     if want_audio and fmt not in CHAT_AUDIO_FORMATS:
         raise APIError(400, f"audio.format {clip(fmt)} is not supported; use one of "
                             f"{', '.join(sorted(CHAT_AUDIO_FORMATS))}", param="audio.format")
@@ -352,9 +358,9 @@ async def chat_completions(req: ChatRequest, request: Request):
         ref = decode_audio_ref(req.prompt_audio, "prompt_audio", state)
         voice = await adhoc(state).get(state, engine, ref, req.prompt_text)
     else:
-        voice = state.resolve_voice(audio_opts.get("voice") or req.voice)
-    system = "\n".join(text_of(m.get("content"), f"messages[{i}].content") for i, m in enumerate(req.messages)
-                       if m.get("role") in ("system", "developer")).strip() or DEFAULT_SYSTEM_PROMPT
+        voice = state.resolve_voice(audio_opts.voice or req.voice)
+    system = "\n".join(m.text() for m in req.messages if m.role in ("system", "developer")).strip() \
+        or DEFAULT_SYSTEM_PROMPT
     sampling = sampling_from(req)
     limit = req.max_completion_tokens or req.max_tokens
     if limit is not None and limit < 1:

@@ -24,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .errors import pydantic_problem
+
 MAX_OUTPUT_TOKENS = 4096
 MAX_VAD_MS = 10_000
 MAX_ITEM_ID = 64
@@ -298,21 +300,13 @@ def parse_event(event: dict[str, Any], max_text_chars: int) -> ClientEvent:
 
 
 def as_realtime_error(e: ValidationError) -> RealtimeError:
-    """The first problem pydantic found, as an error event's fields: the dotted path of the field is the param."""
-    err = e.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
-    param = ".".join(loc).replace(".[", "[")
-    for i, p in enumerate(loc):   # list indices read as name[i]
-        if p.isdigit() and i:
-            param = param.replace(f"{loc[i - 1]}.{p}", f"{loc[i - 1]}[{p}]")
-    code = err["type"] if err["type"] in ("unsupported_item", "string_above_max_length") else "invalid_value"
-    got = "" if err["type"] == "missing" else f", got {_clip(err.get('input'))}"
-    return RealtimeError(f"{param or 'event'}: {err['msg']}{got}", code, param or None)
-
-
-_UNION_TAGS = {"audio/pcm", "audio/pcmu", "audio/pcma", "function-after", "function-before", "function-wrap",
-               "ref", "item", "PCM", "G711", "int", "str", "literal['inf']", "constrained-int",
-               "function-plain"}
+    """The most specific problem pydantic found, as an error event's fields: the field's dotted path is the param."""
+    errors = e.errors(include_url=False)
+    param, why, kind = pydantic_problem(errors)
+    err = next(x for x in errors if x.get("msg") == why and x.get("type") == kind)
+    code = kind if kind in ("unsupported_item", "string_above_max_length") else "invalid_value"
+    got = "" if kind == "missing" else f", got {_clip(err.get('input'))}"
+    return RealtimeError(f"{param or 'event'}: {why}{got}", code, param or None)
 
 
 def _clip(value: Any, limit: int = 60) -> str:
