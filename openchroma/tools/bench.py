@@ -11,7 +11,7 @@ and read their responses to the end. Per response:
 
 and per round, frames/s: every session's frames over the round's wall time (first ``respond()`` call to
 last final event). A warm-up round per level precedes the measured ones and is not recorded. The engine's
-stepper also reports where each step's time goes (reasoner, backbone, decoder, Mimi, host).
+stepper also reports where each step's time goes (reasoner, backbone, decoder, Codec, host).
 
 ``per_frame`` measures one response alone through the engine's one-slot stepper, as ``openchroma
 conformance`` runs it: the time per frame is the difference between a long and a short response divided by
@@ -363,7 +363,7 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "n/a" if x != x else f"{x:.{digits}f}"
 
 
-STAGES = ("reasoner", "backbone", "decoder", "mimi", "frame", "host")
+STAGES = ("reasoner", "backbone", "decoder", "codec", "frame", "host")
 
 
 def stage_table(rows: list[tuple[str, dict[str, float]]]) -> str:
