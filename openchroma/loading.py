@@ -168,14 +168,14 @@ def load(
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
             with handle:
                 for k in keys:
-                    dst = targets[aliases.get(k, k)]
+                    want = targets[aliases.get(k, k)]
                     try:
                         shape = list(handle.get_slice(k).get_shape())
                     except Exception as e:
                         raise CheckpointError(f"{f}: cannot read tensor {k!r} ({e})") from None
-                    if shape != list(dst.shape):
+                    if shape != list(want.shape):
                         raise CheckpointError(f"{f}: tensor {k!r} has shape {shape}, the config implies "
-                                              f"{list(dst.shape)}")
+                                              f"{list(want.shape)}")
                     if k in aliases:  # a tie's duplicate: the canonical copy is loaded
                         bar.update()
                         continue
@@ -185,7 +185,10 @@ def load(
                         raise CheckpointError(f"{f}: cannot read tensor {k!r} (truncated or corrupt: {e})") from None
                     if not torch.isfinite(src).all() and src.is_floating_point():
                         raise CheckpointError(f"{f}: tensor {k!r} holds NaN or infinite values")
-                    state[k] = src.to(device=device, dtype=dtype if src.is_floating_point() else src.dtype)
+                    # Copied into torch's own (64-byte aligned) allocation: safetensors' buffers may be
+                    # misaligned, and CPU matmul kernels then sum in another order (other low bits).
+                    dst = torch.empty(shape, dtype=dtype if src.is_floating_point() else src.dtype, device=device)
+                    state[k] = dst.copy_(src)
                     bar.update()
     bar.close()
     net.load_state_dict(state, strict=False, assign=True)  # keys were checked above, with clearer errors

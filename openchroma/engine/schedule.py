@@ -23,10 +23,6 @@ def frames_for_seconds(seconds: float) -> int:
     return int(round(seconds * FRAME_RATE_HZ))
 
 
-def seconds_for_frames(frames: int) -> float:
-    return frames / FRAME_RATE_HZ
-
-
 def pair_index_at(step: int) -> int | None:
     """Which text pair (if any) may enter the backbone at ``step``: pair ``j`` enters at step ``2j``."""
     return step // 2 if step % 2 == 0 else None

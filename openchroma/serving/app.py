@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..constants import FRAME_RATE_HZ
 from ..engine import Engine
 from . import default_data_dir
 from .metrics import Metrics
@@ -66,7 +67,7 @@ class ServerConfig:
 
     @property
     def max_response_frames(self) -> int:
-        return max(1, int(self.max_response_seconds * 12.5))
+        return max(1, int(self.max_response_seconds * FRAME_RATE_HZ))
 
     @property
     def ws_protocol_max_bytes(self) -> int:

@@ -32,13 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import REASONER_SAMPLE_RATE
 from ..engine import AudioChunk, Engine, ResponseDone
 from ..engine.generate import ResponseRunner
 from ..models.audio_encoder import audio_token_count
 from ..pipeline import Chroma
 from ..voice import VoicePrompt, encode_voice
 
-USER_RATE = 16000
+USER_RATE = REASONER_SAMPLE_RATE
 CHUNK_SECONDS = 0.1
 VOICE_SECONDS = 2.0
 VOICE_TRANSCRIPT = "This is a synthetic reference voice for benchmarking the engine."

@@ -20,6 +20,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from tqdm.auto import tqdm
 
 from ..config import ChromaConfig
+from ..constants import CODEC_SAMPLE_RATE, FRAME_RATE_HZ, FRAME_SAMPLES
 from ..models.chroma import ChromaModel
 from ..tokenizer import TEXT_END_ID, TEXT_START_ID
 
@@ -32,7 +33,7 @@ _SPECIAL = {
     "codebook_eos_token_id": 0,
     "codebook_pad_token_id": 2050,
     "audio_num_codebooks": 8,
-    "audio_frame_freq": 1920,
+    "audio_frame_freq": FRAME_SAMPLES,
 }
 
 
@@ -49,7 +50,7 @@ def _llama(hidden, layers, heads, kv, head_dim, mlp, rope, max_pos, eps=1e-5, ex
 
 def _mimi(hidden, filters, layers, heads, head_dim, mlp, codebook_dim, quantizers):
     return {
-        "model_type": "mimi", "audio_channels": 1, "sampling_rate": 24000, "_frame_rate": 12.5,
+        "model_type": "mimi", "audio_channels": 1, "sampling_rate": CODEC_SAMPLE_RATE, "_frame_rate": FRAME_RATE_HZ,
         "hidden_size": hidden, "num_filters": filters, "num_residual_layers": 1, "upsampling_ratios": [8, 6, 5, 4],
         "kernel_size": 7, "last_kernel_size": 3, "residual_kernel_size": 3, "dilation_growth_rate": 2,
         "use_causal_conv": True, "pad_mode": "constant", "compress": 2, "trim_right_ratio": 1.0,

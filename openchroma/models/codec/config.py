@@ -6,12 +6,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ...constants import CODEC_SAMPLE_RATE
+
 
 @dataclass
 class CodecConfig:
     """Sizes of the Codec, a Mimi codec (defaults: Kyutai's published Mimi)."""
 
-    sampling_rate: int = 24_000
+    sampling_rate: int = CODEC_SAMPLE_RATE
     audio_channels: int = 1
     hidden_size: int = 512
     num_filters: int = 64

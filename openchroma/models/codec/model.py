@@ -90,20 +90,6 @@ class Codec(nn.Module):
         assert isinstance(module, Codec)
         module.refresh_buffers()
 
-    # ---- properties -------------------------------------------------------------------------------
-    @property
-    def frame_size(self) -> int:
-        """Audio samples per code frame."""
-        return self.cfg.frame_size
-
-    @property
-    def sampling_rate(self) -> int:
-        return self.cfg.sampling_rate
-
-    @property
-    def frame_rate(self) -> float:
-        return self.cfg.frame_rate
-
     @property
     def _ref_weight(self) -> Tensor:
         """A weight giving the module's device and compute dtype."""
