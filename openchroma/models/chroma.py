@@ -89,6 +89,9 @@ class Decoder(nn.Module):
 
 
 class ChromaModel(nn.Module):
+    """Chroma 1.0: ``thinker`` (the Reasoner), ``backbone``, ``decoder`` and ``codec_model`` (the Codec), named
+    as the checkpoint's keys."""
+
     def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
         super().__init__()
         self.cfg = cfg
@@ -122,7 +125,7 @@ class ChromaModel(nn.Module):
         return self.decoder.audio_embedding.embed_audio_tokens
 
     def text_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Text tokens enter the backbone through the thinker's own table."""
+        """Text tokens enter the backbone through the Reasoner's own table."""
         return self.thinker.model.embed_tokens(token_ids)
 
     def frame_embedding(self, codes: torch.Tensor) -> torch.Tensor:
