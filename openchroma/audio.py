@@ -2,7 +2,7 @@
 
 ``load_audio`` turns a file path, encoded file bytes, a numpy array or a torch tensor into a mono float32
 tensor at the requested sample rate. ``log_mel_features`` computes the 128-bin log-mel features that the
-Qwen2.5-Omni processor (``WhisperFeatureExtractor``) feeds the thinker's audio tower, in torch, on any device.
+Qwen2.5-Omni processor (``WhisperFeatureExtractor``) feeds the Reasoner's audio encoder, in torch, on any device.
 ``StreamingMelExtractor`` computes the same features incrementally while a turn's audio arrives.
 """
 
@@ -20,6 +20,8 @@ import soundfile as sf
 import soxr
 import torch
 
+from .constants import HOP_LENGTH, LOG_MEL_FLOOR, LOG_MEL_OFFSET, LOG_MEL_SCALE, N_FFT, N_MELS, REASONER_SAMPLE_RATE
+
 __all__ = [
     "ACCEPTED_DTYPES",
     "AudioError",
@@ -35,20 +37,17 @@ __all__ = [
     "log_mel_features",
     "mel_filter_bank",
     "mel_frame_count",
+    "normalize_log_mel",
     "resample",
 ]
 
-SAMPLE_RATE = 16000
-N_FFT = 400
-HOP_LENGTH = 160
-N_MELS = 128
+SAMPLE_RATE = REASONER_SAMPLE_RATE  # the features' input rate
 #: Samples ``WhisperFeatureExtractor`` pads every clip to by default (30 s).
 WHISPER_N_SAMPLES = 30 * SAMPLE_RATE
 #: Samples the Qwen2.5-Omni ``preprocessor_config.json`` pads every clip to (``chunk_length`` 300 s).
 QWEN_OMNI_N_SAMPLES = 300 * SAMPLE_RATE
 
 _PAD = N_FFT // 2  # torch.stft(center=True) reflect-pads this many samples at each end
-_LOG_FLOOR_DB = 8.0  # Whisper keeps log10 values within 8 of the maximum (80 dB)
 _MAX_CHANNELS = 16
 
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | np.ndarray | torch.Tensor
@@ -267,43 +266,23 @@ def _check_samples(samples: np.ndarray, name: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _hz_to_mel_slaney(freq: np.ndarray) -> np.ndarray:
-    freq = np.asarray(freq, dtype=np.float64)
-    mels = 3.0 * freq / 200.0
-    log_region = freq >= 1000.0
-    mels[log_region] = 15.0 + np.log(freq[log_region] / 1000.0) * (27.0 / np.log(6.4))
-    return mels
-
-
-def _mel_to_hz_slaney(mels: np.ndarray) -> np.ndarray:
-    mels = np.asarray(mels, dtype=np.float64)
-    freq = 200.0 * mels / 3.0
-    log_region = mels >= 15.0
-    freq[log_region] = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mels[log_region] - 15.0))
-    return freq
-
-
 @functools.lru_cache(maxsize=8)
 def mel_filter_bank(
     n_mels: int = N_MELS, n_fft: int = N_FFT, sample_rate: int = SAMPLE_RATE, f_max: float = 8000.0
 ) -> np.ndarray:
-    """Slaney-scale, Slaney-normalised triangular mel filters ``[n_fft // 2 + 1, n_mels]`` (float64).
+    """Slaney-scale, Slaney-normalised triangular mel filters ``[n_fft // 2 + 1, n_mels]`` (float64), as
+    ``WhisperFeatureExtractor`` builds them (f_min 0 Hz, f_max 8 kHz)."""
+    from transformers.audio_utils import mel_filter_bank as hf_mel_filter_bank  # imported late: ~0.5 s
 
-    Same math as ``transformers.audio_utils.mel_filter_bank(..., norm="slaney", mel_scale="slaney")`` as
-    ``WhisperFeatureExtractor`` calls it (f_min 0 Hz, f_max 8 kHz).
-    """
-    n_bins = n_fft // 2 + 1
-    mel_points = np.linspace(
-        _hz_to_mel_slaney(np.array([0.0]))[0], _hz_to_mel_slaney(np.array([f_max]))[0], n_mels + 2
+    filters = hf_mel_filter_bank(
+        num_frequency_bins=n_fft // 2 + 1,
+        num_mel_filters=n_mels,
+        min_frequency=0.0,
+        max_frequency=f_max,
+        sampling_rate=sample_rate,
+        norm="slaney",
+        mel_scale="slaney",
     )
-    filter_freqs = _mel_to_hz_slaney(mel_points)
-    fft_freqs = np.linspace(0, sample_rate // 2, n_bins)
-    filter_diff = np.diff(filter_freqs)
-    slopes = filter_freqs[None, :] - fft_freqs[:, None]
-    down = -slopes[:, :-2] / filter_diff[:-1]
-    up = slopes[:, 2:] / filter_diff[1:]
-    filters = np.maximum(np.zeros(1), np.minimum(down, up))
-    filters *= (2.0 / (filter_freqs[2 : n_mels + 2] - filter_freqs[:n_mels]))[None, :]
     filters.setflags(write=False)
     return filters
 
@@ -333,10 +312,15 @@ def _power_to_log_mel(stft: torch.Tensor, filters: torch.Tensor) -> torch.Tensor
     return torch.clamp(filters @ magnitudes, min=1e-10).log10()
 
 
+def normalize_log_mel(raw: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """Whisper's scaling of raw log10-mel frames: floored at ``peak - 8`` (80 dB below the clip's maximum
+    ``peak``), then ``(x + 4) / 4``."""
+    return (torch.maximum(raw, peak - LOG_MEL_FLOOR) + LOG_MEL_OFFSET) / LOG_MEL_SCALE
+
+
 def _normalize(raw: torch.Tensor, valid_frames: int) -> torch.Tensor:
-    """Whisper's dynamic-range floor (max - 8) and ``(x + 4) / 4`` scaling; keep the valid frames."""
-    floored = torch.maximum(raw, raw.max() - _LOG_FLOOR_DB)
-    return ((floored + 4.0) / 4.0)[:, :valid_frames]
+    """Normalised features of a whole turn's raw frames; keep the valid frames."""
+    return normalize_log_mel(raw, raw.max())[:, :valid_frames]
 
 
 def _plan(num_samples: int, n_samples: int) -> tuple[int, int, int]:

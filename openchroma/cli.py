@@ -138,7 +138,7 @@ def check_audio_arg(flag: str, path: str) -> None:
 
 def _max_frames(args: argparse.Namespace) -> int:
     """``--max-frames``, else 60 s, or a few seconds for an init-random checkpoint (it speaks noise)."""
-    from .tools.init_random import RANDOM_DEMO_SECONDS, is_random_checkpoint
+    from .config import RANDOM_DEMO_SECONDS, is_random_checkpoint
 
     if args.max_frames is not None:
         if args.max_frames < 1:
@@ -318,8 +318,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from .config import RANDOM_DEMO_SECONDS, is_random_checkpoint
     from .serving.app import ServerConfig, create_app, uvicorn_options
-    from .tools.init_random import RANDOM_DEMO_SECONDS, is_random_checkpoint
 
     # Fail at start-up, before anything loads in the background: a server that can never answer must not run.
     check_model_arg(args.model)

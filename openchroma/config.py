@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .constants import CODEC_SAMPLE_RATE, FRAME_SAMPLES
+
 
 class ConfigError(ValueError):
     """The config is missing, unreadable or not a Chroma config."""
@@ -125,7 +127,7 @@ class ChromaConfig:
     text_start_token_id: int = 151665
     text_end_token_id: int = 151666
     im_end_token_id: int = 151645
-    audio_frame_freq: int = 1920
+    audio_frame_freq: int = FRAME_SAMPLES
     audio_token_index: int = 151646
     audio_start_token_id: int = 151647
     audio_end_token_id: int = 151648
@@ -143,7 +145,7 @@ class ChromaConfig:
 
     @property
     def sample_rate(self) -> int:
-        return int(self.codec.get("sampling_rate", 24000))
+        return int(self.codec.get("sampling_rate", CODEC_SAMPLE_RATE))
 
     @property
     def frame_rate(self) -> float:
@@ -173,7 +175,7 @@ class ChromaConfig:
             text_start_token_id=int(d.get("text_start_token_id", 151665)),
             text_end_token_id=int(d.get("text_end_token_id", 151666)),
             im_end_token_id=int(d.get("im_end_token_id", 151645)),
-            audio_frame_freq=int(d.get("audio_frame_freq", 1920)),
+            audio_frame_freq=int(d.get("audio_frame_freq", FRAME_SAMPLES)),
             audio_token_index=int(th.get("audio_token_index", 151646)),
             audio_start_token_id=int(th.get("audio_start_token_id", 151647)),
             audio_end_token_id=int(th.get("audio_end_token_id", 151648)),
@@ -191,3 +193,21 @@ class ChromaConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, str(path))
+
+
+#: config.json key init-random sets, so speak/chat/serve can default to short demos and label the noise.
+RANDOM_WEIGHTS_KEY = "openchroma_random_weights"
+#: Default response length (seconds) for random-weight checkpoints: noise needs no minute-long answers.
+RANDOM_DEMO_SECONDS = 4.0
+
+
+def is_random_checkpoint(model: str | Path) -> bool:
+    """Whether ``model`` is a local directory written by init-random (its config.json says so; older ones are
+    known by the README init-random writes). Hub ids and unreadable directories count as real weights."""
+    path = Path(model).expanduser()
+    try:
+        if json.loads((path / "config.json").read_text()).get(RANDOM_WEIGHTS_KEY):
+            return True
+        return (path / "README.md").read_text().startswith("# Random-weight Chroma checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return False

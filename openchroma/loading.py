@@ -1,17 +1,17 @@
 """Load a Chroma checkpoint (local directory or Hugging Face hub id) into our modules.
 
-Tensors stream one at a time from safetensors to the target device and dtype into a model built
-without initialisation, so loading the 4B model in bfloat16 never holds a float32 copy of it.
+The model is built on the ``meta`` device (no memory, no random init); tensors stream one at a time from
+safetensors to the target device and dtype and are assigned to it (``load_state_dict(assign=True)``), so
+loading the 4B model in bfloat16 never holds a float32 copy of it. Derived buffers (rotary tables, the
+Codec's lookup tables) are then computed on the device.
 Anything that does not fit the model (missing or unexpected keys, wrong shapes, absent or truncated
 files, a config that is not Chroma's) is an error naming the file and the key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,30 +97,9 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
         raise CheckpointError(f"{single}: unreadable safetensors file ({e})") from None
 
 
-@contextlib.contextmanager
-def _no_init(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
-    """Build modules directly on ``device`` in ``dtype`` and skip random init (weights come from the file)."""
-    names = ["uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
-             "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_"]
-    saved = {n: getattr(torch.nn.init, n) for n in names}
-    old_dtype = torch.get_default_dtype()
-    try:
-        for n in names:
-            setattr(torch.nn.init, n, lambda t, *a, **k: t)
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            yield
-    finally:
-        for n, fn in saved.items():
-            setattr(torch.nn.init, n, fn)
-        torch.set_default_dtype(old_dtype)
-
-
-def build_model(config: ChromaConfig, device: torch.device, dtype: torch.dtype, init: bool = False) -> ChromaModel:
-    if init:
-        with torch.device(device):
-            return ChromaModel(config).to(dtype)
-    with _no_init(dtype, device):
+def build_model(config: ChromaConfig) -> ChromaModel:
+    """The model's structure on the ``meta`` device: no memory, no initialisation; weights come from the file."""
+    with torch.device("meta"):
         return ChromaModel(config)
 
 
@@ -157,7 +136,7 @@ def load(
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
     files = checkpoint_files(path)
-    net = build_model(config, device, dtype)
+    net = build_model(config)
     targets = _target_tensors(net)
     if config.tie_word_embeddings:
         targets.pop("thinker.lm_head.weight", None)
@@ -180,6 +159,7 @@ def load(
         by_file.setdefault(f, []).append(k)
     bar = tqdm(total=sum(len(v) for v in by_file.values()), desc=f"Loading {path.name}", unit="tensor",
                disable=not progress)
+    state: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for f, keys in by_file.items():
             try:
@@ -188,14 +168,14 @@ def load(
                 raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
             with handle:
                 for k in keys:
-                    dst = targets[aliases.get(k, k)]
+                    want = targets[aliases.get(k, k)]
                     try:
                         shape = list(handle.get_slice(k).get_shape())
                     except Exception as e:
                         raise CheckpointError(f"{f}: cannot read tensor {k!r} ({e})") from None
-                    if shape != list(dst.shape):
+                    if shape != list(want.shape):
                         raise CheckpointError(f"{f}: tensor {k!r} has shape {shape}, the config implies "
-                                              f"{list(dst.shape)}")
+                                              f"{list(want.shape)}")
                     if k in aliases:  # a tie's duplicate: the canonical copy is loaded
                         bar.update()
                         continue
@@ -205,17 +185,20 @@ def load(
                         raise CheckpointError(f"{f}: cannot read tensor {k!r} (truncated or corrupt: {e})") from None
                     if not torch.isfinite(src).all() and src.is_floating_point():
                         raise CheckpointError(f"{f}: tensor {k!r} holds NaN or infinite values")
-                    dst.copy_(src.to(dtype=dst.dtype if dst.is_floating_point() else src.dtype))
+                    # Copied into torch's own (64-byte aligned) allocation: safetensors' buffers may be
+                    # misaligned, and CPU matmul kernels then sum in another order (other low bits).
+                    dst = torch.empty(shape, dtype=dtype if src.is_floating_point() else src.dtype, device=device)
+                    state[k] = dst.copy_(src)
                     bar.update()
     bar.close()
+    net.load_state_dict(state, strict=False, assign=True)  # keys were checked above, with clearer errors
+    net.thinker.tie_weights()  # assign replaced embed_tokens' parameter; lm_head must follow it
+    net.init_buffers(device)
+    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]
+    if left:  # a bug, not a bad file: every tensor is either loaded or derived
+        raise RuntimeError(f"not materialised after loading: {', '.join(left)}")
     net.eval()
-    finish_loading(net)
     return LoadedModel(net, config, path, device, dtype)
-
-
-def finish_loading(net: ChromaModel) -> None:
-    """Derived tensors computed once after the weights are in (codec codebooks)."""
-    net.codec_model.refresh_buffers()
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .audio import load_audio, log_mel_features
+from .constants import REASONER_SAMPLE_RATE
 from .engine.generate import GenerationResult, ResponseRunner
 from .engine.sampling import SamplingParams
 from .loading import LoadedModel, load
@@ -79,7 +80,7 @@ class Chroma:
 
     def user_features(self, audio, sample_rate: int | None = None) -> torch.Tensor:
         """128-bin log-mel features of the user's audio (16 kHz Whisper features)."""
-        wav = load_audio(audio, 16000, source_rate=sample_rate)
+        wav = load_audio(audio, REASONER_SAMPLE_RATE, source_rate=sample_rate)
         return log_mel_features(wav)
 
     def chat(

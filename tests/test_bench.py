@@ -44,7 +44,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_random_dir, tmp_path, capsys):
     # where each step's time goes, per level
     for lv in res["levels"]:
         stages = lv["stages_ms"]
-        assert {"reasoner", "backbone", "decoder", "mimi", "host"} <= set(stages)
+        assert {"reasoner", "backbone", "decoder", "codec", "host"} <= set(stages)
         assert all(v >= 0 for v in stages.values())
     assert "Where a step's time goes" in md
 

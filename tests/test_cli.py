@@ -124,7 +124,7 @@ def test_speak_writes_the_format_its_extension_names(tiny_random_dir, wavs, tmp_
 
 
 def test_random_checkpoints_answer_a_few_seconds_by_default(tiny_random_dir, wavs, tmp_path, capsys):
-    from openchroma.tools.init_random import RANDOM_DEMO_SECONDS, RANDOM_WEIGHTS_KEY, is_random_checkpoint
+    from openchroma.config import RANDOM_DEMO_SECONDS, RANDOM_WEIGHTS_KEY, is_random_checkpoint
 
     assert json.loads((tiny_random_dir / "config.json").read_text())[RANDOM_WEIGHTS_KEY] is True
     assert is_random_checkpoint(tiny_random_dir) and not is_random_checkpoint("FlashLabs/Chroma-4B")
@@ -137,7 +137,7 @@ def test_random_checkpoints_answer_a_few_seconds_by_default(tiny_random_dir, wav
 
 
 def test_the_fixture_is_not_taken_for_random_weights(fixture_dir):
-    from openchroma.tools.init_random import is_random_checkpoint
+    from openchroma.config import is_random_checkpoint
 
     assert not is_random_checkpoint(fixture_dir)
 

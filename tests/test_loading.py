@@ -47,6 +47,24 @@ def test_loads_in_half_precision(fixture_dir, dtype):
                                ref.to(dtype).float())
 
 
+def test_loading_leaves_process_state_alone_and_materialises_everything(fixture_dir, tiny_model):
+    """Built on the meta device and assigned: no process-wide default dtype or init patching (the server loads on
+    a background thread), every tensor real, derived buffers (rotary tables, codec tables) float32 as before."""
+    init_fns = {n: getattr(torch.nn.init, n) for n in ("normal_", "uniform_", "kaiming_uniform_", "zeros_")}
+    lm = load(fixture_dir, device="cpu", dtype=torch.bfloat16, progress=False)
+    assert torch.get_default_dtype() == torch.float32
+    assert all(getattr(torch.nn.init, n) is f for n, f in init_fns.items())
+    tensors = {**dict(lm.model.named_parameters()), **dict(lm.model.named_buffers())}
+    assert not [n for n, t in tensors.items() if t.is_meta]
+    assert lm.model.thinker.model.rotary.cos.dtype == torch.float32
+    assert lm.model.codec_model.decoder_transformer.inv_freq.dtype == torch.float32
+    for name, t in tiny_model.model.named_buffers():  # derived buffers equal a float32 load's
+        if not t.is_floating_point():
+            assert torch.equal(t, tensors[name]), name
+        elif name.endswith(("rotary.cos", "rotary.sin", "inv_freq", "positions")):
+            assert torch.equal(t, tensors[name]), name
+
+
 def test_sharded_checkpoint_through_index(fixture_dir, tensors, tmp_path):
     names = sorted(tensors)
     half = len(names) // 2

@@ -29,13 +29,13 @@ import numpy as np
 import soxr
 import torch
 
-from ..audio import HOP_LENGTH, AudioError, StreamingMelExtractor, load_audio, log_mel_features
+from ..audio import HOP_LENGTH, AudioError, StreamingMelExtractor, load_audio, log_mel_features, normalize_log_mel
+from ..constants import REASONER_SAMPLE_RATE as USER_RATE
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
 from ..tokenizer import ENDOFTEXT_ID, QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
 from ..voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 from .sampling import SamplingParams
-from .schedule import USER_SAMPLE_RATE as USER_RATE
 from .schedule import backbone_budget, reasoner_budget
 from .stepper import ContextFull, StepOutput, Stepper, default_threads, intra_op_threads
 
@@ -932,10 +932,10 @@ class Engine:
             return
         raw = torch.cat(s._raw, dim=1)
         s._raw = [raw]
-        floor = raw.max() - 8.0
+        peak = raw.max()
         while s._raw_frames >= (len(s._windows) + 1) * w:
             i = len(s._windows)
-            s._windows.append(((torch.maximum(raw[:, i * w:(i + 1) * w], floor) + 4.0) / 4.0, None))
+            s._windows.append((normalize_log_mel(raw[:, i * w:(i + 1) * w], peak), None))
             self._windows.append((s, i))
 
     def _finish_audio_part(self, s: Session) -> None:

@@ -16,18 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-FRAME_RATE_HZ = 12.5            # Mimi codes per second
-SAMPLE_RATE = 24_000            # codec audio
-FRAME_SAMPLES = 1920            # samples per frame at 24 kHz (80 ms)
-USER_SAMPLE_RATE = 16_000       # the reasoner's audio front end (Whisper features)
+from ..constants import FRAME_RATE_HZ
 
 
 def frames_for_seconds(seconds: float) -> int:
     return int(round(seconds * FRAME_RATE_HZ))
-
-
-def seconds_for_frames(frames: int) -> float:
-    return frames / FRAME_RATE_HZ
 
 
 def pair_index_at(step: int) -> int | None:

@@ -1,7 +1,7 @@
 """The engine's hot path: every generating response advanced by one 80 ms frame per step, batched.
 
-Each response owns a slot: a row of the reasoner's, backbone's and decoder's KV caches, of the Mimi
-decoder state and of a small ring of ready text pairs, all allocated once. A step is planned on the host
+Each response owns a slot: a row of the Reasoner's, Backbone's and Decoder's KV caches, of the Codec's
+streaming state and of a small ring of ready text pairs, all allocated once. A step is planned on the host
 (which rows think, which feed a text pair, sampling settings, positions), written into persistent input
 buffers, and run on the device by at most two functions whose shapes depend only on the batch bucket:
 
@@ -10,7 +10,7 @@ buffers, and run on the device by at most two functions whose shapes depend only
   by ``lookahead`` tokens, so a frame never waits for text;
 * ``frame``: the backbone over 1 vector per row (``[A]``) or, when any row feeds a text pair, 3
   (``[A H E]``, right-aligned and padded into a scratch cache slot nobody attends to); codebook 0; the
-  7-pass decoder loop; one Mimi frame; end-of-audio flags.
+  7-pass Decoder loop; one frame of audio from the Codec; end-of-audio flags.
 
 Both can be compiled with ``torch.compile(fullgraph=True)`` and, on CUDA, captured as CUDA graphs per
 bucket. The host reads codes, flags, tokens and audio once per step.
@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from ..models.chroma import ChromaModel
-from ..models.mimi import MimiDecoderState
 from ..models.transformer import KVCache
 from .sampling import SamplingParams, sample_codes
 from .schedule import backbone_vectors_at, frames_within, pair_index_at
@@ -156,8 +155,8 @@ class Stepper:
         self.backbone_cache = model.backbone.model.new_cache(slots, backbone_len + 1)
         self.decoder_cache = model.decoder.model.new_cache(slots, k)
         self.thinker_scratch, self.backbone_scratch = thinker_len, backbone_len
-        self.mimi_state = model.codec_model.decoder_state(slots)
-        self._mimi_views = {b: _mimi_rows(self.mimi_state, b) for b in self.buckets}
+        self.codec_state = model.codec_model.stream_state(slots)
+        self._codec_views = {b: self.codec_state.rows(b) for b in self.buckets}
         hidden = cfg.thinker.hidden_size
         self.ring_h = torch.zeros(slots, self.ring_size + 1, hidden, device=dev, dtype=dt)   # last: scratch
         self.ring_tok = torch.zeros(slots, self.ring_size + 1, dtype=torch.long, device=dev)
@@ -188,7 +187,7 @@ class Stepper:
         self.rows: dict[int, Row] = {}
         self._fns: dict[tuple, Callable[[], None]] = {}
         self._graph_pool = None
-        # Per-stage seconds (reasoner, backbone, decoder, mimi, host), summed over steps, when a benchmark sets
+        # Per-stage seconds (reasoner, backbone, decoder, codec, host), summed over steps, when a benchmark sets
         # this to a dict. Stages inside the frame function are timed only in eager mode.
         self.timings: dict[str, float] | None = None
         self._t_mark = 0.0
@@ -259,8 +258,8 @@ class Stepper:
         for key in tqdm(keys, desc="Compiling the frame step", unit="graph", disable=not progress):
             self._fns[key] = self._build(key)
             self._fns[key]()
-        # Warm-up ran on idle rows: it wrote only scratch cache slots, but Mimi's state and the codes moved.
-        self.mimi_state.reset()
+        # Warm-up ran on idle rows: it wrote only scratch cache slots, but the Codec's state and the codes moved.
+        self.codec_state.reset()
         self.last_codes.zero_()
 
     # ----- device functions (fixed shapes for a bucket) ---------------------------------------------------
@@ -309,11 +308,11 @@ class Stepper:
         codes = m.decode_frame(hidden, c0, RowCache(self.decoder_cache, 0, b), sample)
         self.last_codes[:b] = codes
         self._mark("decoder")
-        audio = m.codec_model.decode_step(codes[:, :, None], self._mimi_views[b])
+        audio = m.codec_model.decode_step(codes[:, :, None], self._codec_views[b])
         self.out_i[:b, :k] = codes
         self.out_i[:b, k] = (codes[:, : k - 1] == self.cfg.codebook_eos_token_id).all(-1).long()
         self.out_audio[:b] = audio.float()
-        self._mark("mimi")
+        self._mark("codec")
 
     def _mark(self, stage: str, always: bool = False) -> None:
         """Add the time since the last mark to ``stage`` (profiling runs only; inside compiled code, a no-op)."""
@@ -391,7 +390,7 @@ class Stepper:
         max_frames = max(1, min(max_frames, frames_within(self.backbone_len, voice_len), 2 * pairs))
         self.ring_h[slot, 0] = h_last.to(self.dtype)
         self.ring_tok[slot, 0] = first_token
-        self.mimi_state.reset([slot])
+        self.codec_state.reset([slot])
         row = Row(slot=slot, sampling=sampling, seed=sampling.row_seed(), max_frames=max_frames, forced=forced,
                   prompt_len=thinker_pos, thinker_pos=thinker_pos, bb_pos=voice_len, tokens=[first_token],
                   text_done=first_token == self.cfg.im_end_token_id)
@@ -525,10 +524,4 @@ class Stepper:
                 del self.rows[slot]
             outputs.append(out)
         return outputs
-
-
-def _mimi_rows(state: MimiDecoderState, b: int) -> MimiDecoderState:
-    """A view of the first ``b`` rows of a Mimi decoder state (shares its storage)."""
-    return MimiDecoderState([None if x is None else x[:b] for x in state.buffers], state.kv[:, :, :b],
-                            state.kv_pos[:b], state.pos[:b], state.fresh[:b])
 

@@ -24,7 +24,6 @@ from .models import ScoringModelUnavailable, load_pretrained, warn
 
 ASR_RATE = 16000
 DEFAULT_WHISPER = "openai/whisper-large-v3"
-ASR_CHOICES = ("auto", "whisper", "pocketsphinx")
 WHISPER_WINDOW_SECONDS = 30
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ..constants import REASONER_SAMPLE_RATE
 from .asr import ASR_RATE, WerScorer, load_recognizer
 from .report import summarize, write_plots, write_report_md
 from .speaker import SIM_RATE, cosine_similarity, load_speaker_model
@@ -96,8 +97,8 @@ class Synthesizer:
         session = self.engine.create_session(self._voice(item))
         try:
             if self.task == "dialogue":
-                user = load_audio(str(item.user_wav), 16000).numpy()
-                session.append_audio(user, 16000)
+                user = load_audio(str(item.user_wav), REASONER_SAMPLE_RATE).numpy()
+                session.append_audio(user, REASONER_SAMPLE_RATE)
             chunks: list[np.ndarray] = []
             t_first = None
             t0 = time.perf_counter()

@@ -24,7 +24,6 @@ from .models import ScoringModelUnavailable, load_pretrained, warn
 
 SIM_RATE = 16000
 DEFAULT_WAVLM = "microsoft/wavlm-base-plus-sv"
-SIM_CHOICES = ("auto", "wavlm", "resemblyzer")
 
 
 class SpeakerEmbedder(Protocol):

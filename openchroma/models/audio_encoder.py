@@ -1,4 +1,4 @@
-"""The reasoner's audio encoder (Qwen2.5-Omni, Whisper-style) with windowed attention.
+"""The Reasoner's audio encoder (Qwen2.5-Omni, Whisper-style) with windowed attention.
 
 An utterance's mel frames are cut into windows of ``2 * n_window`` frames. Each window goes through
 the two convolutions on its own, gets sinusoidal positions counted from 0 and attends only within
@@ -17,10 +17,12 @@ from torch import nn
 from ..config import AudioEncoderConfig
 
 
-def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> torch.Tensor:
+def sinusoid_positions(
+    length: int, channels: int, max_timescale: float = 10000.0, device: torch.device | None = None
+) -> torch.Tensor:
     log_inc = math.log(max_timescale) / (channels // 2 - 1)
-    inv = torch.exp(-log_inc * torch.arange(channels // 2).float())
-    t = torch.arange(length)[:, None] * inv[None, :]
+    inv = torch.exp(-log_inc * torch.arange(channels // 2, device=device).float())
+    t = torch.arange(length, device=device)[:, None] * inv[None, :]
     return torch.cat([torch.sin(t), torch.cos(t)], dim=1)
 
 
@@ -90,7 +92,12 @@ class AudioEncoder(nn.Module):
         self.layers = nn.ModuleList(AudioEncoderLayer(cfg) for _ in range(cfg.num_layers))
         self.ln_post = nn.LayerNorm(d)
         self.proj = nn.Linear(d, cfg.output_dim)
-        self.register_buffer("positions", sinusoid_positions(cfg.max_source_positions, d), persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | None = None) -> None:
+        """(Re)compute the sinusoidal positions on ``device`` (derived, not saved)."""
+        positions = sinusoid_positions(self.cfg.max_source_positions, self.cfg.d_model, device=device)
+        self.register_buffer("positions", positions, persistent=False)
 
     @property
     def window(self) -> int:

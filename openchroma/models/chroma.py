@@ -1,8 +1,10 @@
-"""The four parts of Chroma 1.0 and the per-step computations the generator and engine share.
+"""The four parts of Chroma 1.0 (Reasoner, Backbone, Decoder, Codec) and the per-step computations the
+generator and engine share.
 
-Parameter names follow the published checkpoint (``thinker.*``, ``backbone.*``, ``decoder.*``,
-``codec_model.*``). The backbone's audio embedding is the decoder's (one tensor in the file), and
-with ``tie_word_embeddings`` the thinker's ``lm_head`` is its ``embed_tokens``.
+Parameter names follow the published checkpoint, whose keys name the parts ``thinker.*`` (the Reasoner),
+``backbone.*``, ``decoder.*`` and ``codec_model.*``; the attribute names below are those keys. The Backbone's
+audio embedding is the Decoder's (one tensor in the file), and with ``tie_word_embeddings`` the Reasoner's
+``lm_head`` is its ``embed_tokens``.
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from torch import nn
 
 from ..config import ChromaConfig
 from .audio_encoder import AudioEncoder
-from .mimi import Mimi, MimiConfig
+from .codec import Codec, CodecConfig
 from .transformer import KVCache, Transformer
 
 
-class Thinker(nn.Module):
-    """The reasoner: audio encoder + Qwen2 text decoder."""
+class Reasoner(nn.Module):
+    """The Reasoner (Qwen2.5-Omni's "thinker"): audio encoder + Qwen2 text model."""
 
     def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
         super().__init__()
@@ -26,7 +28,12 @@ class Thinker(nn.Module):
         self.audio_tower = AudioEncoder(cfg.audio_encoder)
         self.model = Transformer(tc, with_embedding=True, max_positions=max_positions)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, make ``lm_head`` share ``embed_tokens``' parameter (again, after an
+        ``assign`` load replaced it)."""
+        if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,6 +50,8 @@ class Thinker(nn.Module):
 
 
 class Backbone(nn.Module):
+    """Writes codebook 0 of each 80 ms frame from the Reasoner's text stream and the frames so far."""
+
     def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
         super().__init__()
         bc = cfg.backbone
@@ -66,8 +75,8 @@ class CodebookHeads(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n, dim, vocab))
 
 
-class FrameDecoder(nn.Module):
-    """Fills codebooks 1..K-1 of a frame from the backbone's hidden state and codebook 0."""
+class Decoder(nn.Module):
+    """Fills codebooks 1..K-1 of a frame from the Backbone's hidden state and codebook 0."""
 
     def __init__(self, cfg: ChromaConfig):
         super().__init__()
@@ -80,17 +89,35 @@ class FrameDecoder(nn.Module):
 
 
 class ChromaModel(nn.Module):
+    """Chroma 1.0: ``thinker`` (the Reasoner), ``backbone``, ``decoder`` and ``codec_model`` (the Codec), named
+    as the checkpoint's keys."""
+
     def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.thinker = Thinker(cfg, max_positions)
+        self.thinker = Reasoner(cfg, max_positions)
         self.backbone = Backbone(cfg, max_positions)
-        self.decoder = FrameDecoder(cfg)
-        self.codec_model = Mimi(MimiConfig.from_dict(cfg.codec), num_codebooks=cfg.audio_num_codebooks)
-        k = cfg.audio_num_codebooks
-        self.register_buffer("codebook_offsets", torch.arange(k) * cfg.audio_vocab_size, persistent=False)
+        self.decoder = Decoder(cfg)
+        self.codec_model = Codec(CodecConfig.from_dict(cfg.codec), num_codebooks=cfg.audio_num_codebooks)
+        self._init_own_buffers()
+
+    def _init_own_buffers(self, device: torch.device | None = None) -> None:
+        k = self.cfg.audio_num_codebooks
+        offsets = torch.arange(k, device=device) * self.cfg.audio_vocab_size
+        self.register_buffer("codebook_offsets", offsets, persistent=False)
         # Decoder entries: h and c_0 share rope position 0, c_i sits at i (the published loop's numbering).
-        self.register_buffer("decoder_positions", torch.tensor([0] + list(range(k))), persistent=False)
+        self.register_buffer("decoder_positions", torch.tensor([0] + list(range(k)), device=device), persistent=False)
+
+    @torch.no_grad()
+    def init_buffers(self, device: torch.device) -> None:
+        """Compute every derived (non-persistent) buffer on ``device``: rotary tables, audio positions, the
+        Codec's lookup tables from its loaded weights. For a model built on ``meta`` and loaded with
+        ``load_state_dict(assign=True)``."""
+        self._init_own_buffers(device)
+        for m in self.modules():
+            if m is not self and hasattr(m, "init_buffers"):
+                m.init_buffers(device)
+        self.codec_model.refresh_buffers()
 
     # ----- embeddings -------------------------------------------------------------------------
     @property
@@ -98,7 +125,7 @@ class ChromaModel(nn.Module):
         return self.decoder.audio_embedding.embed_audio_tokens
 
     def text_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Text tokens enter the backbone through the thinker's own table."""
+        """Text tokens enter the backbone through the Reasoner's own table."""
         return self.thinker.model.embed_tokens(token_ids)
 
     def frame_embedding(self, codes: torch.Tensor) -> torch.Tensor:
@@ -119,15 +146,15 @@ class ChromaModel(nn.Module):
         zero = torch.zeros_like(text[:1])
         return torch.cat([text, audio.to(text.dtype), zero], dim=0)
 
-    # ----- the reasoner -----------------------------------------------------------------------
+    # ----- the Reasoner -----------------------------------------------------------------------
     def thinker_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.thinker.lm_head(hidden)
 
-    # ----- the backbone -----------------------------------------------------------------------
+    # ----- the Backbone -----------------------------------------------------------------------
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.codebook0_head(hidden)
 
-    # ----- the decoder ------------------------------------------------------------------------
+    # ----- the Decoder ------------------------------------------------------------------------
     def decode_frame(
         self,
         hidden: torch.Tensor,

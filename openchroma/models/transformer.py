@@ -1,45 +1,33 @@
 """Llama / Qwen2 style decoder stack with an explicit, pre-allocated KV cache.
 
-One implementation serves the reasoner's text decoder (q/k/v bias, default rope), the backbone
-(llama3 rope) and the per-frame decoder. Every forward takes explicit rope positions and cache
+One implementation serves the Reasoner's text model (q/k/v bias, default rope), the Backbone
+(llama3 rope) and the Decoder (codebooks 1-7 of a frame). Every forward takes explicit rope positions and cache
 slots per batch row, so rows of a batch can sit at different positions (batched sessions) and the
 shapes stay fixed (CUDA graphs).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import RopeConfig, TransformerConfig
-
-
-def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
-    """Inverse frequencies, as transformers computes them for the default and llama3 rope types."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    if rope.rope_type == "llama3":
-        old_len = rope.original_max_position_embeddings
-        low_wavelen = old_len / rope.low_freq_factor
-        high_wavelen = old_len / rope.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
-        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
-        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-        inv_freq = torch.where(is_medium, smoothed, scaled)
-    return inv_freq
+from .attention import SelfAttention, rope_inv_freq
 
 
 class RotaryTable(nn.Module):
-    """cos/sin of every position up to ``max_positions``, computed once in float32."""
+    """cos/sin of every position up to ``max_positions``, computed once in float32 (derived, not saved)."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int):
         super().__init__()
-        inv_freq = rope_inv_freq(rope, head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | None = None) -> None:
+        """(Re)compute the tables on ``device`` (default: the current default device, e.g. ``meta``)."""
+        inv_freq = rope_inv_freq(self.rope, self.head_dim, device)
+        freqs = torch.arange(self.max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
@@ -47,15 +35,6 @@ class RotaryTable(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # [B, T] -> [B, 1, T, D], broadcast over heads
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
 
 
 class RMSNorm(nn.Module):
@@ -94,47 +73,6 @@ class KVCache:
         self.v[:, dst, :, :length].copy_(src.v[:, src_row, :, :length])
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
-        self.head_dim = cfg.head_dim
-        h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, h, bias=False)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        rows: torch.Tensor,
-        slots: torch.Tensor,
-        mask: torch.Tensor,
-        kv_len: int,
-    ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        # Write this step's keys/values at each row's own slots: fixed shapes, no host sync. An index_put
-        # (not scatter_) so that torch.compile updates the cache in place instead of copying it.
-        k_cache[rows, :, slots] = k.transpose(1, 2)
-        v_cache[rows, :, slots] = v.transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q, k_cache[:, :, :kv_len], v_cache[:, :, :kv_len], attn_mask=mask,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -149,13 +87,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = SelfAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                       qkv_bias=cfg.qkv_bias)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, rows, slots, mask, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, slots, mask, kv_len)
+        h = self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, k_cache, v_cache, rows, slots, mask,
+                                          kv_len)
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

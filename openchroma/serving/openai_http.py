@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..audio import AudioError, load_audio
+from ..constants import REASONER_SAMPLE_RATE
 from ..engine import (
     DEFAULT_SYSTEM_PROMPT,
     AudioChunk,
@@ -159,7 +160,7 @@ def decode_audio_ref(ref: Any, where: str, state: ServerState) -> bytes:
         raise APIError(400, f"{where}: not valid base64 audio (nor a data URL or a path)", param=where) from None
 
 
-def read_audio(data: bytes, where: str, fmt: str | None = None, rate: int = 16000) -> np.ndarray:
+def read_audio(data: bytes, where: str, fmt: str | None = None, rate: int = REASONER_SAMPLE_RATE) -> np.ndarray:
     if not data:
         raise APIError(400, f"{where}: the audio is empty", param=where)
     try:
@@ -298,10 +299,10 @@ async def feed_messages(state: ServerState, session, messages: list[ChatMessage]
                 wav = read_audio(raw, pw, p.input_audio.format)
             else:
                 wav = read_audio(decode_audio_ref(p.ref(), pw, state), pw)
-            if len(wav) / 16000 > state.config.max_input_audio_seconds:
-                raise APIError(400, f"{pw}: {len(wav) / 16000:.1f} s of audio is over the limit of "
+            if len(wav) / REASONER_SAMPLE_RATE > state.config.max_input_audio_seconds:
+                raise APIError(400, f"{pw}: {len(wav) / REASONER_SAMPLE_RATE:.1f} s of audio is over the limit of "
                                     f"{state.config.max_input_audio_seconds:.0f} s", param=pw)
-            await call(state, session.append_audio, wav, 16000)
+            await call(state, session.append_audio, wav, REASONER_SAMPLE_RATE)
             await call(state, session.commit_audio)
 
 

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from ..config import RANDOM_WEIGHTS_KEY, is_random_checkpoint
+from ..constants import FRAME_RATE_HZ
 from ..engine import Engine
 from . import default_data_dir
 from .errors import APIError, EngineTimeout, clip
@@ -54,7 +56,7 @@ class ServerConfig:
 
     @property
     def max_response_frames(self) -> int:
-        return max(1, int(self.max_response_seconds * 12.5))
+        return max(1, int(self.max_response_seconds * FRAME_RATE_HZ))
 
     @property
     def ws_protocol_max_bytes(self) -> int:
@@ -153,8 +155,6 @@ class ServerState:
     @property
     def random_weights(self) -> bool:
         """Whether the model is an init-random checkpoint (it speaks noise): shown by /health, /v1/models, the page."""
-        from ..tools.init_random import RANDOM_WEIGHTS_KEY, is_random_checkpoint
-
         if self.engine is not None:
             return bool(getattr(self.engine.cfg, "raw", {}).get(RANDOM_WEIGHTS_KEY))
         return is_random_checkpoint(self.config.model) if self.config.model else False

@@ -12,6 +12,7 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from ..audio import AudioError, load_audio
+from ..constants import REASONER_SAMPLE_RATE
 from ..engine import ContextFull, EngineError, TextDelta
 from .errors import APIError
 from .state import engine_call, get_state, response_events
@@ -19,7 +20,6 @@ from .state import engine_call, get_state, response_events
 router = APIRouter()
 
 RESPONSE_FORMATS = ("json", "text", "verbose_json")
-USER_RATE = 16000   # what the Reasoner's audio encoder reads
 
 
 @router.post("/v1/audio/transcriptions")
@@ -44,12 +44,13 @@ async def transcriptions(request: Request, file: Annotated[UploadFile | None, Fi
         raise APIError(400, "file: the audio is empty", code="invalid_audio", param="file")
     limit = state.config.max_input_audio_seconds
     try:
-        wav = await engine_call(state.config, functools.partial(load_audio, data, USER_RATE, max_seconds=limit))
+        decode = functools.partial(load_audio, data, REASONER_SAMPLE_RATE, max_seconds=limit)
+        wav = await engine_call(state.config, decode)
     except (AudioError, ValueError) as e:
         raise APIError(400, f"file: {e}", code="invalid_audio", param="file") from None
-    seconds = wav.shape[0] / USER_RATE
+    seconds = wav.shape[0] / REASONER_SAMPLE_RATE
     try:
-        job = await engine_call(state.config, engine.transcribe, wav, USER_RATE)
+        job = await engine_call(state.config, engine.transcribe, wav, REASONER_SAMPLE_RATE)
     except (EngineError, ContextFull) as e:
         raise APIError(400, str(e), code="context_full" if isinstance(e, ContextFull) else None,
                        param="file") from None

@@ -11,7 +11,7 @@ and read their responses to the end. Per response:
 
 and per round, frames/s: every session's frames over the round's wall time (first ``respond()`` call to
 last final event). A warm-up round per level precedes the measured ones and is not recorded. The engine's
-stepper also reports where each step's time goes (reasoner, backbone, decoder, Mimi, host).
+stepper also reports where each step's time goes (reasoner, backbone, decoder, Codec, host).
 
 ``per_frame`` measures one response alone through the engine's one-slot stepper, as ``openchroma
 conformance`` runs it: the time per frame is the difference between a long and a short response divided by
@@ -32,13 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import REASONER_SAMPLE_RATE
 from ..engine import AudioChunk, Engine, ResponseDone
 from ..engine.generate import ResponseRunner
 from ..models.audio_encoder import audio_token_count
 from ..pipeline import Chroma
 from ..voice import VoicePrompt, encode_voice
 
-USER_RATE = 16000
+USER_RATE = REASONER_SAMPLE_RATE
 CHUNK_SECONDS = 0.1
 VOICE_SECONDS = 2.0
 VOICE_TRANSCRIPT = "This is a synthetic reference voice for benchmarking the engine."
@@ -363,7 +364,7 @@ def _fmt(x: float, digits: int = 1) -> str:
     return "n/a" if x != x else f"{x:.{digits}f}"
 
 
-STAGES = ("reasoner", "backbone", "decoder", "mimi", "frame", "host")
+STAGES = ("reasoner", "backbone", "decoder", "codec", "frame", "host")
 
 
 def stage_table(rows: list[tuple[str, dict[str, float]]]) -> str:

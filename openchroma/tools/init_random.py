@@ -1,27 +1,30 @@
-"""Write a random-weight Chroma checkpoint in the published layout.
+"""Write a random-weight Chroma checkpoint in the published layout, with a small real tokenizer.
 
 For tests, plumbing demos and benchmarks where the real weights cannot be had. Such a model speaks
-noise: its tokens and audio mean nothing, but every shape, name and code path is the real one.
+noise: its tokens and audio mean nothing, but every shape, name and code path is the real one. The
+tokenizer (``write_test_tokenizer``) is a byte-level BPE trained on a built-in text, with Qwen2.5-Omni's
+special tokens at their published ids.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm.auto import tqdm
 
-from ..config import ChromaConfig
+from ..config import RANDOM_WEIGHTS_KEY, ChromaConfig
+from ..constants import CODEC_SAMPLE_RATE, FRAME_RATE_HZ, FRAME_SAMPLES
 from ..models.chroma import ChromaModel
+from ..tokenizer import TEXT_END_ID, TEXT_START_ID
 
 PRESETS = ("tiny", "small", "chroma-4b")
-#: config.json key init-random sets, so speak/chat/serve can default to short demos and label the noise.
-RANDOM_WEIGHTS_KEY = "openchroma_random_weights"
-#: Default response length (seconds) for random-weight checkpoints: noise needs no minute-long answers.
-RANDOM_DEMO_SECONDS = 4.0
 
 _SPECIAL = {
     "im_end_token_id": 151645,
@@ -30,7 +33,7 @@ _SPECIAL = {
     "codebook_eos_token_id": 0,
     "codebook_pad_token_id": 2050,
     "audio_num_codebooks": 8,
-    "audio_frame_freq": 1920,
+    "audio_frame_freq": FRAME_SAMPLES,
 }
 
 
@@ -47,7 +50,7 @@ def _llama(hidden, layers, heads, kv, head_dim, mlp, rope, max_pos, eps=1e-5, ex
 
 def _mimi(hidden, filters, layers, heads, head_dim, mlp, codebook_dim, quantizers):
     return {
-        "model_type": "mimi", "audio_channels": 1, "sampling_rate": 24000, "_frame_rate": 12.5,
+        "model_type": "mimi", "audio_channels": 1, "sampling_rate": CODEC_SAMPLE_RATE, "_frame_rate": FRAME_RATE_HZ,
         "hidden_size": hidden, "num_filters": filters, "num_residual_layers": 1, "upsampling_ratios": [8, 6, 5, 4],
         "kernel_size": 7, "last_kernel_size": 3, "residual_kernel_size": 3, "dilation_growth_rate": 2,
         "use_causal_conv": True, "pad_mode": "constant", "compress": 2, "trim_right_ratio": 1.0,
@@ -214,8 +217,6 @@ def write_random_checkpoint(
     """Write ``config.json``, safetensors shards (+ index when sharded) and a tokenizer to ``out_dir``.
 
     Sizes come from ``preset``, or from ``config`` (a ``config.json`` dict in the published layout)."""
-    from ..tokenizer import write_test_tokenizer
-
     if (preset is None) == (config is None):
         raise ValueError("give either a preset or a config")
     out = Path(out_dir)
@@ -280,13 +281,238 @@ def write_random_checkpoint(
     return out
 
 
-def is_random_checkpoint(model: str | Path) -> bool:
-    """Whether ``model`` is a local directory written by init-random (its config.json says so; older ones are
-    known by the README init-random writes). Hub ids and unreadable directories count as real weights."""
-    path = Path(model).expanduser()
-    try:
-        if json.loads((path / "config.json").read_text()).get(RANDOM_WEIGHTS_KEY):
-            return True
-        return (path / "README.md").read_text().startswith("# Random-weight Chroma checkpoint")
-    except (OSError, ValueError, AttributeError):
-        return False
+# ----------------------------------------------------------------------------------------------------------
+# The test tokenizer
+# ----------------------------------------------------------------------------------------------------------
+
+#: Added tokens of the Qwen2.5-Omni tokenizer (``added_tokens_decoder`` of Qwen/Qwen2.5-Omni-3B).
+QWEN_OMNI_ADDED_TOKENS: dict[int, str] = {
+    151643: "<|endoftext|>",
+    151644: "<|im_start|>",
+    151645: "<|im_end|>",
+    151646: "<|AUDIO|>",
+    151647: "<|audio_bos|>",
+    151648: "<|audio_eos|>",
+    151649: "<|box_end|>",
+    151650: "<|quad_start|>",
+    151651: "<|quad_end|>",
+    151652: "<|vision_bos|>",
+    151653: "<|vision_eos|>",
+    151654: "<|vision_pad|>",
+    151655: "<|IMAGE|>",
+    151656: "<|VIDEO|>",
+    151657: "<tool_call>",
+    151658: "</tool_call>",
+    151659: "<|fim_prefix|>",
+    151660: "<|fim_middle|>",
+    151661: "<|fim_suffix|>",
+    151662: "<|fim_pad|>",
+    151663: "<|repo_name|>",
+    151664: "<|file_sep|>",
+}
+#: Chroma's prompt-text delimiters (``text_start_token_id`` / ``text_end_token_id``). The released
+#: Qwen2.5-Omni tokenizer has no tokens at these ids (its last one is 151664): Chroma uses the embedding rows
+#: directly.
+#: The test tokenizer names them so that they can be written and read back.
+CHROMA_ADDED_TOKENS: dict[int, str] = {TEXT_START_ID: "<|text_start|>", TEXT_END_ID: "<|text_end|>"}
+
+#: The Qwen2.5-Omni chat template (``chat_template.json`` of Qwen/Qwen2.5-Omni-3B).
+QWEN_OMNI_CHAT_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
+    "{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
+    "{% set audio_count.value = audio_count.value + 1 %}"
+    "{% if add_audio_id %}Audio {{ audio_count.value }}: {% endif %}<|audio_bos|><|AUDIO|><|audio_eos|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The Qwen2 pre-tokenizer split (``transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX``).
+_QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def _qwen2_pipeline(tokenizer: Tokenizer) -> Tokenizer:
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.post_processor = processors.ByteLevel(
+        add_prefix_space=False, trim_offsets=False, use_regex=False
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> models.BPE:
+    return models.BPE(
+        vocab=vocab,
+        merges=merges,
+        dropout=None,
+        unk_token=None,
+        continuing_subword_prefix="",
+        end_of_word_suffix="",
+        fuse_unk=False,
+        byte_fallback=False,
+    )
+
+
+def _added_token_json(token_id: int, content: str, special: bool = True) -> dict[str, Any]:
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": special,
+    }
+
+
+def _with_added_tokens(tokenizer_json: dict[str, Any], added: Mapping[int, tuple[str, bool]]) -> Tokenizer:
+    """Place ``added`` tokens at their exact ids.
+
+    ``tokenizers`` keeps the id of an added token that is also in the model vocabulary (a BPE vocabulary may
+    have gaps) but renumbers the others, so the tokens go into both.
+    """
+    vocab = tokenizer_json["model"]["vocab"]
+    taken = {i: t for t, i in vocab.items()}
+    for token_id, (content, _) in added.items():
+        if taken.get(token_id, content) != content:
+            raise ValueError(f"id {token_id} of added token {content!r} is taken by {taken[token_id]!r}")
+        vocab[content] = token_id
+    tokenizer_json["added_tokens"] = [
+        _added_token_json(i, content, special) for i, (content, special) in sorted(added.items())
+    ]
+    return Tokenizer.from_str(json.dumps(tokenizer_json, ensure_ascii=False))
+
+
+_TRAINING_TEXT = """\
+Hello! How are you doing today? I am doing well, thank you for asking.
+This is a small conversation between a person and a voice assistant that can listen and speak.
+The assistant hears what the user says, thinks about it, and then answers with a natural voice.
+Can you tell me what the weather will be like tomorrow morning? It should be sunny and warm.
+Please speak a little more slowly, and use a calm and friendly tone of voice.
+What time is it right now? It is a quarter past three in the afternoon.
+I would like to book a table for two people at seven o'clock this evening.
+Of course. I have reserved a table for two at seven. Is there anything else I can help with?
+The quick brown fox jumps over the lazy dog, and the dog does not seem to mind at all.
+We are testing the streaming speech pipeline: audio comes in, text and speech come out.
+Numbers like 1, 2, 3, 42, 100 and 2025 are written with digits; words like one and two are not.
+She said, "That's wonderful news!" and we all laughed together for a long while.
+They've been working on the new model for months, and it's finally ready to be tested.
+Let's talk about music, books, movies, travel, food, and the things that make people happy.
+The sound of the ocean at night is quiet, deep, and steady, like a slow breathing rhythm.
+Could you repeat that, please? I didn't quite catch the last part of what you said.
+Thank you very much for your help today. You're welcome, have a nice day and talk to you soon!
+In the beginning there was only silence, and then a voice started to speak about the world.
+Every morning the small town wakes up early, the bakery opens, and the streets fill with people.
+Good morning, good afternoon, good evening, and good night to everyone who is listening.
+The children were playing in the garden while their parents were talking about the holidays.
+A good story has a beginning, a middle and an ending, and the best ones are told out loud.
+When the train arrived at the station, the passengers were waiting with their bags and coats.
+Listening carefully is the most important thing in a conversation; speaking comes second.
+Remember to drink water, take a short walk, and rest your eyes after working for a long time.
+The recording was clear, the speaker was confident, and the questions were answered quickly.
+How many minutes does it take to walk from the station to the museum? About fifteen minutes.
+Would you like some coffee or tea? I would love a cup of tea with a little milk, thank you.
+"""
+
+
+def _train_test_bpe(vocab_size: int) -> dict[str, Any]:
+    tokenizer = _qwen2_pipeline(Tokenizer(_bpe({}, [])))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    lines = _TRAINING_TEXT.splitlines(keepends=True)
+    tokenizer.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    return json.loads(tokenizer.to_str())
+
+
+def write_test_tokenizer(out_dir: str | Path, *, vocab_size: int = 768) -> Path:
+    """Write a small byte-level BPE tokenizer with Qwen2.5-Omni's special tokens at their published ids.
+
+    The 256 byte tokens and up to ``vocab_size - 256`` merges are learned (deterministically) from a built-in
+    English text; the 22 Qwen2.5-Omni added tokens sit at 151643-151664 and Chroma's ``<|text_start|>`` /
+    ``<|text_end|>`` at 151665/151666. Writes ``tokenizer.json`` and ``tokenizer_config.json`` (with the
+    Qwen2.5-Omni chat template) so that ``ChatTokenizer.from_dir`` and ``transformers.AutoTokenizer`` load it
+    with the same ids. Returns the directory.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer_json = _train_test_bpe(vocab_size)
+    added = {i: (t, True) for i, t in {**QWEN_OMNI_ADDED_TOKENS, **CHROMA_ADDED_TOKENS}.items()}
+    tokenizer = _with_added_tokens(tokenizer_json, added)
+    (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=False), encoding="utf-8")
+
+    def tok(token_id: int) -> str:
+        return QWEN_OMNI_ADDED_TOKENS[token_id]
+
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(i): {k: v for k, v in _added_token_json(i, content, special).items() if k != "id"}
+            for i, (content, special) in sorted(added.items())
+        },
+        "additional_special_tokens": [
+            tok(i)
+            for i in (
+                151644,
+                151645,
+                151646,
+                151647,
+                151648,
+                151649,
+                151650,
+                151651,
+                151652,
+                151653,
+                151654,
+                151655,
+                151656,
+            )
+        ],
+        "extra_special_tokens": {
+            "image_token": tok(151655),
+            "audio_token": tok(151646),
+            "video_token": tok(151656),
+            "vision_bos_token": tok(151652),
+            "vision_eos_token": tok(151653),
+            "audio_bos_token": tok(151647),
+            "audio_eos_token": tok(151648),
+        },
+        "bos_token": None,
+        "chat_template": QWEN_OMNI_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    return out

@@ -19,7 +19,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..audio import AudioError, load_audio, log_mel_features
-from ..engine.schedule import SAMPLE_RATE, USER_SAMPLE_RATE, backbone_budget, max_text_pairs
+from ..constants import CODEC_SAMPLE_RATE, REASONER_SAMPLE_RATE
+from ..engine.schedule import backbone_budget, max_text_pairs
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
 from ..tokenizer import ChatTokenizer, build_chat_prompt
@@ -83,8 +84,8 @@ class Preparer:
         """The tensors of one row; raises :class:`ManifestError` naming the row when it cannot be used."""
         m, cfg, lim = self.model, self.cfg, self.limits
         voice_ids = self.tokenizer.encode(row.voice_text)
-        voice = encode_voice(m, self._audio(row, "voice_audio", SAMPLE_RATE, lim.max_voice_seconds), voice_ids)
-        resp_wav = self._audio(row, "response_audio", SAMPLE_RATE, lim.max_response_seconds)
+        voice = encode_voice(m, self._audio(row, "voice_audio", CODEC_SAMPLE_RATE, lim.max_voice_seconds), voice_ids)
+        resp_wav = self._audio(row, "response_audio", CODEC_SAMPLE_RATE, lim.max_response_seconds)
         p = next(m.codec_model.parameters())
         codes = m.codec_model.encode(resp_wav.to(p.device, p.dtype).reshape(1, -1))[0, : cfg.audio_num_codebooks].T
         n_frames = int(codes.shape[0]) + 1  # + the end-of-audio frame
@@ -103,7 +104,7 @@ class Preparer:
         audio_embeds = None
         n_audio = None
         if row.user_audio is not None:
-            wav = self._audio(row, "user_audio", USER_SAMPLE_RATE, lim.max_user_seconds)
+            wav = self._audio(row, "user_audio", REASONER_SAMPLE_RATE, lim.max_user_seconds)
             feats = log_mel_features(wav)
             n_audio = audio_token_count(feats.shape[-1])
             mel = feats.to(self.lm.device, self.lm.dtype).reshape(feats.shape[-2], -1)

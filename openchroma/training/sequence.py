@@ -106,7 +106,7 @@ def response_inputs(model: ChromaModel, ex: ResponseExample) -> tuple[torch.Tens
     """The backbone's input ``[L, H]`` for a response and, per frame, the index whose output predicts its ``c0``.
 
     Voice prompt, then ``response_layout(n_text, n_frames)``: ``("H", j)`` is ``hidden[j]``, ``("E", j)``
-    the thinker embedding of ``text_ids[j]``, ``("A", f)`` the summed code embeddings of frame ``f``. Text
+    the Reasoner's embedding of ``text_ids[j]``, ``("A", f)`` the summed code embeddings of frame ``f``. Text
     that the frames cannot carry is not fed (as at inference).
     """
     n_text, n_frames = int(ex.text_ids.shape[0]), int(ex.codes.shape[0])
@@ -192,7 +192,7 @@ def thinker_response_hidden(
 ) -> torch.Tensor:
     """The reasoner's hidden states ``[n_text, H]`` for a response, teacher-forced on its tokens.
 
-    The thinker runs on ``prompt + t_0..t_{n-2}``: the state at the last prompt position produced ``t_0``,
+    The Reasoner runs on ``prompt + t_0..t_{n-2}``: the state at the last prompt position produced ``t_0``,
     the state after consuming ``t_{j-1}`` produced ``t_j`` — the states inference feeds as ``H(j)``.
     """
     dev = model.thinker.model.norm.weight.device

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..engine.schedule import SAMPLE_RATE, frames_for_seconds
+from ..constants import CODEC_SAMPLE_RATE
+from ..engine.schedule import frames_for_seconds
 from .data import write_manifest
 
 
@@ -152,7 +153,7 @@ class LocalModel:
         cfg = self.chroma.config
         vocab = cfg.thinker.vocab_size
         allowed = torch.zeros(vocab, dtype=torch.bool)
-        known = [i for i in tok.tokenizer.get_vocab(with_added_tokens=True).values() if i < vocab]
+        known = [i for i in tok.hf.get_vocab().values() if i < vocab]
         allowed[known] = True
         for i in tok.special_ids:
             if i < vocab:
@@ -217,11 +218,11 @@ def _save_wav_bytes(data: bytes, path: Path) -> None:
     from ..audio import AudioError, load_audio
 
     try:
-        wav = load_audio(data, SAMPLE_RATE)
+        wav = load_audio(data, CODEC_SAMPLE_RATE)
     except AudioError as e:
         raise RuntimeError(f"the TTS returned unusable audio ({e})") from None
     tmp = path.with_suffix(".tmp.wav")
-    sf.write(str(tmp), wav.numpy(), SAMPLE_RATE, subtype="PCM_16")
+    sf.write(str(tmp), wav.numpy(), CODEC_SAMPLE_RATE, subtype="PCM_16")
     tmp.replace(path)
 
 

@@ -2,7 +2,7 @@
 
 The Reasoner is a feature extractor: its hidden states and token ids come precomputed from ``prepare`` and
 its token embeddings (the table text enters the Backbone through) stay frozen, so training holds only the
-thinker's ``embed_tokens`` and drops its layers and audio tower from memory. The Backbone learns codebook 0
+Reasoner's ``embed_tokens`` and drops its layers and audio tower from memory. The Backbone learns codebook 0
 over the teacher-forced inference sequence (:mod:`.sequence`); the Decoder learns codebooks 1..7 inside each
 frame. LoRA (``peft``) or full fine-tuning; AdamW, warm-up then cosine decay, gradient accumulation,
 gradient checkpointing, bf16 autocast on CUDA, optional decoder amortisation; data-parallel under

@@ -1,4 +1,4 @@
-"""Mimi codec: parity with transformers' MimiModel, the chroma-tiny fixture, and streaming decode."""
+"""The Codec (Mimi): parity with transformers' MimiModel, the chroma-tiny fixture, and streaming decode."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openchroma.models.mimi import Mimi, MimiConfig
+from openchroma.models.codec import Codec, CodecConfig
 
 FIXTURE = Path("/work/shared/fixtures/chroma-tiny")
 PREFIX = "codec_model."
@@ -90,7 +90,7 @@ def hf_key(ours: str, hf_keys: set[str]) -> str:
 
 
 def random_pair(cfg_dict: dict, seed: int = 0):
-    """A random-weight transformers MimiModel and our Mimi with the same weights (output scaled to ~1)."""
+    """A random-weight transformers MimiModel and our Codec with the same weights (output scaled to ~1)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     hf = transformers.MimiModel(transformers.MimiConfig(**cfg_dict)).eval()
@@ -104,14 +104,14 @@ def random_pair(cfg_dict: dict, seed: int = 0):
             if name.endswith("layer_scale.scale"):
                 p.uniform_(0.2, 1.0)
     hsd = hf.state_dict()
-    ours = Mimi(MimiConfig.from_dict(cfg_dict)).eval()
+    ours = Codec(CodecConfig.from_dict(cfg_dict)).eval()
     ours.load_state_dict({k: hsd[hf_key(k, set(hsd))].clone() for k in ours.state_dict()})
     # Scale the last conv so audio is O(1), as real audio is, making 1e-5 a float32-meaningful tolerance.
     with torch.no_grad():
         codes = torch.randint(0, cfg_dict["codebook_size"], (1, 8, 6))
         peak = hf.decode(codes).audio_values.abs().max().item()
         for model in (hf, ours):
-            last = model.decoder.layers[-1].conv if isinstance(model, Mimi) else hf_last_conv(model)
+            last = model.decoder.layers[-1].conv if isinstance(model, Codec) else hf_last_conv(model)
             last.weight.div_(peak)
             last.bias.div_(peak)
     return hf, ours
@@ -123,25 +123,25 @@ def hf_last_conv(hf) -> torch.nn.Conv1d:
 
 
 @pytest.fixture(scope="module")
-def fixture_mimi() -> Mimi:
+def fixture_codec() -> Codec:
     if not (FIXTURE / "model.safetensors").exists():
         pytest.skip("chroma-tiny fixture missing")
     from safetensors.torch import load_file
 
     sd = load_file(str(FIXTURE / "model.safetensors"))
-    mimi = Mimi(MimiConfig.from_dict(codec_config())).eval()
-    mimi.load_state_dict({k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX)})
-    return mimi
+    codec = Codec(CodecConfig.from_dict(codec_config())).eval()
+    codec.load_state_dict({k[len(PREFIX) :]: v for k, v in sd.items() if k.startswith(PREFIX)})
+    return codec
 
 
 # ----------------------------------------------------------------------------------------------------
 
 
 def test_config_from_dict():
-    cfg = MimiConfig.from_dict(codec_config())
+    cfg = CodecConfig.from_dict(codec_config())
     assert cfg.frame_size == FRAME and cfg.latent_stride == 2 and cfg.encodec_frame_rate == 25
     assert cfg.frame_rate == 12.5 and cfg.rope_theta == 10000.0 and cfg.head_dim == 16
-    default = MimiConfig()  # Kyutai's Mimi
+    default = CodecConfig()  # Kyutai's Mimi
     assert default.frame_size == FRAME and default.head_dim == 64
 
 
@@ -151,8 +151,8 @@ def test_state_dict_keys_are_checkpoint_keys():
 
     with safe_open(str(FIXTURE / "model.safetensors"), "pt") as f:
         ckpt = {k[len(PREFIX) :]: tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(PREFIX)}
-    mimi = Mimi(MimiConfig.from_dict(codec_config()))
-    ours = {k: tuple(v.shape) for k, v in mimi.state_dict().items()}
+    codec = Codec(CodecConfig.from_dict(codec_config()))
+    ours = {k: tuple(v.shape) for k, v in codec.state_dict().items()}
     assert ours == ckpt
 
 
@@ -199,90 +199,90 @@ def test_config_variants(overrides: dict):
 
 @needs_fixture
 @pytest.mark.parametrize("case", ["speech_turn", "text_turn", "long_prompt", "forced_text"])
-def test_fixture_cases(fixture_mimi: Mimi, case: str):
+def test_fixture_cases(fixture_codec: Codec, case: str):
     from safetensors.torch import load_file
 
     c = load_file(str(FIXTURE / f"case_{case}.safetensors"))
-    codes = fixture_mimi.encode(c["prompt_audio"][None])
+    codes = fixture_codec.encode(c["prompt_audio"][None])
     assert torch.equal(codes[0].T, c["prompt_codes"])
     expected = c["expected_audio"]
-    audio = fixture_mimi.decode(c["expected_codes"].T[None])[0]
+    audio = fixture_codec.decode(c["expected_codes"].T[None])[0]
     assert audio.shape == expected.shape
     assert (audio - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
 
 
-def _stream(mimi: Mimi, codes: torch.Tensor, **state_kw) -> torch.Tensor:
-    state = mimi.decoder_state(codes.shape[0], **state_kw)
+def _stream(codec: Codec, codes: torch.Tensor, **state_kw) -> torch.Tensor:
+    state = codec.stream_state(codes.shape[0], **state_kw)
     return torch.cat(
-        [mimi.decode_step(codes[:, :, f : f + 1], state) for f in range(codes.shape[-1])], dim=-1
+        [codec.decode_step(codes[:, :, f : f + 1], state) for f in range(codes.shape[-1])], dim=-1
     )
 
 
 def test_streaming_matches_decode():
-    mimi = random_pair(codec_config(sliding_window=8), seed=3)[1]
+    codec = random_pair(codec_config(sliding_window=8), seed=3)[1]
     torch.manual_seed(4)
     codes = torch.randint(0, 2048, (2, 8, 10))  # 20 transformer positions > window 8
-    ref = mimi.decode(codes)
-    assert rel_err(_stream(mimi, codes), ref) <= 1e-5
+    ref = codec.decode(codes)
+    assert rel_err(_stream(codec, codes), ref) <= 1e-5
     # several frames per call
-    state = mimi.decoder_state(2, max_frames_per_step=3)
-    got = torch.cat([mimi.decode_step(codes[:, :, f : f + 3], state) for f in range(0, 10, 3)], dim=-1)
+    state = codec.stream_state(2, max_frames_per_step=3)
+    got = torch.cat([codec.decode_step(codes[:, :, f : f + 3], state) for f in range(0, 10, 3)], dim=-1)
     assert rel_err(got, ref) <= 1e-5
     with pytest.raises(ValueError):  # more frames than the ring cache was sized for
-        mimi.decode_step(codes[:, :, :5], mimi.decoder_state(2))
+        codec.decode_step(codes[:, :, :5], codec.stream_state(2))
 
 
 def test_streaming_reset_rows():
-    mimi = random_pair(codec_config(sliding_window=8), seed=5)[1]
+    codec = random_pair(codec_config(sliding_window=8), seed=5)[1]
     torch.manual_seed(6)
     a = torch.randint(0, 2048, (1, 8, 12))
     b = torch.randint(0, 2048, (1, 8, 12))
     c = torch.randint(0, 2048, (1, 8, 7))
-    state = mimi.decoder_state(2)
+    state = codec.stream_state(2)
     out0, out1 = [], []
     for f in range(12):
         if f == 5:
             state.reset(torch.tensor([False, True]))  # row 1 starts a new conversation
         row1 = b[:, :, f : f + 1] if f < 5 else c[:, :, f - 5 : f - 4]
-        y = mimi.decode_step(torch.cat([a[:, :, f : f + 1], row1]), state)
+        y = codec.decode_step(torch.cat([a[:, :, f : f + 1], row1]), state)
         out0.append(y[0])
         out1.append(y[1])
-    assert rel_err(torch.cat(out0), mimi.decode(a)[0]) <= 1e-5
-    assert rel_err(torch.cat(out1[:5]), mimi.decode(b[:, :, :5])[0]) <= 1e-5
-    assert rel_err(torch.cat(out1[5:]), mimi.decode(c)[0]) <= 1e-5
+    assert rel_err(torch.cat(out0), codec.decode(a)[0]) <= 1e-5
+    assert rel_err(torch.cat(out1[:5]), codec.decode(b[:, :, :5])[0]) <= 1e-5
+    assert rel_err(torch.cat(out1[5:]), codec.decode(c)[0]) <= 1e-5
     assert state.pos.tolist() == [24, 14]
     # reset by index, all rows back to the start
     state.reset([0, 1])
-    y = torch.cat([mimi.decode_step(a[:, :, f : f + 1].expand(2, -1, -1), state) for f in range(3)], dim=-1)
-    assert rel_err(y, mimi.decode(a[:, :, :3]).expand(2, -1)) <= 1e-5
+    y = torch.cat([codec.decode_step(a[:, :, f : f + 1].expand(2, -1, -1), state) for f in range(3)], dim=-1)
+    assert rel_err(y, codec.decode(a[:, :, :3]).expand(2, -1)) <= 1e-5
 
 
 @needs_fixture
-def test_fixture_streaming(fixture_mimi: Mimi):
+def test_fixture_streaming(fixture_codec: Codec):
     from safetensors.torch import load_file
 
     c = load_file(str(FIXTURE / "case_text_turn.safetensors"))
     codes = c["expected_codes"].T[None]
-    assert rel_err(_stream(fixture_mimi, codes), fixture_mimi.decode(codes)) <= 1e-5
+    assert rel_err(_stream(fixture_codec, codes), fixture_codec.decode(codes)) <= 1e-5
 
 
 def test_reduced_precision_runs():
-    mimi = random_pair(codec_config(sliding_window=8), seed=7)[1]
+    codec = random_pair(codec_config(sliding_window=8), seed=7)[1]
     codes = torch.randint(0, 2048, (1, 8, 6))
-    ref = mimi.decode(codes)
-    mimi = mimi.to(torch.bfloat16)
-    assert mimi.decoder_transformer.inv_freq.dtype == torch.float32
-    got = _stream(mimi, codes)
+    ref = codec.decode(codes)
+    codec = codec.to(torch.bfloat16)
+    assert codec.decoder_transformer.inv_freq.dtype == torch.float32
+    got = _stream(codec, codes)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, ref) < 0.1
 
 
 def test_meta_init_and_assign_load():
     """Built on the meta device and loaded with assign=True, derived buffers are rebuilt from the weights."""
-    mimi = random_pair(codec_config(sliding_window=8), seed=9)[1]
+    codec = random_pair(codec_config(sliding_window=8), seed=9)[1]
     codes = torch.randint(0, 2048, (1, 8, 4))
     with torch.device("meta"):
-        lazy = Mimi(mimi.cfg)
-    lazy.load_state_dict(mimi.state_dict(), assign=True)
+        lazy = Codec(codec.cfg)
+    lazy.load_state_dict(codec.state_dict(), assign=True)
     assert lazy.decode_table.device.type == "cpu" and lazy.decoder_transformer.inv_freq.device.type == "cpu"
-    assert torch.equal(lazy.decode(codes), mimi.decode(codes))
+    assert torch.equal(lazy.decode(codes), codec.decode(codes))
