@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
 
@@ -64,9 +64,6 @@ class ServerConfig:
         return 2 * self.max_ws_message_bytes
 
 
-T = TypeVar("T")
-
-
 def _guard(fn, *args):
     """Run ``fn`` turning exceptions that cannot cross a Future (``StopIteration``) or that are not ``Exception``s
     (``KeyboardInterrupt`` from a worker, ``GeneratorExit``) into ``RuntimeError``, so the caller always hears back."""
@@ -80,11 +77,12 @@ def _guard(fn, *args):
         raise RuntimeError(f"engine call {getattr(fn, '__name__', fn)!s} raised {type(e).__name__}: {e}") from None
 
 
-async def engine_call(config: ServerConfig, fn, *args, executor=None) -> Any:
-    """Run a blocking engine call off the event loop; every failure comes back as an exception, and a call that
-    does not return within ``config.engine_timeout`` raises ``EngineTimeout`` instead of hanging the caller."""
+async def engine_call(config: ServerConfig, fn, *args) -> Any:
+    """Run blocking work that computes in the caller's thread (a voice's Mimi encoding, decoding an upload) off
+    the event loop; every failure comes back as an exception, and a call that does not return within
+    ``config.engine_timeout`` raises ``EngineTimeout`` instead of hanging the caller."""
     loop = asyncio.get_running_loop()
-    fut = loop.run_in_executor(executor, _guard, fn, *args)
+    fut = loop.run_in_executor(None, _guard, fn, *args)
     try:
         return await asyncio.wait_for(fut, timeout=config.engine_timeout if config.engine_timeout > 0 else None)
     except TimeoutError:
