@@ -296,9 +296,9 @@ async def feed_messages(state: ServerState, session, messages: list[ChatMessage]
                 continue
             if isinstance(p, InputAudioPart):
                 raw = decode_audio_ref(p.input_audio.data, pw + ".input_audio.data", state)
-                wav = read_audio(raw, pw, p.input_audio.format)
+                wav = await engine_call(state.config, read_audio, raw, pw, p.input_audio.format)   # off the loop
             else:
-                wav = read_audio(decode_audio_ref(p.ref(), pw, state), pw)
+                wav = await engine_call(state.config, read_audio, decode_audio_ref(p.ref(), pw, state), pw)
             if len(wav) / REASONER_SAMPLE_RATE > state.config.max_input_audio_seconds:
                 raise APIError(400, f"{pw}: {len(wav) / REASONER_SAMPLE_RATE:.1f} s of audio is over the limit of "
                                     f"{state.config.max_input_audio_seconds:.0f} s", param=pw)
