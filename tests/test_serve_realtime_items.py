@@ -234,3 +234,24 @@ def test_any_earlier_reply_can_be_truncated_and_a_late_cancel_is_named_as_openai
         assert err["code"] == "response_cancel_not_active" and err["message"].startswith("Cancellation failed")
         send(ws, {"type": "conversation.item.truncate", "item_id": "nope", "audio_end_ms": 0})
         assert until(ws, "error")["error"]["param"] == "item_id"
+
+
+@pytest.mark.parametrize("event,param", [
+    ({"type": "session.update", "session": {"audio": {"output": {"format": {"type": "audio/pcm", "rate": "x"}}}}},
+     "session.audio.output.format.rate"),
+    ({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad",
+                                                                                   "threshold": 3}}}}},
+     "session.audio.input.turn_detection.threshold"),
+    ({"type": "response.create", "response": {"input": [{"type": "item_reference"}], "conversation": "none"}},
+     "response.input[0].id"),
+    ({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                   "content": [{"type": "input_text", "text": 5}]}},
+     "item.content[0].text"),
+])
+def test_a_bad_event_is_answered_with_the_path_of_the_bad_field(server, event, param):
+    url, _ = server
+    with connect(url) as ws:
+        start(ws)
+        send(ws, event)
+        err = until(ws, "error")["error"]
+        assert err["param"] == param and err["message"].startswith(param + ": ")

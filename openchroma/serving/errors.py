@@ -28,7 +28,6 @@ def clip(value: Any, limit: int = 60) -> str:
     return f"a JSON {kind}"
 
 
-
 class APIError(Exception):
     """An error answered to the client in OpenAI's shape: ``{"error": {"message", "type", "code", "param"}}``."""
 
@@ -60,5 +59,5 @@ def _path(loc) -> list[str]:
 
 def _is_branch(part: str) -> bool:
     """pydantic's names for a union's branch or a validator wrapping a field, not a field of the payload."""
-    return any(c in part for c in "[]-'") or part in ("str", "int", "float", "bool", "list", "dict", "none") or \
+    return any(c in part for c in "[]-'/") or part in ("str", "int", "float", "bool", "list", "dict", "none") or \
         part[:1].isupper()

@@ -189,7 +189,7 @@ class ItemReference(Model):
 
 
 def _input_kind(v: Any) -> str:
-    return "ref" if isinstance(v, dict) and v.get("type") == "item_reference" else "item"
+    return "ItemReference" if isinstance(v, dict) and v.get("type") == "item_reference" else "MessageItem"
 
 
 class ResponseAudioOutput(Model):
@@ -220,7 +220,7 @@ class ResponseParams(Model):
     instructions: Text | None = None
     metadata: Metadata | None = None
     audio: ResponseAudio = Field(default_factory=ResponseAudio)
-    input: list[Annotated[Annotated[ItemReference, Tag("ref")] | Annotated[MessageItem, Tag("item")],
+    input: list[Annotated[Annotated[ItemReference, Tag("ItemReference")] | Annotated[MessageItem, Tag("MessageItem")],
                           Discriminator(_input_kind)]] | None = None
     voice: Voice | None = None                     # beta
     output_audio_format: AudioFormat | None = None  # beta
