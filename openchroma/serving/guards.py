@@ -20,9 +20,6 @@ def client_id(scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
-# OpenAI's built-in voice names: clients send them by default, so they map to the server's default voice.
-
-
 def check_api_key(config: ServerConfig, headers, query_params, subprotocols: list[str] | None = None) -> bool:
     """Accept ``Authorization: Bearer KEY``, ``api-key: KEY``, ``?api_key=KEY`` or (browsers' WebSockets,
     which cannot set headers) the ``openai-insecure-api-key.KEY`` subprotocol."""

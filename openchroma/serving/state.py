@@ -231,6 +231,7 @@ class ServerState:
 HEALTH_PROBE_SECONDS = 5.0
 
 
+# OpenAI's built-in voice names: clients send them by default, so they map to the server's default voice.
 OPENAI_STOCK_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
                                  "shimmer", "verse", "marin", "cedar"})
 
