@@ -25,6 +25,7 @@ from .voice_library import VoiceLibrary
 
 log = logging.getLogger("openchroma.serve")
 
+
 @dataclass
 class ServerConfig:
     model: str = ""
