@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from .testlist import EvalInputError
+from .testlist import EvalInputError, pipe_rows
 
 STATIC = Path(__file__).with_name("static")
 QUESTIONS = {
@@ -54,11 +54,7 @@ def read_pairs(path: str | Path) -> list[Pair]:
     base = path.resolve().parent
     pairs: list[Pair] = []
     problems: list[str] = []
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = [f.strip() for f in line.split("|")]
+    for lineno, fields in pipe_rows(path):
         where = f"{path}:{lineno}"
         if len(fields) != 6 or not all(fields):
             problems.append(f"{where}: expected 6 non-empty fields 'item|reference_wav|system_a|wav_a|system_b|wav_b'")

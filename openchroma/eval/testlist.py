@@ -7,6 +7,7 @@ reference for WER). Paths are relative to the list file. Blank lines and lines s
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,14 @@ class TestItem:
     user_wav: Path | None = None     # dialogue: what the user says
 
 
+def pipe_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """A list file's ``|``-separated rows as (line number, stripped fields); blank and ``#`` lines skipped."""
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield lineno, [f.strip() for f in line.split("|")]
+
+
 def read_test_list(path: str | Path, task: str = "tts", check_audio: bool = True) -> list[TestItem]:
     """Parse and check a test list; raise ``EvalInputError`` naming every bad line (up to 10)."""
     if task not in TASKS:
@@ -39,11 +48,7 @@ def read_test_list(path: str | Path, task: str = "tts", check_audio: bool = True
     items: list[TestItem] = []
     problems: list[str] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = [f.strip() for f in line.split("|")]
+    for lineno, fields in pipe_rows(path):
         where = f"{path}:{lineno}"
         if len(fields) != 4:
             problems.append(f"{where}: expected 4 fields '{fmt}', found {len(fields)}")

@@ -144,7 +144,6 @@ class RealtimeConnection:
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_PENDING_EVENTS)
         self.pending = PendingBudget(self.cfg.max_pending_input_bytes)
         self.items: list[dict[str, Any]] = []   # the conversation's items, in order (as last reported)
-        self.last_assistant_item: str | None = None
         self.transcribing: set[asyncio.Task] = set()
         self.response_task: asyncio.Task | None = None
         self.engine_response: EngineResponse | None = None
@@ -671,8 +670,6 @@ class RealtimeConnection:
         with contextlib.suppress(EngineError):   # the engine forgot it already (a full context drops old turns)
             await self.call(self.session.delete_message(item_id))
         self.items.remove(item)
-        if self.last_assistant_item == item_id:
-            self.last_assistant_item = None
         await self.send({"type": "conversation.item.deleted", "item_id": item_id})
 
     async def truncate(self, event: ev.ItemTruncate) -> None:
@@ -767,7 +764,6 @@ class RealtimeConnection:
         await self.send({"type": "response.output_item.added", "response_id": out.id, "output_index": 0,
                          "item": out.item})
         if not out.out_of_band:
-            self.last_assistant_item = out.item_id
             await self.item_added(out.item)
         self.response_task = asyncio.create_task(self.stream_response(resp, out))
 
