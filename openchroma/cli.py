@@ -684,8 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the real-time voice server (OpenAI Realtime, chat, speech, browser client)",
                        description="Serve one model over HTTP and WebSocket: the OpenAI Realtime protocol at "
-                                   "/v1/realtime (server VAD, barge-in), /v1/chat/completions and /v1/audio/speech "
-                                   "(streaming), a persistent voice library at /v1/voices, /v1/models, /metrics "
+                                   "/v1/realtime (server VAD, barge-in, user transcripts; works with Pipecat and "
+                                   "LiveKit Agents), /v1/chat/completions and /v1/audio/speech (streaming), "
+                                   "/v1/audio/transcriptions, a persistent voice library at /v1/voices, "
+                                   "/v1/models, /metrics "
                                    "(Prometheus), /health, and a browser client at /. The model loads in the "
                                    "background; /health answers 503 until it is ready.")
     _add_model_args(p, dtype=None, model=PUBLISHED_MODEL)
