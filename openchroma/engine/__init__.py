@@ -15,6 +15,7 @@ from .engine import (  # noqa: F401
     Transcription,
     TranscriptionDone,
     UnknownVoice,
+    Usage,
     Voice,
 )
 from .sampling import SamplingParams  # noqa: F401

@@ -75,6 +75,17 @@ class AudioChunk:
 
 
 @dataclass
+class Usage:
+    """What a response consumed and produced, so serving reports usage without reading engine internals."""
+
+    prompt_tokens: int = 0          # the Reasoner's prompt, audio placeholders included
+    prompt_audio_tokens: int = 0    # of which user-audio placeholders
+    text_tokens: int = 0            # text tokens the response spoke
+    frames: int = 0                 # 80 ms audio frames it produced
+    audio_seconds: float = 0.0
+
+
+@dataclass
 class ResponseDone:
     text: str
     tokens: list[int]
@@ -83,6 +94,7 @@ class ResponseDone:
     timings: dict[str, float] = field(default_factory=dict)
     codes: torch.Tensor | None = None
     error: str | None = None
+    usage: Usage = field(default_factory=Usage)
 
 
 Event = TextDelta | AudioChunk | ResponseDone
@@ -1218,7 +1230,10 @@ class Engine:
             timings["first_frame_ms"] = (resp.t_first_audio - resp.t_started) * 1000
         codes = torch.stack(resp.codes) if resp.codes else torch.zeros(0, self.cfg.audio_num_codebooks,
                                                                      dtype=torch.long)
-        resp.done = ResponseDone(text, list(resp.tokens), reason, resp.frames, timings, codes)
+        prompt = s.ctx_ids[: row.prompt_len] if row is not None else []
+        usage = Usage(len(prompt), sum(1 for t in prompt if t == self.cfg.audio_token_index), len(resp.tokens),
+                      resp.frames, secs)
+        resp.done = ResponseDone(text, list(resp.tokens), reason, resp.frames, timings, codes, usage=usage)
         resp._emit(resp.done)
 
 

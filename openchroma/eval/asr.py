@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..audio import float_to_pcm16
 from .models import ScoringModelUnavailable, load_pretrained, warn
 
 ASR_RATE = 16000
@@ -72,7 +73,7 @@ class PocketSphinxRecognizer:
         self.name = f"pocketsphinx {importlib.metadata.version('pocketsphinx')} (en-us model shipped in the package)"
 
     def transcribe(self, audio_16k: np.ndarray) -> str:
-        pcm = (np.clip(np.asarray(audio_16k, dtype=np.float32), -1, 1) * 32767).astype("<i2").tobytes()
+        pcm = float_to_pcm16(np.asarray(audio_16k, dtype=np.float32))
         self.decoder.start_utt()
         self.decoder.process_raw(pcm, full_utt=True)
         self.decoder.end_utt()

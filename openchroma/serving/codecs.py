@@ -15,7 +15,8 @@ import struct
 import warnings
 
 import numpy as np
-import soxr
+
+from openchroma.audio import StreamResampler, float_to_pcm16, pcm16_to_float
 
 with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standard library; 3.13+ has audioop-lts
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -44,32 +45,7 @@ __all__ = [
 FORMAT_RATES = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
 INPUT_FORMATS = tuple(FORMAT_RATES)
 
-_PCM_SCALE = 32768.0
 _STREAMING_SIZE = 0xFFFFFFFF
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 16-bit PCM
-# ----------------------------------------------------------------------------------------------------------
-
-
-def pcm16_to_float(data: bytes | bytearray | memoryview) -> np.ndarray:
-    """Little-endian signed 16-bit PCM bytes to a float32 array in [-1, 1)."""
-    n = len(data)
-    if n % 2:
-        raise ValueError(f"16-bit PCM needs an even number of bytes (2 per sample), got {n}")
-    return np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(_PCM_SCALE)
-
-
-def _float_to_int16(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    y = np.rint(np.clip(x, -1.0, 1.0) * np.float32(_PCM_SCALE))
-    return np.clip(y, -32768, 32767).astype(np.int16)
-
-
-def float_to_pcm16(x: np.ndarray) -> bytes:
-    """Float audio (clipped to [-1, 1]) to little-endian signed 16-bit PCM bytes."""
-    return _float_to_int16(x).astype("<i2", copy=False).tobytes()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -97,56 +73,6 @@ def alaw_encode(x: np.ndarray) -> bytes:
 def alaw_decode(data: bytes | bytearray | memoryview) -> np.ndarray:
     """G.711 A-law bytes to float32 audio."""
     return pcm16_to_float(audioop.alaw2lin(bytes(data), 2))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Streaming resampling
-# ----------------------------------------------------------------------------------------------------------
-
-
-class StreamResampler:
-    """Mono float32 streaming resampler (``soxr.ResampleStream``); a pass-through when the rates are equal.
-
-    Output is time-aligned with the input (soxr drops its filter delay), so after ``flush`` the total output length
-    is ``round(total_input * out_rate / in_rate)``. ``flush`` ends the current signal and readies the resampler for
-    a new one.
-    """
-
-    def __init__(self, in_rate: int, out_rate: int, quality: str = "HQ") -> None:
-        if in_rate <= 0 or out_rate <= 0:
-            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
-        self.in_rate = int(in_rate)
-        self.out_rate = int(out_rate)
-        self._stream = (
-            None
-            if self.in_rate == self.out_rate
-            else soxr.ResampleStream(self.in_rate, self.out_rate, 1, dtype="float32", quality=quality)
-        )
-
-    @property
-    def passthrough(self) -> bool:
-        return self._stream is None
-
-    def process(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 1:
-            raise ValueError(f"expected mono 1-D audio, got shape {x.shape}")
-        if self._stream is None:
-            return x
-        return self._stream.resample_chunk(x)
-
-    def flush(self) -> np.ndarray:
-        """The samples still held back by the filter; the next ``process`` starts a fresh signal."""
-        if self._stream is None:
-            return np.zeros(0, dtype=np.float32)
-        out = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-        self._stream.clear()
-        return out
-
-    def reset(self) -> None:
-        """Drop anything buffered without returning it."""
-        if self._stream is not None:
-            self._stream.clear()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -409,9 +409,8 @@ async def chat_completions(req: ChatRequest, request: Request):
 
 
 def usage(resp, done: ResponseDone) -> dict[str, Any]:
-    row = getattr(resp, "row", None)
-    prompt = row.prompt_len if row is not None else 0
-    out = len(done.tokens) + done.frames
+    prompt = done.usage.prompt_tokens
+    out = done.usage.text_tokens + done.usage.frames
     return {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
             "completion_tokens_details": {"text_tokens": len(done.tokens), "audio_tokens": done.frames}}
 

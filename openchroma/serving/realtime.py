@@ -907,11 +907,8 @@ class RealtimeConnection:
             out, status, [item], self._usage(resp, done), details, timings)})
 
     def _usage(self, resp: EngineResponse, done: ResponseDone) -> dict[str, Any]:
-        row = getattr(resp, "row", None)
-        prompt_len = row.prompt_len if row is not None else 0
-        ctx = self.session.ctx_ids[:prompt_len] if self.session is not None else []
-        audio_in = sum(1 for t in ctx if t == self.engine.cfg.audio_token_index)
-        out_text = len(done.tokens)
+        u = done.usage
+        prompt_len, audio_in, out_text = u.prompt_tokens, u.prompt_audio_tokens, u.text_tokens
         return {"total_tokens": prompt_len + out_text + done.frames, "input_tokens": prompt_len,
                 "output_tokens": out_text + done.frames,
                 "input_token_details": {"text_tokens": prompt_len - audio_in, "audio_tokens": audio_in,

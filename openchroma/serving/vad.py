@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from openchroma.serving.codecs import StreamResampler
+from openchroma.audio import StreamResampler
 
 __all__ = ["VAD_SAMPLE_RATE", "VAD_WINDOW", "StreamingVAD", "VADConfig", "VADEvent", "load_vad_model"]
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from openchroma.audio import float_to_pcm16
+
 RATE = 24000
 APPEND_SECONDS = 0.1
 FRAME_SECONDS = 0.08
@@ -79,7 +81,7 @@ def speech_like(seconds: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def _pcm16_b64(x: np.ndarray) -> str:
-    return base64.b64encode((np.clip(x, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+    return base64.b64encode(float_to_pcm16(x)).decode()
 
 
 def _ws_url(server: str) -> str:
