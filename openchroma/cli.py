@@ -316,10 +316,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    import uvicorn
-
     from .config import RANDOM_DEMO_SECONDS, is_random_checkpoint
-    from .serving.app import ServerConfig, create_app, uvicorn_options
+    from .serving.app import ServerConfig, create_app, run_server
 
     # Fail at start-up, before anything loads in the background: a server that can never answer must not run.
     check_model_arg(args.model)
@@ -344,7 +342,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         compile=args.compile, cuda_graphs=args.cuda_graphs, threads=args.threads,
         allow_origins=tuple(args.allow_origin or ()),
         idle_timeout=args.idle_timeout, max_sessions_per_client=args.max_sessions_per_client,
-        send_timeout=args.send_timeout, max_text_chars=args.max_text_chars)
+        send_timeout=args.send_timeout, max_text_chars=args.max_text_chars,
+        max_conversation_items=args.max_conversation_items, shutdown_grace=args.shutdown_grace)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({dtype}) in the background; GET /health says when it is ready.\n"
@@ -355,8 +354,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  RANDOM WEIGHTS (init-random): the model speaks noise; answers stop after {max_response_seconds:g} s "
               "(--max-response-seconds to change)")
     app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                **uvicorn_options(config))
+    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -726,6 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-text-chars", type=int, default=16000, metavar="N",
                    help="longest text item, message, instructions or prompt text (default: 16000); the texts of "
                         "one chat request together get 4x this")
+    p.add_argument("--max-conversation-items", type=int, default=1024, metavar="N",
+                   help="items one realtime conversation may hold; more get an error event (default: 1024)")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM, let running responses finish for up to S seconds before closing (default: 10)")
     _add_compile_arg(p)
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the frame step as CUDA graphs at load, one per batch size (default: on with CUDA)")

@@ -13,7 +13,6 @@ import binascii
 import contextlib
 import hashlib
 import io
-import json
 import re
 import time
 import urllib.parse
@@ -38,12 +37,13 @@ from ..engine import (
     EngineError,
     ResponseDone,
     SamplingParams,
-    SessionLimit,
     TextDelta,
 )
 from .codecs import SPEECH_FORMATS, SpeechEncoder, encode_wav, float_to_pcm16, pcm16_to_float
-from .errors import APIError, clip, shorten
+from .errors import APIError, clip, shorten, wire_error
 from .guards import client_id
+from .sessions import close_session, open_session
+from .sse import DONE, sse, until_drained
 from .state import OPENAI_STOCK_VOICES, ServerState, engine_await, engine_call, get_state, response_events
 
 router = APIRouter()
@@ -188,7 +188,9 @@ class AdhocVoices:
             try:
                 await engine_call(state.config, engine.register_voice, name, audio, transcript)
             except (AudioError, EngineError) as e:
-                raise APIError(400, f"prompt_audio: {e}", code="invalid_audio", param="prompt_audio") from None
+                err = wire_error(e, "prompt_audio")
+                raise APIError(400, f"prompt_audio: {err.message}", code=err.code or "invalid_audio",
+                               param="prompt_audio") from None
             self.names[name] = None
             while len(self.names) > MAX_ADHOC_VOICES:
                 await engine_call(state.config, engine.remove_voice, self.names.popitem(last=False)[0])
@@ -202,45 +204,13 @@ def adhoc(state: ServerState) -> AdhocVoices:
 
 
 # ----- sessions -------------------------------------------------------------------------------------------
-async def open_session(state: ServerState, route: str, voice: str, system_prompt: str | None, request: Request):
-    engine = state.require_engine()
-    client = client_id(request.scope)
-    if not state.claim_client_session(client):
-        raise state.client_limit_error()
-    try:
-        session = await engine_await(state.config, engine.create_async_session(voice, system_prompt))
-    except SessionLimit as e:
-        state.release_client_session(client)
-        state.metrics.sessions_rejected.inc()
-        raise APIError(503, str(e), "server_error", "session_limit_reached") from None
-    except BaseException:
-        state.release_client_session(client)
-        raise
-    state.http_session_clients[session] = client
-    state.metrics.sessions_total.labels(route).inc()
-    state.metrics.sessions_active.labels(route).inc()
-    return session
-
-
-async def close_session(state: ServerState, route: str, session) -> None:
-    client = state.http_session_clients.pop(session, None)
-    if client is None:   # closed already
-        return
-    try:
-        await engine_await(state.config, session.close())
-    finally:
-        state.release_client_session(client)
-        state.metrics.sessions_active.labels(route).dec()
-
-
 async def call(state: ServerState, command, *args):
     """Await ``command(*args)``, an ``AsyncSession`` method: the engine's refusals (``EngineError``, ``ValueError``,
     raised by its argument checks or by the worker) become 400s."""
     try:
         return await engine_await(state.config, command(*args))
     except (EngineError, ContextFull, AudioError) as e:
-        raise APIError(400, shorten(str(e), 300), code="context_full" if isinstance(e, ContextFull) else None) \
-            from None
+        raise wire_error(e) from None
 
 
 async def respond(state: ServerState, route: str, session, *args):
@@ -248,7 +218,7 @@ async def respond(state: ServerState, route: str, session, *args):
     try:
         return await call(state, session.respond, *args)
     except BaseException:
-        await close_session(state, route, session)
+        await close_session(state, session)
         raise
 
 
@@ -257,7 +227,7 @@ async def end(state: ServerState, route: str, session, resp) -> None:
     if resp.done is None:
         with contextlib.suppress(Exception):
             resp.cancel()
-    await asyncio.shield(close_session(state, route, session))
+    await asyncio.shield(close_session(state, session))
 
 
 def sampling_from(req: ChatRequest | SpeechRequest) -> SamplingParams | None:
@@ -368,11 +338,11 @@ async def chat_completions(req: ChatRequest, request: Request):
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
     max_frames = engine.max_response_frames if limit is None else min(engine.max_response_frames, 2 * limit)
 
-    session = await open_session(state, "chat", voice, system, request)
+    session = await open_session(state, "chat", client_id(request.scope), voice, system)
     try:
         await feed_messages(state, session, req.messages)
     except BaseException:
-        await close_session(state, "chat", session)
+        await close_session(state, session)
         raise
     resp = await respond(state, "chat", session, max_frames, None, sampling)
     cid = "chatcmpl-" + hashlib.sha1(f"{time.time_ns()}{id(resp)}".encode()).hexdigest()[:24]
@@ -380,8 +350,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     model = req.model or state.config.model_id
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream_chat(state, session, resp, cid, created, model, want_audio, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        chunks = stream_chat(state, session, resp, cid, created, model, want_audio, include_usage)
+        return StreamingResponse(until_drained(state, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     try:
         text, audio, done = "", [], None
         async for ev in response_events(state.config, resp):
@@ -425,10 +396,6 @@ def encode_audio(pcm: np.ndarray, fmt: str, rate: int) -> bytes:
     return encode_wav(pcm, rate)
 
 
-def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
 async def stream_chat(state: ServerState, session, resp, cid: str, created: int, model: str, want_audio: bool,
                       include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -457,7 +424,7 @@ async def stream_chat(state: ServerState, session, resp, cid: str, created: int,
             if include_usage:
                 yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": usage(resp, done)})
-        yield b"data: [DONE]\n\n"
+        yield DONE
     finally:  # also when the client disconnects
         await end(state, "chat", session, resp)
 
@@ -491,7 +458,7 @@ async def audio_speech(req: SpeechRequest, request: Request):
     sampling = sampling_from(req)
     rate = engine.sample_rate
     encoder = None if req.stream_format == "sse" else SpeechEncoder(fmt, rate, streaming=req.stream)
-    session = await open_session(state, "speech", voice, req.instructions, request)
+    session = await open_session(state, "speech", client_id(request.scope), voice, req.instructions)
     resp = await respond(state, "speech", session, None, text, sampling)
     if encoder is None:
         return StreamingResponse(stream_speech_sse(state, session, resp, n_tokens), media_type="text/event-stream",

@@ -5,6 +5,7 @@ engine with a time limit."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
@@ -54,15 +55,34 @@ class ServerConfig:
     max_text_chars: int = 16000                    # one text item, message, instructions or speech input
     max_pending_input_bytes: int = 16 * 2**20      # decoded audio a realtime connection may queue unprocessed
     max_messages: int = 256                        # messages in one chat request
+    max_conversation_items: int = 1024             # items in one realtime conversation (and the engine's, if it caps)
+    shutdown_grace: float = 10.0                   # on SIGTERM, running responses get this long to finish
+    header_timeout: float = 5.0                    # a new connection must send its request headers within this
+    ws_ping_interval: float = 20.0                 # WebSocket keepalive pings (uvicorn's)
+    ws_ping_timeout: float = 20.0                  # a ping unanswered this long ends the connection
 
     @property
     def max_response_frames(self) -> int:
         return max(1, int(self.max_response_seconds * FRAME_RATE_HZ))
 
     @property
+    def backpressure_timeout(self) -> float:
+        """How long a realtime client may be held back (its events not read because the engine is behind) before
+        it is closed with a reason that says so: shorter than the keepalive's ping timeout, whose pongs are not read
+        meanwhile either (it would close with an unhelpful 1011 "keepalive ping timeout")."""
+        return 0.75 * self.ws_ping_timeout if self.ws_ping_timeout > 0 else 0.0
+
+    @property
     def ws_protocol_max_bytes(self) -> int:
         """Messages up to this size are read and answered with an error event; larger ones close with 1009."""
         return 2 * self.max_ws_message_bytes
+
+
+def engine_limits(config: ServerConfig) -> dict[str, Any]:
+    """The server's limits that the engine enforces too, for engines that take them (``max_conversation_items``
+    arrived with issue 18: an older engine does without, and the realtime route still caps its items)."""
+    accepted = inspect.signature(Engine.__init__).parameters
+    return {k: v for k, v in {"max_conversation_items": config.max_conversation_items}.items() if k in accepted}
 
 
 def _guard(fn, *args):
@@ -114,6 +134,27 @@ async def response_events(config: ServerConfig, resp) -> Any:
         yield ev
 
 
+class Drain:
+    """The shutdown drain: once begun, new requests are refused, live work may finish until ``deadline``, then
+    ``expired`` is set and what still runs is ended (realtime sessions with close 1001, SSE streams with an error
+    event and ``[DONE]``)."""
+
+    def __init__(self) -> None:
+        self.begun = asyncio.Event()
+        self.expired = asyncio.Event()
+        self.deadline = float("inf")   # time.monotonic() when the grace ends
+        self.streams = 0               # SSE streams still open
+
+    def begin(self, grace: float) -> None:
+        if not self.begun.is_set():
+            self.deadline = time.monotonic() + max(0.0, grace)
+            self.begun.set()
+
+    @property
+    def draining(self) -> bool:
+        return self.begun.is_set()
+
+
 class ServerState:
     """What the routes share: config, engine (once loaded), voice library, metrics."""
 
@@ -127,7 +168,8 @@ class ServerState:
         self.started = time.time()
         self.connections: set = set()   # open realtime connections
         self.client_sessions: Counter[str] = Counter()   # sessions held per client address
-        self.http_session_clients: dict = {}   # an HTTP route's engine session -> the client address holding it
+        self.session_clients: dict = {}   # an engine session -> (client address, route) holding it
+        self.drain = Drain()
         self.voices = VoiceLibrary(Path(config.data_dir), self.metrics)
         if engine is not None:
             self._attach(engine)
@@ -144,7 +186,7 @@ class ServerState:
                 self.config.model, device=self.config.device, dtype=self.config.dtype, progress=True,
                 max_sessions=self.config.max_sessions, max_context=self.config.max_context,
                 max_response_frames=self.config.max_response_frames, compile=self.config.compile,
-                cuda_graphs=self.config.cuda_graphs, threads=self.config.threads)
+                cuda_graphs=self.config.cuda_graphs, threads=self.config.threads, **engine_limits(self.config))
             self._attach(engine)
             log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
         except BaseException as e:  # reported by /health and every route
