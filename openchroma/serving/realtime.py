@@ -23,14 +23,13 @@ from .errors import APIError, shorten
 from .guards import check_api_key, client_id
 from .realtime_core import Ending, Inbox, RealtimeCore
 from .realtime_events import RealtimeError
-from .realtime_input import new_id
+from .realtime_input import LARGE_CHARS, new_id
 from .state import ServerState
 
 log = logging.getLogger("openchroma.realtime")
 router = APIRouter()
 
 MAX_PENDING_EVENTS = 64          # client events read but not yet applied; past this the reader stops reading
-LARGE_MESSAGE_CHARS = 256 * 1024   # messages this large are parsed and decoded off the event loop
 KEY_SUBPROTOCOL = "openai-insecure-api-key."
 # Close codes (docs/serving-limits.md): what a client sees when the server ends its connection.
 CLOSE_GOING_AWAY = 1001          # the server is shutting down
@@ -165,7 +164,7 @@ class WebSocketTransport:
                                        "was dropped)", "message_too_large")
             return True
         try:
-            if len(text) > LARGE_MESSAGE_CHARS:
+            if len(text) > LARGE_CHARS:
                 kind, payload, eid = await asyncio.to_thread(self.parse, text)
             else:
                 kind, payload, eid = self.parse(text)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .realtime_core import RealtimeCore
 
 MIN_COMMIT_MS = 100
+LARGE_CHARS = 256 * 1024   # messages and audio this large are parsed and decoded in a helper thread
 B64_SLICE = 1 << 20   # characters decoded per call (a multiple of 4): another thread gets the GIL between slices
 BYTES_PER_SAMPLE = {"audio/pcm": 2, "audio/pcmu": 1, "audio/pcma": 1}
 
@@ -81,6 +82,12 @@ class InputAudio:
         except (binascii.Error, ValueError) as e:
             raise RealtimeError(f"'audio' is not valid base64 {fmt}: {shorten(str(e), 120)}", "invalid_value",
                                 param) from None
+
+    async def decode_async(self, b64: str, param: str = "audio") -> np.ndarray:
+        """``decode``, in a helper thread when the audio is large (the event loop serves everyone else meanwhile)."""
+        if len(b64) > LARGE_CHARS:
+            return await asyncio.to_thread(self.decode, b64, param)
+        return self.decode(b64, param)
 
     # ----- the buffer ----------------------------------------------------------------------------------------
     def new_vad(self) -> None:

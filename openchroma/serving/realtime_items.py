@@ -80,7 +80,8 @@ class Conversation:
         if core.responses.active() and (item.role != "user" or not at_end):
             raise RealtimeError("a response is in progress: cancel it before adding assistant or system messages or "
                                 "inserting into the history", "conversation_already_has_active_response")
-        texts, audio, content = self._content(item)
+        texts, encoded, content = self._content(item)
+        audio = {i: await self._audio(data, f"item.content[{i}].audio") for i, data in encoded.items()}
         if audio:
             if not at_end:
                 raise RealtimeError("an item with audio can only be added at the end of the conversation",
@@ -106,10 +107,10 @@ class Conversation:
         if audio:
             await self.transcribe(new, sum(len(x) for x in audio.values()) / core.input.rate)
 
-    def _content(self, item: ev.MessageItem) -> tuple[list[str], dict[int, np.ndarray], list[dict[str, Any]]]:
-        """An item's texts, its audio parts (decoded, by index) and its content as reported back."""
+    def _content(self, item: ev.MessageItem) -> tuple[list[str], dict[int, str], list[dict[str, Any]]]:
+        """An item's texts, its audio parts (base64, by index) and its content as reported back."""
         texts: list[str] = []
-        audio: dict[int, np.ndarray] = {}
+        audio: dict[int, str] = {}
         content: list[dict[str, Any]] = []
         for i, part in enumerate(item.content):
             where = f"item.content[{i}]"
@@ -121,7 +122,10 @@ class Conversation:
                 texts.append(part.transcript)
                 content.append({"type": part.type, "transcript": part.transcript})
             elif part.type == "input_audio" and item.role == "user":
-                audio[i] = self._audio(part.audio, where + ".audio")
+                if part.audio is None:
+                    raise RealtimeError("an audio part needs 'audio': base64 audio in the input format",
+                                        "invalid_value", where + ".audio")
+                audio[i] = part.audio
                 content.append({"type": "input_audio", "transcript": None})
             elif part.type in ("input_text", "text", "output_text"):
                 raise RealtimeError(f"{where}.text must be a non-empty string", "invalid_value", where + ".text")
@@ -130,10 +134,8 @@ class Conversation:
                                     "unsupported_content", where + ".type")
         return texts, audio, content
 
-    def _audio(self, data: str | None, param: str) -> np.ndarray:
-        if data is None:
-            raise RealtimeError("an audio part needs 'audio': base64 audio in the input format", "invalid_value", param)
-        samples = self.core.input.decode(data, param)
+    async def _audio(self, data: str, param: str) -> np.ndarray:
+        samples = await self.core.input.decode_async(data, param)
         if len(samples) < self.core.input.rate * MIN_COMMIT_MS / 1000:
             raise RealtimeError(f"an audio part needs at least {MIN_COMMIT_MS} ms of audio", "invalid_value", param)
         return samples
