@@ -30,14 +30,12 @@ async def until_drained(state: ServerState, chunks: AsyncIterator[bytes]) -> Asy
     drain.streams += 1
     source = chunks.__aiter__()
     expired = asyncio.ensure_future(drain.expired.wait())
+    step: asyncio.Future | None = None
     try:
         while True:
             step = asyncio.ensure_future(source.__anext__())
             await asyncio.wait({step, expired}, return_when=asyncio.FIRST_COMPLETED)
             if not step.done():
-                step.cancel()
-                with contextlib.suppress(BaseException):
-                    await step
                 yield sse(shutdown_error())
                 yield DONE
                 return
@@ -49,5 +47,10 @@ async def until_drained(state: ServerState, chunks: AsyncIterator[bytes]) -> Asy
     finally:
         expired.cancel()
         drain.streams -= 1
-        with contextlib.suppress(Exception):
-            await chunks.aclose()
+        if step is not None and not step.done():
+            # The stream was ended (the client left, or the grace ran out) while waiting for its next chunk: stop
+            # that wait, which runs the source's own clean-up (it frees the engine session) in its task.
+            step.cancel()
+        else:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()
