@@ -99,8 +99,8 @@ class WebSocketTransport:
         finally:
             for task in tasks:
                 task.cancel()
+            await self.core.close()   # a response being stopped may still say how it ended, briefly
             self.closed = True
-            await self.core.close()
             if self.close_code is not None:
                 code, reason = self.close_code
                 with contextlib.suppress(Exception):   # a client that reads nothing never gets the close frame
