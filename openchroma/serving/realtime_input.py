@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 MIN_COMMIT_MS = 100
 LARGE_CHARS = 256 * 1024   # messages and audio this large are parsed and decoded in a helper thread
-B64_SLICE = 1 << 20   # characters decoded per call (a multiple of 4): another thread gets the GIL between slices
+B64_SLICE = 1 << 18   # characters decoded per call (a multiple of 4): another thread gets the GIL between slices
 BYTES_PER_SAMPLE = {"audio/pcm": 2, "audio/pcmu": 1, "audio/pcma": 1}
 
 
