@@ -1,8 +1,9 @@
 """Issue 18 item 6: on SIGTERM the server drains. A real ``openchroma serve`` process on loopback gets SIGTERM while
 a realtime response and an SSE chat stream run: the realtime client hears its response end, a final error event
 (``server_shutting_down``) and close 1001 "server shutting down"; the SSE stream ends with ``[DONE]`` (after an
-error event if the grace ran out first); new requests are refused; the process exits (by the signal, as uvicorn does). Before the fix the
-realtime client got 1012 with no reason and no event, and the stream was cut without ``[DONE]``."""
+error event if the grace ran out first); new requests are refused; the process exits (by the signal, as uvicorn
+does). Before the fix the realtime client got 1012 with no reason and no event, and the stream was cut without
+``[DONE]``."""
 
 from __future__ import annotations
 

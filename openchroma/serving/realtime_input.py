@@ -167,7 +167,7 @@ class InputAudio:
         await core.call(core.session.commit_audio(item_id))
         self._reset()
         await core.send(out.buffer_committed(item_id, core.conversation.last_id()))
-        item = out.message_item(item_id, "user", [{"type": "input_audio", "transcript": None}])
+        item = out.message_item(item_id, "user", [out.input_audio_content()])
         await core.conversation.add(item)
         await core.conversation.transcribe(item, seconds)
 

@@ -126,7 +126,7 @@ class Conversation:
                     raise RealtimeError("an audio part needs 'audio': base64 audio in the input format",
                                         "invalid_value", where + ".audio")
                 audio[i] = part.audio
-                content.append({"type": "input_audio", "transcript": None})
+                content.append(out.input_audio_content())
             elif part.type in ("input_text", "text", "output_text"):
                 raise RealtimeError(f"{where}.text must be a non-empty string", "invalid_value", where + ".text")
             else:

@@ -190,9 +190,9 @@ class Responses:
             await core.send(out.item_done(item, core.conversation.previous_id(item)))
         details = None
         if status == "cancelled":
-            details = {"type": "cancelled", "reason": self.cancel_reason or "client_cancelled"}
+            details = out.ended_early("cancelled", self.cancel_reason or "client_cancelled")
         elif status == "incomplete":
-            details = {"type": "incomplete", "reason": "max_output_tokens"}
+            details = out.ended_early("incomplete", "max_output_tokens")
         elif status == "failed":
             details = out.failed("generation_failed", done.error)
         t = done.timings or {}

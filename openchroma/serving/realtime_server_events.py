@@ -36,6 +36,11 @@ def message_item(item_id: str, role: str, content: list[dict[str, Any]], status:
             "content": content}
 
 
+def input_audio_content() -> dict[str, Any]:
+    """A user item's audio part, its transcript to come (when the client asked for transcripts)."""
+    return {"type": "input_audio", "transcript": None}
+
+
 def item_added(item: Event, previous_item_id: str | None) -> list[Event]:
     """An item joined the conversation: GA clients listen for ``added``, beta clients for ``created``, and a
     finished item is ``done`` at once."""
@@ -155,6 +160,12 @@ def response_done(response: Event) -> Event:
 def failed(code: str, message: str, type: str = "server_error") -> dict[str, Any]:
     """A failed response's ``status_details``."""
     return {"type": "failed", "error": {"type": type, "code": code, "message": message}}
+
+
+def ended_early(status: Literal["cancelled", "incomplete"], reason: str) -> dict[str, Any]:
+    """A cancelled (``client_cancelled``, ``turn_detected``, ``server_shutdown``) or incomplete
+    (``max_output_tokens``) response's ``status_details``."""
+    return {"type": status, "reason": reason}
 
 
 def output_item_added(response_id: str, item: Event) -> Event:
