@@ -191,8 +191,8 @@ class EagernessSetting:
     max_wait_ms: int  # a silence this long ends the turn whatever the model said
 
 
-# Thresholds: on the espeak-ng set of docs/turn-detection.md, complete sentences score >= 0.9 at 200 ms of
-# silence and most sentences cut mid-clause score below 0.5; low eagerness waits for a surer "complete".
+# medium's threshold is Smart Turn's own decision boundary (0.5, pipecat's too); high accepts a less certain
+# "complete", low needs a surer one. The waits are OpenAI's. docs/turn-detection.md measures what each does.
 EAGERNESS: dict[str, EagernessSetting] = {
     "low": EagernessSetting(0.8, 8000),
     "medium": EagernessSetting(0.5, 4000),

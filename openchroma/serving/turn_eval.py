@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from openchroma.audio import load_audio
 
@@ -144,6 +146,8 @@ def summarize(name: str, runs: list[Run]) -> dict:
         "complete_median_ms": statistics.median(delays) if delays else None,
         "complete_p90_ms": delays[int(0.9 * (len(delays) - 1))] if delays else None,
         "unended": sum(r.end_ms is None for r in runs),
+        "checks": len(costs := sorted(1000 * s for r in runs for _, s in r.checks)),
+        "check_median_ms": statistics.median(costs) if costs else None,
     }
 
 
@@ -173,13 +177,16 @@ def markdown(rows: list[dict], cost: dict, clips: int) -> str:
     def ms(x: float | None) -> str:
         return "-" if x is None else f"{x:.0f}"
 
-    lines = [f"{clips} clips ({len(VOICES)} espeak-ng voices x {len(COMPLETE)} complete + {len(CUT)} cut sentences)",
-             "", "| detector | cut: ended within 1 s | cut: within 2 s | complete: within 1 s "
-             "| complete: median ms | complete: p90 ms | never ended |", "|---|---|---|---|---|---|---|"]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [f"{clips} clips (espeak-ng voices x {len(COMPLETE)} complete + {len(CUT)} cut sentences); "
+             f"{os.cpu_count()} CPUs, load average {load}, torch threads {torch.get_num_threads()}", "",
+             "| detector | cut: ended within 1 s | cut: within 2 s | complete: within 1 s "
+             "| complete: median ms | complete: p90 ms | never ended | checks (median ms) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['detector']} | {pct(r['cut_ended_1s'])} | {pct(r['cut_ended_2s'])} | "
                      f"{pct(r['complete_ended_1s'])} | {ms(r['complete_median_ms'])} | {ms(r['complete_p90_ms'])} "
-                     f"| {r['unended']} |")
+                     f"| {r['unended']} | {r['checks']} ({ms(r['check_median_ms'])}) |")
     lines += ["", "| per check | median ms | p90 ms |", "|---|---|---|"]
     lines += [f"| {k} | {v['median_ms']:.1f} | {v['p90_ms']:.1f} |" for k, v in cost.items()]
     return "\n".join(lines)
@@ -189,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m openchroma.serving.turn_eval", description=__doc__.split("\n")[0])
     parser.add_argument("--voices", type=int, default=len(VOICES), help="how many of the espeak-ng voices to use")
     parser.add_argument("--json", type=Path, help="also write every run and the summary here")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch's intra-op threads for silero and the features (default 1: on a busy machine "
+                             "more threads wait for each other, ~40x slower per silero window on 2 shared cores)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
     clips = [(v, t, t in COMPLETE, speak(t, v)) for v in VOICES[: args.voices] for t in (*COMPLETE, *CUT)]
     rows, runs_out, probs = [], {}, {True: [], False: []}
     for name, (factory, _) in DETECTORS.items():
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                 probs[complete].append(checks[0][0])
         rows.append(summarize(name, runs))
         runs_out[name] = [asdict(r) for r in runs]
-        print(f"done: {name}", flush=True)
+        print(f"done: {rows[-1]}", flush=True)
     cost = check_cost()
     print(markdown(rows, cost, len(clips)))
     for complete, ps in probs.items():
