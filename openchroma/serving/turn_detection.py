@@ -208,7 +208,7 @@ class SemanticVADConfig:
     eagerness: Eagerness = "auto"
     threshold: float = 0.5  # silero's speech probability threshold, as in server_vad
     prefix_padding_ms: int = 300
-    check_silence_ms: int = 200  # silence before the model is asked (Smart Turn is trained on ~200 ms)
+    check_silence_ms: int = 200  # silence before the model is asked (pipecat recommends a 200 ms VAD stop)
     model: str | None = None  # see resolve_turn_model: None is the installed pipecat-ai package's copy
 
     def __post_init__(self) -> None:
