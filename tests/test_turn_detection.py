@@ -144,7 +144,7 @@ def test_a_bad_model_path_is_a_clear_error(tmp_path, monkeypatch):
     junk.write_bytes(b"not a model")
     with pytest.raises(TurnModelError, match="junk.onnx: not a loadable ONNX model"):
         load_turn_model(junk)
-    with pytest.raises(TurnModelError, match=f"{SMART_TURN_FILE}"):  # a directory without the model
+    with pytest.raises(TurnModelError, match=f"the directory holds no {SMART_TURN_FILE}"):
         resolve_turn_model(tmp_path)
     import huggingface_hub.constants as hub
 

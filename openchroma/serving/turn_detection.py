@@ -17,9 +17,10 @@ engine.
 Smart Turn (pipecat-ai, BSD-2) is an 8.7 MB ONNX model run with onnxruntime: its input is the Whisper log-mel
 spectrogram (80 bins, 10 ms hop) of 8 s of 16 kHz audio, the turn's end last, zero-padded in front and
 normalised to zero mean and unit variance; its output is a sigmoid probability of "turn complete". A check costs
-one model call (10-40 ms on one CPU thread, see docs/turn-detection.md), so ``push`` belongs off the event loop,
-as ``StreamingVAD.push`` already does (``asyncio.to_thread``). One model session is shared by every stream of a
-process (onnxruntime sessions are safe to run from several threads); a stream is not thread-safe.
+one model call (about 30 ms on an idle core of the project's VM, several times that on a busy one: see
+docs/turn-detection.md), so ``push`` belongs off the event loop, as ``StreamingVAD.push`` already does
+(``asyncio.to_thread``). One model session is shared by every stream of a process (onnxruntime sessions are safe to
+run from several threads); a stream is not thread-safe.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ __all__ = ["EAGERNESS", "SMART_TURN_FILE", "SMART_TURN_REPO", "Eagerness", "Eage
            "resolve_turn_model", "smart_turn_features", "turn_detector"]
 
 SMART_TURN_FILE = "smart-turn-v3.2-cpu.onnx"
-SMART_TURN_REPO = "pipecat-ai/smart-turn-v3"  # the model's hub repo (the default for a hub id with no file)
+SMART_TURN_REPO = "pipecat-ai/smart-turn-v3"  # the model's hub repo, holding SMART_TURN_FILE
 _PIPECAT_DATA = ("audio", "turn", "smart_turn", "data")  # where pipecat-ai's wheel keeps it
 MODEL_SECONDS = 8
 MODEL_SAMPLES = MODEL_SECONDS * VAD_SAMPLE_RATE
@@ -100,7 +101,9 @@ def resolve_turn_model(source: str | os.PathLike[str] | None = None) -> Path:
         return found
     path = Path(source).expanduser()
     if path.is_dir():
-        path = path / SMART_TURN_FILE
+        if not (path / SMART_TURN_FILE).is_file():
+            raise TurnModelError(f"{path}: the directory holds no {SMART_TURN_FILE}")
+        return path / SMART_TURN_FILE
     if path.is_file():
         return path
     name = os.fspath(source)
