@@ -17,6 +17,10 @@ MODEL_HELP = "checkpoint directory or Hugging Face hub repo id (e.g. FlashLabs/C
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+class UsageError(ValueError):
+    """Arguments that do not go together; ``openchroma`` prints the message and exits with status 2."""
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, dtype: str | None = "float32", model: str | None = None,
                         required: bool = True, model_help: str = MODEL_HELP) -> None:
     """``--model``, ``--device``, ``--dtype``: every flag that says which model loads and how.

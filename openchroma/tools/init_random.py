@@ -8,6 +8,7 @@ special tokens at their published ids.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from collections.abc import Mapping
@@ -516,3 +517,24 @@ def write_test_tokenizer(out_dir: str | Path, *, vocab_size: int = 768) -> Path:
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write a complete random-weight checkpoint directory in the published layout. Its speech is "
+                     "noise: it exists to run every command without the real weights.")
+    sizes = p.add_mutually_exclusive_group(required=True)
+    sizes.add_argument("--preset", choices=["tiny", "small", "chroma-4b"],
+                       help="sizes: tiny (tests), small (CPU demos), chroma-4b (the published sizes)")
+    sizes.add_argument("--config", metavar="FILE",
+                       help="sizes from a config.json in the published layout (e.g. ../shared/perf/chroma-mid/"
+                            "config.json: the published widths with few layers)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = read_config_file(args.config) if args.config else None
+    out = write_random_checkpoint(args.preset, args.out, seed=args.seed, config=config)
+    sizes = f"'{args.preset}'" if args.preset else f"{args.config}-sized"
+    print(f"wrote a random-weight {sizes} checkpoint to {out} (it speaks noise: for tests and benchmarks)")
+    return 0
