@@ -413,7 +413,8 @@ def bench(
     ``compile``: the engine's frame step compiled (``per_frame_lengths`` then measures eager and compiled)."""
     require(["matplotlib"], "bench", "bench")   # before anything slow: the plot is the last thing written
     t0 = time.perf_counter()
-    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress)
+    # Every response's length is --frames (a random checkpoint's 4 s default does not apply).
+    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress, max_frames=frames)
     lm = chroma.lm
     results: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
