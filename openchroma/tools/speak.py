@@ -17,8 +17,8 @@ OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": (
 DEFAULT_MAX_FRAMES = 750   # 60 s
 
 # Why a random-weight checkpoint's reply has no text: shown next to the empty text, where users look for it.
-RANDOM_TEXT_NOTE = ("random weights: the reasoner's first token is its end of turn, so the reply has no text "
-                    "(the audio is noise)")
+RANDOM_TEXT_NOTE = ("random weights (init-random): the reasoner writes random tokens, which decode to no words "
+                    "(often only blanks), and the audio is noise")
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
