@@ -300,3 +300,13 @@ def test_help_lists_every_command_without_importing_them():
     for name, _, _ in COMMANDS:
         assert name in out
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_undecodable_bytes_are_named_without_a_python_object_repr():
+    """A bad upload's message (the voice library's 400) said '<_io.BytesIO object at 0x...>'."""
+    from openchroma.audio import AudioError, load_audio
+
+    with pytest.raises(AudioError) as e:
+        load_audio(b"RIFF not really a wav file at all" * 10, 24000)
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
+    assert "cannot decode audio" in str(e.value) and "Format not recognised" in str(e.value)
