@@ -93,7 +93,7 @@ def preset_config(preset: str) -> dict:
     backbone["model_type"] = "chroma_backbone"
     decoder["model_type"] = "chroma_decoder"
     h = text["hidden"]
-    thinker = {
+    reasoner = {
         "model_type": "qwen2_5_omni_thinker",
         "audio_token_index": 151646, "audio_start_token_id": 151647, "audio_end_token_id": 151648,
         "image_token_index": 151655, "video_token_index": 151656, "user_token_id": 872,
@@ -118,14 +118,14 @@ def preset_config(preset: str) -> dict:
     }
     return {
         "architectures": ["ChromaForConditionalGeneration"], "model_type": "chroma",
-        "thinker_config": thinker, "backbone_config": backbone, "decoder_config": decoder,
+        "thinker_config": reasoner, "backbone_config": backbone, "decoder_config": decoder,
         "codec_config": codec, "dtype": "bfloat16" if preset == "chroma-4b" else "float32",
         "tie_word_embeddings": True, **copy.deepcopy(_SPECIAL),
     }
 
 
 # ----- complete configs: every key the published configuration writes -------------------------------------
-# The published code builds the thinker's vision tower from ``thinker_config.vision_config`` and reads the
+# The published code builds the Reasoner's vision tower from ``thinker_config.vision_config`` and reads the
 # vision token ids, although no Chroma path uses them; a config without them does not run there.
 _VISION_TOKEN_IDS = {"vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654}
 _PRETRAINED_DEFAULTS = {
@@ -140,7 +140,7 @@ _PRETRAINED_DEFAULTS = {
 
 
 def _vision_config(text_hidden: int, published: bool) -> dict:
-    """Qwen2.5-Omni's vision encoder config: the 3B thinker's sizes, or a 1-layer stand-in at test sizes."""
+    """Qwen2.5-Omni's vision encoder config: the 3B Reasoner's sizes, or a 1-layer stand-in at test sizes."""
     if published:
         sizes = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                      fullatt_block_indexes=[7, 15, 23, 31])

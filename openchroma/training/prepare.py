@@ -35,7 +35,7 @@ from .data import (
     decode_line,
     read_manifest_lines,
 )
-from .sequence import thinker_response_hidden
+from .sequence import reasoner_response_hidden
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
@@ -115,7 +115,7 @@ class Preparer:
         if len(prompt) + n_text > cfg.thinker.max_position_embeddings:
             raise ManifestError(row.where, f"question + response are {len(prompt) + n_text} reasoner tokens, more "
                                            f"than its context of {cfg.thinker.max_position_embeddings}")
-        hidden = thinker_response_hidden(m, torch.tensor(prompt), torch.tensor(response_ids), audio_embeds)
+        hidden = reasoner_response_hidden(m, torch.tensor(prompt), torch.tensor(response_ids), audio_embeds)
         return {
             "voice_text_ids": voice.text_ids.to(torch.int64).cpu().contiguous(),
             "voice_codes": voice.codes.to(torch.int64).cpu().contiguous(),
