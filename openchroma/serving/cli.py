@@ -37,6 +37,14 @@ def _default_of(f: dataclasses.Field) -> Any:
     return f.default
 
 
+def _shown(default: Any) -> str:
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, float):
+        return f"{default:g}"
+    return "none" if default in (None, ()) else str(default)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = None) -> None:
     """One flag per field of ``config_cls`` (``ServerConfig``) not already on ``parser``. Flags default to
     absent (``argparse.SUPPRESS``): ``config_from_args`` passes only the given ones, so the dataclass's defaults
@@ -53,9 +61,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Non
         kind, repeated = _base_type(hints[f.name])
         default = _default_of(f)
         help = meta.get("help", f.name.replace("_", " "))
-        if "default" not in help:
-            shown = default / meta["scale"] if "scale" in meta else default
-            help += f" (default: {shown:g})" if isinstance(shown, float) else f" (default: {shown})"
+        if "default" not in help.lower():
+            help += f" (default: {_shown(default / meta['scale'] if 'scale' in meta else default)})"
         kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help.replace("%", "%%")}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction

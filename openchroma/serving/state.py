@@ -48,7 +48,7 @@ class ServerConfig:
         "conversations served at once; more get HTTP 503 / a realtime error"))
     max_context: int = field(default=4096, metadata=flag("reasoner context per conversation, tokens"))
     max_response_seconds: float = field(default=60.0, metadata=flag(
-        "longest single spoken response (4 for init-random checkpoints)"))
+        "longest single spoken response, seconds; 4 for init-random checkpoints unless given"))
     max_upload_bytes: int = field(default=25 * 1024 * 1024, metadata=flag(
         "largest HTTP request body (voice uploads, chat requests with audio), MiB", name="max-upload-mb",
         scale=2**20))
