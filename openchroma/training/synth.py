@@ -162,10 +162,11 @@ class Endpoints:
 class LocalModel:
     """Chroma in-process: its Reasoner answers (text only), its forced-text speech speaks. One call at a time."""
 
-    def __init__(self, model: str, device: str | None, dtype: str, progress: bool):
+    def __init__(self, model: str, device: str | None, dtype: str, progress: bool, max_frames: int):
         from ..pipeline import Chroma
 
-        self.chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress)
+        self.chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress,
+                                             max_frames=max_frames)
         self.lock = threading.Lock()
         self._voices: dict[str, object] = {}
         tok = self.chroma.tokenizer
@@ -261,8 +262,8 @@ def synth(cfg: SynthConfig, log: Callable[[str], None] = print) -> dict:
     out = Path(cfg.out)
     _copy_voices(voices, out)
     remote = Endpoints(cfg)
-    local = None if (cfg.llm_base_url and cfg.tts_base_url) else LocalModel(cfg.model, cfg.device, cfg.dtype,
-                                                                                 cfg.progress)
+    local = None if (cfg.llm_base_url and cfg.tts_base_url) else \
+        LocalModel(cfg.model, cfg.device, cfg.dtype, cfg.progress, frames_for_seconds(cfg.max_seconds))
     failures: list[dict] = []
     answers = _answer_all(cfg, questions, out / "answers.jsonl", remote, local, failures)
     items = []
