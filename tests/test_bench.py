@@ -149,3 +149,15 @@ def test_bench_default_output_is_ignored_by_git():
         r = subprocess.run(["git", "check-ignore", "-q", f"{path}/bench.json"], cwd=root)
         assert r.returncode == 0, f"{path} is not ignored"
     assert (root / "benchmarks" / "recorded" / "cpu-tiny" / "bench.json").is_file()
+
+
+def test_bench_shows_progress_while_compiling(tiny_chroma, capfd):
+    """bench --compile printed nothing for 15+ minutes on a cold compile cache: now a line says what is happening
+    and a bar counts the compiled variants (dynamo's eager backend here: the same path, without codegen)."""
+    from openchroma.tools.bench import run_bench
+
+    res = run_bench(tiny_chroma, sessions=[1], frames=4, turns=1, warmup=0, compile="eager", progress=True)
+    out, err = capfd.readouterr()
+    assert "compiling the frame step for 1 to 1 sessions" in out
+    assert "Compiling the frame step" in err and "graph" in err
+    assert res["levels"][0]["frames"] == 4
