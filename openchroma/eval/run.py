@@ -24,7 +24,6 @@ from .report import summarize, write_plots, write_report_md
 from .speaker import SIM_RATE, cosine_similarity, load_speaker_model
 from .testlist import EvalInputError, TestItem
 
-DEFAULT_MAX_FRAMES = 750   # 60 s
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 # The paper's latency breakdown; the engine may report any of these in ResponseDone.timings as "<stage>..._ms".
 STAGES = {"reasoner": ("reasoner", "thinker"), "backbone": ("backbone",), "decoder": ("decoder",),
@@ -73,6 +72,7 @@ def stage_breakdown(timings: dict[str, float]) -> dict[str, float | None]:
 def max_frames_for(settings: EvalSettings) -> int:
     """The frame limit per utterance: ``settings.max_frames``, else 60 s, or 4 s for a random checkpoint."""
     from ..config import response_frame_limit
+    from ..pipeline import DEFAULT_MAX_FRAMES
 
     return response_frame_limit(settings.model, settings.max_frames, DEFAULT_MAX_FRAMES)
 

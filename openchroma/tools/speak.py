@@ -14,7 +14,6 @@ from ..cli_args import add_max_frames_argument, add_model_arguments, check_audio
 # --out suffix -> (libsndfile format, subtype): what speak/chat can write.
 OUT_FORMATS = {".wav": ("WAV", "PCM_16"), ".flac": ("FLAC", "PCM_16"), ".ogg": ("OGG", "VORBIS"),
                ".mp3": ("MP3", "MPEG_LAYER_III")}
-DEFAULT_MAX_FRAMES = 750   # 60 s
 
 # Why a random-weight checkpoint's reply has no text: shown next to the empty text, where users look for it.
 RANDOM_TEXT_NOTE = ("random weights (init-random): the reasoner writes random tokens, which decode to no words "
@@ -53,6 +52,7 @@ def check_out_path(out: str) -> None:
 def check_generation_args(args: argparse.Namespace) -> int:
     """Every check that needs no model, before it loads; returns the response's frame limit."""
     from ..config import response_frame_limit
+    from ..pipeline import DEFAULT_MAX_FRAMES
 
     if not args.voice_text.strip():
         raise ValueError("--voice-text is empty: give the words spoken in the reference audio")
