@@ -51,6 +51,18 @@ def _version() -> str:
         return __version__
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (importlib.metadata is slow to import)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the installed version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"openchroma {_version()}")
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (``command``) one whose other subcommands carry only their help line, so that only
     ``command``'s module is imported."""
@@ -58,7 +70,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="openchroma",
         description="OpenChroma: real-time spoken dialogue with voice cloning (FlashLabs Chroma 1.0 weights).",
     )
-    parser.add_argument("--version", action="version", version=f"openchroma {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module, help in COMMANDS:
         p = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".")

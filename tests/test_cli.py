@@ -254,7 +254,7 @@ def test_serve_has_a_flag_for_every_server_config_field():
 
     from openchroma.cli import build_parser
     from openchroma.serving.cli import config_from_args
-    from openchroma.serving.state import ServerConfig
+    from openchroma.serving.config import ServerConfig
 
     parser = build_parser("serve")
     serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
@@ -275,7 +275,7 @@ def test_a_new_server_config_field_becomes_a_flag():
     import dataclasses
 
     from openchroma.serving.cli import add_config_arguments, config_from_args
-    from openchroma.serving.state import ServerConfig, flag
+    from openchroma.serving.config import ServerConfig, flag
 
     @dataclasses.dataclass
     class Extended(ServerConfig):

@@ -49,7 +49,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Non
     """One flag per field of ``config_cls`` (``ServerConfig``) not already on ``parser``. Flags default to
     absent (``argparse.SUPPRESS``): ``config_from_args`` passes only the given ones, so the dataclass's defaults
     apply."""
-    from .state import ServerConfig
+    from .config import ServerConfig
 
     config_cls = config_cls or ServerConfig
     hints = typing.get_type_hints(config_cls)
@@ -76,7 +76,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type = Non
 
 def config_from_args(args: argparse.Namespace, config_cls: type = None, **values: Any):
     """``config_cls`` from the flags given (scaled back to the field's unit) and ``values``."""
-    from .state import ServerConfig
+    from .config import ServerConfig
 
     config_cls = config_cls or ServerConfig
     hints = typing.get_type_hints(config_cls)
