@@ -198,7 +198,8 @@ def _decode(source: object, max_seconds: float | None) -> tuple[np.ndarray, int,
     except AudioError:
         raise
     except (sf.SoundFileError, RuntimeError, TypeError, EOFError, OSError) as exc:
-        detail = str(exc).strip() or type(exc).__name__
+        # libsndfile's own words, without "Error opening <_io.BytesIO object at 0x...>" (it names no file here).
+        detail = (getattr(exc, "error_string", None) or str(exc)).strip() or type(exc).__name__
         raise AudioError(
             f"{name}: cannot decode audio (corrupt data or a format libsndfile does not read: {detail})"
         ) from exc

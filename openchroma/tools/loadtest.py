@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from openchroma.audio import float_to_pcm16
+from openchroma.reporting import distribution, fmt, markdown_table, pyplot, save_figure
 
 RATE = 24000
 APPEND_SECONDS = 0.1
@@ -238,10 +239,6 @@ def _register_voice(cfg: LoadConfig) -> None:
     cfg.voice = name
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
 def summarize(cfg: LoadConfig, per_client: list[ClientStats], wall: float) -> dict[str, Any]:
     ttft = [x for s in per_client for x in s.ttft_ms]
     gaps = [x for s in per_client for x in s.gaps_ms]
@@ -257,8 +254,7 @@ def summarize(cfg: LoadConfig, per_client: list[ClientStats], wall: float) -> di
         return dict(sorted(out.items()))
 
     def dist(xs: list[float]) -> dict[str, float | None]:
-        return {"n": len(xs), "p50": _pct(xs, 50), "p90": _pct(xs, 90), "p99": _pct(xs, 99),
-                "max": max(xs) if xs else None}
+        return {"n": len(xs), **distribution(xs, (50, 90, 99), stats=("max",), empty=None)}
 
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "api_key"},
@@ -284,7 +280,7 @@ def summarize(cfg: LoadConfig, per_client: list[ClientStats], wall: float) -> di
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+    return fmt(x, digits, missing="–")
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -296,14 +292,10 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{c['response_tokens']} tokens per answer, barge-in {c['barge_in']:.0%}, disconnect {c['disconnect']:.0%}, "
         f"{c['jitter_ms']:g} ms jitter buffer)",
         "",
-        "| metric | n | p50 | p90 | p99 | max |",
-        "|---|---|---|---|---|---|",
-        f"| TTFT, end of speech → first audio (ms) | {t['n']} | {_fmt(t['p50'])} | {_fmt(t['p90'])} | "
-        f"{_fmt(t['p99'])} | {_fmt(t['max'])} |",
-        f"| gap between audio deltas (ms) | {g['n']} | {_fmt(g['p50'])} | {_fmt(g['p90'])} | {_fmt(g['p99'])} | "
-        f"{_fmt(g['max'])} |",
-        f"| cancel → response.done (ms) | {k['n']} | {_fmt(k['p50'])} | {_fmt(k['p90'])} | {_fmt(k['p99'])} | "
-        f"{_fmt(k['max'])} |",
+        markdown_table(["metric", "n", "p50", "p90", "p99", "max"], [
+            [name, d["n"], *(_fmt(d[q]) for q in ("p50", "p90", "p99", "max"))]
+            for name, d in (("TTFT, end of speech → first audio (ms)", t), ("gap between audio deltas (ms)", g),
+                            ("cancel → response.done (ms)", k))]).rstrip("\n"),
         "",
         f"- turns: {summary['turns']}; audio received: {summary['audio_seconds']:.1f} s; responses: "
         + (", ".join(f"{k} {v}" for k, v in summary["responses"].items()) or "none"),
@@ -318,11 +310,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ttft = sorted(summary["raw"]["ttft_ms"])
     if ttft:
@@ -337,9 +325,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     per = summary["per_client"]
     axes[2].bar(range(len(per)), [p["underruns"] for p in per])
     axes[2].set(title="playback underruns per client", xlabel="client", ylabel="underruns")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 async def _run(cfg: LoadConfig) -> tuple[list[ClientStats], float]:
