@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from ..audio import AudioError, load_audio
+from ..audio import AudioError, AudioTooLong, decode_client_audio
 from ..constants import REASONER_SAMPLE_RATE
 from ..engine import ContextFull, EngineError, TextDelta
 from .errors import APIError
@@ -44,13 +44,16 @@ async def transcriptions(request: Request, file: Annotated[UploadFile | None, Fi
         raise APIError(400, "file: the audio is empty", code="invalid_audio", param="file")
     limit = state.config.max_input_audio_seconds
     try:
-        decode = functools.partial(load_audio, data, REASONER_SAMPLE_RATE, max_seconds=limit)
+        decode = functools.partial(decode_client_audio, data, REASONER_SAMPLE_RATE, max_seconds=limit, name="file")
         wav = await engine_call(state.config, decode)
-    except (AudioError, ValueError) as e:
-        raise APIError(400, f"file: {e}", code="invalid_audio", param="file") from None
+    except AudioError as e:
+        raise APIError(400, str(e), code="audio_too_long" if isinstance(e, AudioTooLong) else "invalid_audio",
+                       param="file") from None
     seconds = wav.shape[0] / REASONER_SAMPLE_RATE
     try:
         job = await engine_call(state.config, engine.transcribe, wav, REASONER_SAMPLE_RATE)
+    except AudioError as e:   # the intake's checks make this unlikely; still a 400, never a 500
+        raise APIError(400, str(e), code="invalid_audio", param="file") from None
     except (EngineError, ContextFull) as e:
         raise APIError(400, str(e), code="context_full" if isinstance(e, ContextFull) else None,
                        param="file") from None
