@@ -61,13 +61,10 @@ class AudioTooLong(AudioError):
         self.limit, self.seconds = limit, seconds
 
 
-#: Client audio: the highest sample rate taken (it bounds the samples ``max_seconds`` lets through) and the
-#: largest sample magnitude. Float audio is nominally in [-1, 1]; past 100 (40 dB over full scale) it is
-#: certainly mis-scaled (integer PCM stored as float, garbage), and huge values overflow the features.
-MAX_CLIENT_RATE = 192_000
-MAX_CLIENT_SAMPLE = 100.0
-#: Samples (all channels together) decoded at a time: a file's memory follows what it holds, never its header.
-_BLOCK_SAMPLES = 1 << 18
+#: Client audio: the highest sample rate (it bounds the samples ``max_seconds`` lets in) and sample magnitude
+#: taken. Float audio is nominally in [-1, 1]; past 100 (40 dB over) it is mis-scaled (integer PCM stored as
+#: float, garbage), and huge values overflow the features. Files are decoded ``_BLOCK_SAMPLES`` at a time.
+MAX_CLIENT_RATE, MAX_CLIENT_SAMPLE, _BLOCK_SAMPLES = 192_000, 100.0, 1 << 18
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -120,8 +117,7 @@ def decode_client_audio(data: bytes | bytearray | memoryview, sample_rate: int, 
     ``pcm16_rate`` Hz. The length is checked before decoding, from the byte count or the file's header; a file
     whose header gives no length (streamed FLAC) is decoded block by block and refused at the limit, so memory
     never exceeds what ``max_seconds`` allows. Sample rates over ``MAX_CLIENT_RATE`` and samples that are
-    NaN, infinite or over ``MAX_CLIENT_SAMPLE`` in magnitude are refused. ``name`` prefixes the messages.
-    """
+    NaN, infinite or over ``MAX_CLIENT_SAMPLE`` in magnitude are refused. ``name`` prefixes the messages."""
     _check_rate(sample_rate, "sample_rate")
     if not max_seconds > 0:
         raise AudioError(f"max_seconds must be positive, got {max_seconds!r}")
@@ -148,7 +144,6 @@ def decode_client_audio(data: bytes | bytearray | memoryview, sample_rate: int, 
 
 def _to_rate(samples: np.ndarray, rate: float, sample_rate: int, name: str, max_seconds: float | None
              ) -> torch.Tensor:
-    """Checked mono samples at ``rate`` -> a float32 tensor at ``sample_rate``."""
     _check_samples(samples, name)
     duration = samples.shape[0] / rate
     if max_seconds is not None and duration > max_seconds:
@@ -189,9 +184,8 @@ def _resample_np(samples: np.ndarray, from_rate: float, to_rate: float) -> np.nd
 
 
 def _check_rate(rate: object, what: str) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
-        raise AudioError(f"{what} must be a positive number of Hz, got {rate!r}")
-    if not (math.isfinite(float(rate)) and rate > 0):
+    numeric = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool)
+    if not (numeric and math.isfinite(float(rate)) and rate > 0):
         raise AudioError(f"{what} must be a positive number of Hz, got {rate!r}")
 
 
@@ -217,7 +211,7 @@ def _decode(source: object, max_seconds: float | None, name: str | None = None,
         opened = source
 
     try:
-        with sf.SoundFile(opened) as f:  # type: ignore[arg-type]
+        with _ForwardOnly(opened) as f:  # type: ignore[arg-type]
             rate = int(f.samplerate)
             if max_rate is not None and not 0 < rate <= max_rate:
                 raise AudioError(f"{name}: a sample rate of {rate} Hz is not supported (at most {max_rate:g} Hz)")
@@ -237,13 +231,20 @@ def _decode(source: object, max_seconds: float | None, name: str | None = None,
     return mono, rate, name
 
 
+class _ForwardOnly(sf.SoundFile):
+    """Read front to back: soundfile then never seeks around a read (libsndfile cannot on a FLAC without a length)."""
+
+    def seekable(self) -> bool:
+        return False
+
+
 def _read_mono(f: sf.SoundFile, name: str, limit: int | None, max_seconds: float | None) -> np.ndarray:
     """All of ``f``'s frames downmixed to mono float32, read in blocks (a header's length never sizes an
     allocation); ``AudioTooLong`` as soon as more than ``limit`` frames came out."""
-    block = max(1, _BLOCK_SAMPLES // max(1, f.channels))
+    buf = np.empty((max(1, _BLOCK_SAMPLES // max(1, f.channels)), f.channels), np.float32)
     parts, total = [], 0
     while True:
-        data2d = f.read(block, dtype="float32", always_2d=True)
+        data2d = f.read(out=buf)
         if data2d.shape[0] == 0:
             break
         total += data2d.shape[0]
