@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from audio_cases import float_wav, silent_flac, without_length
 from safetensors.torch import load_file
 from server_harness import SPEECH_WAV, chroma_server
 
@@ -237,6 +238,9 @@ def _bad_audio():
         ("silence", encode(np.zeros(3 * rate, np.float32), rate), "voice_silent", "dBFS"),
         ("quiet-hum", encode(np.full(3 * rate, 1e-4, np.float32), rate), "voice_silent", "dBFS"),
         ("noise", encode(noise, rate), "voice_silent", "no speech"),
+        # A FLAC whose header gives no length (streamed FLAC) was a 500 'array is too big'.
+        ("no-length", without_length(silent_flac(600)), "audio_too_long", "longer than 30 s"),
+        ("huge-samples", float_wav(1e30), "invalid_audio", "samples reach 1e+30"),
     ]
 
 
