@@ -254,6 +254,7 @@ def _range(text: str) -> tuple[float, float]:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .tools.abuse import AbuseConfig
     from .tools.loadtest import LoadConfig, loadtest
 
     if args.clients < 1 or args.duration <= 0:
@@ -266,7 +267,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                      api_key=args.api_key or None, voice=args.voice,
                      voice_audio=Path(args.voice_audio) if args.voice_audio else None, voice_text=args.voice_text,
                      turn_seconds=args.turn_seconds, response_tokens=args.response_tokens, barge_in=args.barge_in,
-                     disconnect=args.disconnect, jitter_ms=args.jitter_ms, seed=args.seed)
+                     disconnect=args.disconnect, jitter_ms=args.jitter_ms, seed=args.seed,
+                     abuse=AbuseConfig() if args.abuse else None)
     summary, paths = loadtest(cfg)
     print(paths["md"].read_text(), end="")
     print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")
@@ -680,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jitter-ms", type=float, default=100.0, metavar="MS",
                    help="playback starts this long after the first audio delta (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed for audio and choices (default: 0)")
+    p.add_argument("--abuse", action="store_true",
+                   help="run the clients alone, then again beside abusive clients (conversation-item floods, "
+                        "15 MiB appends, long chat audio parts), and report both runs' gaps and underruns")
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("serve", help="run the real-time voice server (OpenAI Realtime, chat, speech, browser client)",
