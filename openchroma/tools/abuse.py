@@ -88,20 +88,24 @@ async def _until(deadline: float, pause: float, body, stats: AbuseStats, kind: s
         await asyncio.sleep(pause)
 
 
-async def _session(ws) -> None:
-    await ws.send(json.dumps({"type": "session.update", "session": {
-        "type": "realtime", "max_output_tokens": 4, "audio": {"input": {"turn_detection": None}}}}))
-
-
-async def _drain(ws, until: set[str], stats: AbuseStats, kind: str, timeout: float = 120.0) -> None:
-    """Read events until one of ``until`` (errors counted by code)."""
+async def _drain(ws, until: set[str], stats: AbuseStats, kind: str, timeout: float = 120.0) -> dict[str, Any]:
+    """Read events until one of ``until`` and return it (errors counted by code)."""
     end = time.monotonic() + timeout
     while True:
         ev = json.loads(await asyncio.wait_for(ws.recv(), timeout=max(0.1, end - time.monotonic())))
         if ev["type"] == "error":
             stats.count("answers", f"{kind}: {ev['error'].get('code') or 'error'}")
         if ev["type"] in until:
-            return
+            return ev
+
+
+async def _open(ws, stats: AbuseStats, kind: str) -> bool:
+    """Wait for the session (False: refused, e.g. every slot taken) and turn VAD off."""
+    if (await _drain(ws, {"session.created", "error"}, stats, kind, 30))["type"] == "error":
+        return False
+    await ws.send(json.dumps({"type": "session.update", "session": {
+        "type": "realtime", "max_output_tokens": 4, "audio": {"input": {"turn_detection": None}}}}))
+    return True
 
 
 async def item_flood(url: str, headers: dict, cfg: AbuseConfig, deadline: float, stats: AbuseStats) -> None:
@@ -114,8 +118,8 @@ async def item_flood(url: str, headers: dict, cfg: AbuseConfig, deadline: float,
     async def flood() -> None:
         async with websockets.connect(url, additional_headers=headers, max_size=None, open_timeout=30,
                                       close_timeout=2) as ws:
-            await _drain(ws, {"session.created", "error"}, stats, "items", 30)
-            await _session(ws)
+            if not await _open(ws, stats, "items"):
+                return
             for _ in range(cfg.items):
                 await ws.send(item)
             stats.sent["items"] = stats.sent.get("items", 0) + cfg.items
@@ -135,8 +139,8 @@ async def big_appends(url: str, headers: dict, cfg: AbuseConfig, deadline: float
     async def appends() -> None:
         async with websockets.connect(url, additional_headers=headers, max_size=None, open_timeout=30,
                                       close_timeout=2, max_queue=None) as ws:
-            await _drain(ws, {"session.created", "error"}, stats, "appends", 30)
-            await _session(ws)
+            if not await _open(ws, stats, "appends"):
+                return
             while time.monotonic() < deadline:
                 for kind, audio in (("append 15 MiB", huge), ("append legal", legal)):
                     await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
