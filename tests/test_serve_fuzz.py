@@ -230,8 +230,8 @@ AUDIO_EXAMPLES = int(os.environ.get("OPENCHROMA_FUZZ_AUDIO_EXAMPLES", "30"))
 def floods(draw) -> list[str]:
     """A burst of conversation.item.create events (up to 150 items of up to 150 characters: far past the
     context, so old turns get dropped; some items carry a second of audio) and then response.create."""
-    n = draw(st.integers(min_value=1, max_value=150))
-    chars = draw(st.integers(min_value=1, max_value=150))
+    n = draw(st.one_of(st.sampled_from([150, 120]), st.integers(min_value=1, max_value=150)))
+    chars = draw(st.one_of(st.sampled_from([150, 100]), st.integers(min_value=1, max_value=150)))
     audio_every = draw(st.sampled_from([0, 5, 40]))
     roles = draw(st.lists(st.sampled_from(["user", "assistant", "system"]), min_size=1, max_size=3))
     second = pcm16_b64(0.1 * np.sin(np.arange(24000) / 7.0))
