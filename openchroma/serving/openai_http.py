@@ -25,12 +25,11 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import soundfile as sf
-import torch
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..audio import AudioError, AudioTooLong, decode_client_audio
+from ..audio import AudioError
 from ..constants import REASONER_SAMPLE_RATE
 from ..engine import (
     DEFAULT_SYSTEM_PROMPT,
@@ -44,7 +43,7 @@ from ..engine import (
     TextDelta,
 )
 from ..voice import MAX_VOICE_SECONDS
-from .codecs import SPEECH_FORMATS, SpeechEncoder, encode_wav, float_to_pcm16
+from .codecs import SPEECH_FORMATS, SpeechEncoder, client_audio, encode_wav, float_to_pcm16
 from .errors import APIError, clip, shorten
 from .guards import client_id
 from .state import OPENAI_STOCK_VOICES, ServerState, engine_await, engine_call, get_state, response_events
@@ -182,21 +181,10 @@ def read_local_audio(url: str, where: str, state: ServerState) -> bytes:
         raise APIError(400, f"{where}: cannot read {clip(url, 80)} on the server ({why})", param=where) from None
 
 
-def intake(data: bytes, where: str, rate: int, max_seconds: float, fmt: str | None = None) -> torch.Tensor:
-    """Client audio through the server's one audio intake (``decode_client_audio``); its refusals become 400s.
-    ``fmt`` 'pcm16' (or 'pcm') is raw 16-bit mono PCM at 16 kHz; anything else is an encoded file."""
-    try:
-        return decode_client_audio(data, rate, max_seconds=max_seconds, name=where,
-                                   pcm16_rate=REASONER_SAMPLE_RATE if fmt in ("pcm16", "pcm") else None)
-    except AudioError as e:
-        raise APIError(400, str(e), code="audio_too_long" if isinstance(e, AudioTooLong) else "invalid_audio",
-                       param=where) from None
-
-
 def read_part_audio(ref: Any, where: str, state: ServerState, fmt: str | None = None) -> np.ndarray:
     """A chat message's audio part -> 16 kHz mono float32 (blocking: run it off the event loop)."""
     data = decode_audio_ref(ref, where, state)
-    return intake(data, where, REASONER_SAMPLE_RATE, state.config.max_input_audio_seconds, fmt).numpy()
+    return client_audio(data, where, REASONER_SAMPLE_RATE, state.config.max_input_audio_seconds, fmt).numpy()
 
 
 # ----- voices ---------------------------------------------------------------------------------------------
@@ -213,7 +201,7 @@ class AdhocVoices:
             if name in engine.voices:
                 self.names.move_to_end(name)
                 return name
-            wav = await engine_call(state.config, intake, audio, "prompt_audio", engine.sample_rate,
+            wav = await engine_call(state.config, client_audio, audio, "prompt_audio", engine.sample_rate,
                                     MAX_VOICE_SECONDS)
             try:
                 await engine_call(state.config, engine.register_voice, name, wav, transcript, engine.sample_rate)

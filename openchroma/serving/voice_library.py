@@ -334,7 +334,7 @@ class VoiceLibrary:
         transcript = _check_transcript_tokens(engine, transcript)
         audio = bytes(audio or b"")
         wav, duration, speech = _reference_audio(audio, engine.sample_rate, filename)
-        prompt = _encode(engine, wav, transcript, audio, filename)
+        prompt = _encode(engine, wav, transcript)
         fmt, source_rate = _probe(audio)
         ext, media_type = _FORMATS.get(fmt or "", (".bin", None))
         if media_type is None:
@@ -496,7 +496,7 @@ def _reference_audio(audio: bytes, sr: int, filename: str | None) -> tuple[torch
     return wav, duration, speech
 
 
-def _encode(engine: Engine, wav: torch.Tensor, transcript: str, audio: bytes, filename: str | None) -> VoicePrompt:
+def _encode(engine: Engine, wav: torch.Tensor, transcript: str) -> VoicePrompt:
     """The engine's Mimi encoding of the reference (blocks while it runs)."""
     try:
         return engine.encode_voice(wav, transcript, sample_rate=engine.sample_rate)
