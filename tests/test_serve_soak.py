@@ -40,6 +40,25 @@ def test_loadtest_reports_ttft_gaps_underruns_and_errors(tiny_chroma, tmp_path):
         assert wait_until(lambda: not state.engine.sessions and not state.connections, 10)
 
 
+def test_loadtest_abuse_reports_the_clients_with_and_without_abusers(tiny_chroma, tmp_path):
+    with chroma_server(tiny_chroma, tmp_path / "data", max_sessions=6, max_response_seconds=2) as (url, state):
+        add_voice(url)
+        abuse = AbuseConfig(items=50, legal_append_seconds=5.0, long_chat_hours=1.0, long_chat_seconds=5.0)
+        cfg = LoadConfig(server=url, clients=2, duration=4, out=tmp_path / "out", voice="lib", turn_seconds=(0.4, 0.8),
+                         pause_seconds=(0.1, 0.2), response_tokens=6, barge_in=0, disconnect=0, abuse=abuse)
+        summary, paths = loadtest(cfg)
+        report = json.loads(paths["json"].read_text())["abuse"]
+        for run in ("clean", "abusive"):
+            assert report[run]["turns"] >= 1 and report[run]["gap_max_ms"] is not None, report[run]
+        sent, answers = report["abusers"]["sent"], report["abusers"]["answers"]
+        assert sent["items"] >= 50 and sent["append 15 MiB"] >= 1 and sent["chat 1 h flac"] >= 1, sent
+        assert answers["appends: message_too_large"] == sent["append 15 MiB"], answers
+        assert answers["chat 1 h flac: 400"] == sent["chat 1 h flac"], answers
+        md = paths["md"].read_text()
+        assert "Well-behaved clients, without and with abusive clients" in md and "| with abusers |" in md
+        assert wait_until(lambda: not state.engine.sessions and not state.connections, 10)
+
+
 # Every third cycle abusive clients join (bounded): a conversation-item flood, 15 MiB and legal 30 s appends, and
 # chat requests with a 2-hour FLAC part (over the limit) and a legal 30 s one.
 SOAK_ABUSE = AbuseConfig(items=150, item_chars=100, legal_append_seconds=30.0, long_chat_hours=2.0,
