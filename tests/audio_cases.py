@@ -7,17 +7,9 @@ import io
 import numpy as np
 import soundfile as sf
 
+from openchroma.tools.abuse import silent_flac
 
-def silent_flac(seconds: float, rate: int = 16000) -> bytes:
-    """A FLAC of silence: hours of it compress to a few hundred kB (written a minute at a time)."""
-    buf = io.BytesIO()
-    with sf.SoundFile(buf, "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
-        minute = np.zeros(rate * 60, np.float32)
-        left = int(seconds * rate)
-        while left > 0:
-            f.write(minute[: min(left, minute.size)])
-            left -= minute.size
-    return buf.getvalue()
+__all__ = ["float_wav", "silent_flac", "tagless_mp3", "tone", "without_length"]
 
 
 def without_length(flac: bytes) -> bytes:

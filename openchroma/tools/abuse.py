@@ -7,7 +7,7 @@ Three kinds run beside the well-behaved clients, each in a loop until the run en
 * **big appends**: ``input_audio_buffer.append`` events of 15 MiB (over the event limit: read and refused) and
   of a legal turn just under it (about 118 s of 24 kHz PCM16), the buffer cleared after each;
 * **long chat audio**: ``/v1/chat/completions`` with an ``input_audio`` part of hours of silent FLAC (a few
-  hundred kB, over the per-part limit) and one of legal length (``long_chat_seconds`` of speech-like WAV).
+  hundred kB, over the per-part limit) and one of legal length (``long_chat_seconds`` of WAV noise).
 
 ``compare`` puts the well-behaved clients' figures from a clean run and from the run with abusers side by side.
 """
@@ -46,7 +46,7 @@ class AbuseConfig:
 @dataclass
 class AbuseStats:
     sent: dict[str, int] = field(default_factory=dict)
-    answers: dict[str, int] = field(default_factory=dict)    # error codes, HTTP statuses, close codes
+    answers: dict[str, int] = field(default_factory=dict)    # error codes, HTTP statuses, exceptions
     slowest_ms: dict[str, float] = field(default_factory=dict)
 
     def count(self, table: str, key: str) -> None:
@@ -58,6 +58,7 @@ class AbuseStats:
 
 
 def silent_flac(seconds: float, rate: int = 16000) -> bytes:
+    """A FLAC of silence: hours of it compress to a few hundred kB (written a minute at a time)."""
     import soundfile as sf
 
     buf = io.BytesIO()
