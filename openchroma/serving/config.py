@@ -43,7 +43,7 @@ class ServerConfig:
         "library voice used when a request names none or an OpenAI stock voice (alloy, ...); default: the "
         "library's only voice, if it has exactly one"))
     allow_local_audio: bool = field(default=False, metadata=flag(
-        "let chat requests name audio files on the server's disk (the published Chroma server's path form)"))
+        "let chat requests name audio files on the server's disk as file:// URLs"))
     model_id: str = field(default="chroma-4b", metadata=flag(
         "model id reported by /v1/models (default: the model's name)"))
     compile: bool = field(default=False, metadata=flag(

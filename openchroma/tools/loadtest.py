@@ -9,7 +9,9 @@ the answer) and sometimes it drops the connection mid-answer and reconnects.
 
 Reported, as JSON, markdown and PNG: TTFT from the end of the user's speech (the commit) to the first audio,
 gaps between consecutive audio deltas, underruns and stall time, cancel latency, responses by status, errors
-by code, refused sessions and disconnects.
+by code, refused sessions and disconnects. With ``abuse`` set, the clients first run alone, then again beside
+abusive clients (``abuse.py``: item floods, oversized appends, long chat audio), and both runs' figures are
+reported side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import numpy as np
 
 from openchroma.audio import float_to_pcm16
 from openchroma.reporting import distribution, fmt, markdown_table, pyplot, save_figure
+
+from . import abuse as abusers
+from .abuse import AbuseConfig, AbuseStats
 
 RATE = 24000
 APPEND_SECONDS = 0.1
@@ -50,6 +55,7 @@ class LoadConfig:
     disconnect: float = 0.05          # chance a turn ends with the client dropping the connection
     jitter_ms: float = 100.0          # playback starts this long after the first audio delta
     seed: int = 0
+    abuse: AbuseConfig | None = None  # also run abusive clients, after a clean run of the same length (abuse.py)
 
 
 @dataclass
@@ -328,11 +334,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-async def _run(cfg: LoadConfig) -> tuple[list[ClientStats], float]:
+async def _run(cfg: LoadConfig, abuse: AbuseStats | None = None) -> tuple[list[ClientStats], float]:
+    """The well-behaved clients' stats (and the wall time); with ``abuse`` (and ``cfg.abuse``) abusive clients
+    run beside them, counted there."""
     stats = [ClientStats() for _ in range(cfg.clients)]
     start = time.monotonic()
     deadline = start + cfg.duration
     tasks = [asyncio.create_task(_client(i, cfg, deadline, stats[i])) for i in range(cfg.clients)]
+    if abuse is not None and cfg.abuse is not None:
+        tasks += abusers.tasks(cfg.server, _ws_url(cfg.server), cfg.api_key, cfg.abuse, deadline, abuse)
     # Clients finish the turn in progress; one that cannot within a grace period is stopped.
     done, pending = await asyncio.wait(tasks, timeout=cfg.duration + 120)
     for task in pending:
@@ -348,12 +358,20 @@ def loadtest(cfg: LoadConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run the load test; write ``loadtest.json``, ``loadtest.md`` and ``loadtest.png`` under ``cfg.out``."""
     if cfg.voice_audio is not None:
         _register_voice(cfg)
-    per_client, wall = asyncio.run(_run(cfg))
+    clean = None
+    if cfg.abuse is not None:   # the same clients alone first: the figures the abusers are measured against
+        clean = summarize(cfg, *asyncio.run(_run(cfg)))
+    stats = AbuseStats()
+    per_client, wall = asyncio.run(_run(cfg, stats))
     summary = summarize(cfg, per_client, wall)
+    text = markdown(summary)
+    if clean is not None:
+        summary["abuse"] = abusers.compare(clean, summary, stats, cfg.abuse)
+        text += abusers.markdown(summary["abuse"])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "loadtest.json", "md": out / "loadtest.md", "png": out / "loadtest.png"}
     paths["json"].write_text(json.dumps(summary, indent=1))
-    paths["md"].write_text(markdown(summary))
+    paths["md"].write_text(text)
     plot(summary, paths["png"])
     return summary, paths

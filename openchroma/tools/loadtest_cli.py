@@ -44,10 +44,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jitter-ms", type=float, default=100.0, metavar="MS",
                    help="playback starts this long after the first audio delta (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="seed for audio and choices (default: 0)")
+    p.add_argument("--abuse", action="store_true",
+                   help="run the clients alone, then again beside abusive clients (conversation-item floods, "
+                        "15 MiB appends, long chat audio parts), and report both runs' gaps and underruns")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..reporting import require
+    from .abuse import AbuseConfig
     from .loadtest import LoadConfig, loadtest
 
     if args.clients < 1 or args.duration <= 0:
@@ -59,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                      api_key=args.api_key or None, voice=args.voice,
                      voice_audio=Path(args.voice_audio) if args.voice_audio else None, voice_text=args.voice_text,
                      turn_seconds=args.turn_seconds, response_tokens=args.response_tokens, barge_in=args.barge_in,
-                     disconnect=args.disconnect, jitter_ms=args.jitter_ms, seed=args.seed)
+                     disconnect=args.disconnect, jitter_ms=args.jitter_ms, seed=args.seed,
+                     abuse=AbuseConfig() if args.abuse else None)
     summary, paths = loadtest(cfg)
     print(paths["md"].read_text(), end="")
     print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")
