@@ -30,6 +30,7 @@ import soxr
 import torch
 
 from ..audio import HOP_LENGTH, AudioError, StreamingMelExtractor, load_audio, log_mel_features, normalize_log_mel
+from ..config import response_frame_limit
 from ..constants import REASONER_SAMPLE_RATE as USER_RATE
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
@@ -469,6 +470,8 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
+        # A random-weight checkpoint's responses stop after 4 s unless max_response_frames says otherwise.
+        kw["max_response_frames"] = response_frame_limit(model, kw.get("max_response_frames"), 750)
         lm = load(model, device=device, dtype=dtype, progress=progress)
         return cls(_Loaded(lm, ChatTokenizer.from_dir(lm.path)), progress=progress, **kw)
 

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import io
 import re
+import stat
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -27,7 +28,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..audio import AudioError, load_audio
+from ..audio import AudioError
 from ..constants import REASONER_SAMPLE_RATE
 from ..engine import (
     DEFAULT_SYSTEM_PROMPT,
@@ -39,7 +40,8 @@ from ..engine import (
     SamplingParams,
     TextDelta,
 )
-from .codecs import SPEECH_FORMATS, SpeechEncoder, encode_wav, float_to_pcm16, pcm16_to_float
+from ..voice import MAX_VOICE_SECONDS
+from .codecs import SPEECH_FORMATS, SpeechEncoder, client_audio, encode_wav, float_to_pcm16
 from .errors import APIError, clip, shorten, wire_error
 from .guards import client_id
 from .sessions import close_session, open_session
@@ -136,39 +138,53 @@ class SpeechRequest(BaseModel):
 
 # ----- audio inputs -------------------------------------------------------------------------------------
 DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?:;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
+FILE_URL = "file://"
 
 
 def decode_audio_ref(ref: Any, where: str, state: ServerState) -> bytes:
-    """Audio given as a data URL, plain base64, a ``file://`` URL or (with --allow-local-audio) a server path."""
+    """Audio given as base64 or a base64 data URL, or (with --allow-local-audio) a ``file://`` URL naming a file
+    on the server. Base64's alphabet has no ':', so base64 is never taken for a URL (an mp3 without an ID3 tag
+    starts with 0xFF: its base64 starts with '/')."""
     if not isinstance(ref, str) or not ref:
-        raise APIError(400, f"{where}: expected audio as a data URL, base64 or a path", param=where)
+        raise APIError(400, f"{where}: expected audio as base64 or a data URL", param=where)
+    if ref.startswith(FILE_URL):
+        return read_local_audio(ref, where, state)
     m = DATA_URL.match(ref)
-    if m:
-        ref = m.group("data")
-    elif ref.startswith("file://") or ref.startswith("/") or (len(ref) < 1024 and Path(ref).suffix.lower() in
-                                                               (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")):
-        path = Path(urllib.parse.unquote(ref[7:]) if ref.startswith("file://") else ref)
-        if not state.config.allow_local_audio:
-            raise APIError(400, f"{where}: audio paths on the server are disabled; send the audio as base64 or a "
-                                "data URL (or start the server with --allow-local-audio)", param=where)
-        if not path.is_file():
-            raise APIError(400, f"{where}: no audio file at {clip(str(path))} on the server", param=where)
-        return path.read_bytes()
     try:
-        return base64.b64decode(ref, validate=True)
+        return base64.b64decode(m.group("data") if m else ref, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"{where}: not valid base64 audio (nor a data URL or a path)", param=where) from None
+        raise APIError(400, f"{where}: not valid base64 audio (send base64 or a data URL; a file on the server is "
+                            "named by a file:// URL, with --allow-local-audio)", param=where) from None
 
 
-def read_audio(data: bytes, where: str, fmt: str | None = None, rate: int = REASONER_SAMPLE_RATE) -> np.ndarray:
-    if not data:
-        raise APIError(400, f"{where}: the audio is empty", param=where)
+def read_local_audio(url: str, where: str, state: ServerState) -> bytes:
+    """The file a ``file://`` URL names on the server (only with --allow-local-audio), as large as a request
+    body may be at most. Errors quote the path clipped, never whole."""
+    if not state.config.allow_local_audio:
+        raise APIError(400, f"{where}: audio files on the server (file:// URLs) are disabled; send the audio as "
+                            "base64 or a data URL (or start the server with --allow-local-audio)", param=where)
     try:
-        if fmt in ("pcm16", "pcm"):
-            return pcm16_to_float(data)
-        return load_audio(data, rate).numpy()
-    except (AudioError, ValueError) as e:
-        raise APIError(400, f"{where}: {e}", code="invalid_audio", param=where) from None
+        parts = urllib.parse.urlsplit(url)
+        path = Path(urllib.parse.unquote(parts.path))
+        if parts.netloc not in ("", "localhost") or not path.is_absolute():
+            raise APIError(400, f"{where}: {clip(url, 80)} is not a file:// URL of an absolute path on the server "
+                                "(write file:///path/to/audio.wav)", param=where)
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise APIError(400, f"{where}: {clip(str(path), 80)} is not a file on the server", param=where)
+        if info.st_size > state.config.max_upload_bytes:
+            raise APIError(400, f"{where}: {clip(str(path), 80)} is {info.st_size} bytes, over the limit of "
+                                f"{state.config.max_upload_bytes}", param=where)
+        return path.read_bytes()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise APIError(400, f"{where}: cannot read {clip(url, 80)} on the server ({why})", param=where) from None
+
+
+def read_part_audio(ref: Any, where: str, state: ServerState, fmt: str | None = None) -> np.ndarray:
+    """A chat message's audio part -> 16 kHz mono float32 (blocking: run it off the event loop)."""
+    data = decode_audio_ref(ref, where, state)
+    return client_audio(data, where, REASONER_SAMPLE_RATE, state.config.max_input_audio_seconds, fmt).numpy()
 
 
 # ----- voices ---------------------------------------------------------------------------------------------
@@ -185,8 +201,10 @@ class AdhocVoices:
             if name in engine.voices:
                 self.names.move_to_end(name)
                 return name
+            wav = await engine_call(state.config, client_audio, audio, "prompt_audio", engine.sample_rate,
+                                    MAX_VOICE_SECONDS)
             try:
-                await engine_call(state.config, engine.register_voice, name, audio, transcript)
+                await engine_call(state.config, engine.register_voice, name, wav, transcript, engine.sample_rate)
             except (AudioError, EngineError) as e:
                 err = wire_error(e, "prompt_audio")
                 raise APIError(400, f"prompt_audio: {err.message}", code=err.code or "invalid_audio",
@@ -264,14 +282,11 @@ async def feed_messages(state: ServerState, session, messages: list[ChatMessage]
                     raise APIError(400, f"{pw}: empty text", param=pw)
                 await call(state, session.add_text, p.text)
                 continue
-            if isinstance(p, InputAudioPart):
-                raw = decode_audio_ref(p.input_audio.data, pw + ".input_audio.data", state)
-                wav = await engine_call(state.config, read_audio, raw, pw, p.input_audio.format)   # off the loop
+            if isinstance(p, InputAudioPart):   # decoded off the event loop
+                wav = await engine_call(state.config, read_part_audio, p.input_audio.data, pw, state,
+                                        p.input_audio.format)
             else:
-                wav = await engine_call(state.config, read_audio, decode_audio_ref(p.ref(), pw, state), pw)
-            if len(wav) / REASONER_SAMPLE_RATE > state.config.max_input_audio_seconds:
-                raise APIError(400, f"{pw}: {len(wav) / REASONER_SAMPLE_RATE:.1f} s of audio is over the limit of "
-                                    f"{state.config.max_input_audio_seconds:.0f} s", param=pw)
+                wav = await engine_call(state.config, read_part_audio, p.ref(), pw, state)
             await call(state, session.append_audio, wav, REASONER_SAMPLE_RATE)
             await call(state, session.commit_audio)
 
@@ -326,7 +341,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     if req.prompt_audio is not None:
         if not req.prompt_text.strip():
             raise APIError(400, "prompt_text is empty", param="prompt_text")
-        ref = decode_audio_ref(req.prompt_audio, "prompt_audio", state)
+        ref = await engine_call(state.config, decode_audio_ref, req.prompt_audio, "prompt_audio", state)
         voice = await adhoc(state).get(state, engine, ref, req.prompt_text)
     else:
         voice = state.resolve_voice(audio_opts.voice or req.voice)

@@ -10,72 +10,19 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 
 from ..config import RANDOM_WEIGHTS_KEY, is_random_checkpoint
-from ..constants import FRAME_RATE_HZ
 from ..engine import Engine
-from . import default_data_dir
+from .config import ServerConfig, flag  # noqa: F401  (re-exported: routes and tests import them from here)
 from .errors import APIError, EngineTimeout, clip
 from .metrics import Metrics
 from .voice_library import VoiceLibrary
 
 log = logging.getLogger("openchroma.serve")
-
-
-@dataclass
-class ServerConfig:
-    model: str = ""
-    device: str | None = None
-    dtype: str | None = None
-    api_key: str | None = None
-    data_dir: Path = field(default_factory=default_data_dir)
-    max_sessions: int = 8
-    max_context: int = 4096
-    max_response_seconds: float = 60.0
-    max_upload_bytes: int = 25 * 1024 * 1024      # HTTP bodies: voice uploads, chat requests with audio
-    max_ws_message_bytes: int = 8 * 1024 * 1024    # one realtime event
-    max_input_audio_seconds: float = 120.0         # one user turn
-    default_voice: str | None = None
-    allow_local_audio: bool = False                # let chat requests name audio files on the server's disk
-    model_id: str = "chroma-4b"
-    compile: bool = False                          # torch.compile the frame step at load
-    cuda_graphs: bool | None = None                # capture the frame step as CUDA graphs (default: on CUDA)
-    threads: int | None = None                     # the frame loop's intra-op CPU threads (default: by model size)
-    # Abuse and fault limits: one client must never hurt another.
-    allow_origins: tuple[str, ...] = ()            # browser origins besides the server's own ("*": any)
-    idle_timeout: float = 300.0                    # close a realtime session idle this long (0: never)
-    max_sessions_per_client: int = 0               # sessions one client address may hold at once (0: no cap)
-    send_timeout: float = 15.0                     # a client that reads nothing for this long is dropped
-    engine_timeout: float = 120.0                  # an engine call that takes longer fails with an error
-    max_text_chars: int = 16000                    # one text item, message, instructions or speech input
-    max_pending_input_bytes: int = 16 * 2**20      # decoded audio a realtime connection may queue unprocessed
-    max_messages: int = 256                        # messages in one chat request
-    max_conversation_items: int = 1024             # items in one realtime conversation (and the engine's, if it caps)
-    shutdown_grace: float = 10.0                   # on SIGTERM, running responses get this long to finish
-    header_timeout: float = 5.0                    # a new connection must send its request headers within this
-    ws_ping_interval: float = 20.0                 # WebSocket keepalive pings (uvicorn's)
-    ws_ping_timeout: float = 20.0                  # a ping unanswered this long ends the connection
-
-    @property
-    def max_response_frames(self) -> int:
-        return max(1, int(self.max_response_seconds * FRAME_RATE_HZ))
-
-    @property
-    def backpressure_timeout(self) -> float:
-        """How long a realtime client may be held back (its events not read because the engine is behind) before
-        it is closed with a reason that says so: shorter than the keepalive's ping timeout, whose pongs are not read
-        meanwhile either (it would close with an unhelpful 1011 "keepalive ping timeout")."""
-        return 0.75 * self.ws_ping_timeout if self.ws_ping_timeout > 0 else 0.0
-
-    @property
-    def ws_protocol_max_bytes(self) -> int:
-        """Messages up to this size are read and answered with an error event; larger ones close with 1009."""
-        return 2 * self.max_ws_message_bytes
 
 
 def engine_limits(config: ServerConfig) -> dict[str, Any]:

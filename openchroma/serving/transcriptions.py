@@ -3,16 +3,16 @@ transcribes well when asked), in the engine's background slices so that it never
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from ..audio import AudioError, load_audio
+from ..audio import AudioError
 from ..constants import REASONER_SAMPLE_RATE
 from ..engine import ContextFull, EngineError, TextDelta
+from .codecs import client_audio
 from .errors import APIError, wire_error
 from .sse import DONE, sse, until_drained
 from .state import engine_call, get_state, response_events
@@ -43,11 +43,7 @@ async def transcriptions(request: Request, file: Annotated[UploadFile | None, Fi
     if not data:
         raise APIError(400, "file: the audio is empty", code="invalid_audio", param="file")
     limit = state.config.max_input_audio_seconds
-    try:
-        decode = functools.partial(load_audio, data, REASONER_SAMPLE_RATE, max_seconds=limit)
-        wav = await engine_call(state.config, decode)
-    except (AudioError, ValueError) as e:
-        raise APIError(400, f"file: {e}", code="invalid_audio", param="file") from None
+    wav = await engine_call(state.config, client_audio, data, "file", REASONER_SAMPLE_RATE, limit)
     seconds = wav.shape[0] / REASONER_SAMPLE_RATE
     try:
         job = await engine_call(state.config, engine.transcribe, wav, REASONER_SAMPLE_RATE)
