@@ -183,3 +183,24 @@ def test_a_connection_that_sends_nothing_is_closed_within_the_header_timeout(tin
         with connect(url) as ws:
             assert recv(ws)["type"] == "session.created"
             probe(ws, "served")
+
+
+@pytest.mark.parametrize("make", [
+    lambda big: {"type": "input_audio_buffer.append", "audio": big},
+    lambda big: {"audio": big, "type": "input_audio_buffer.append", "event_id": "e1"},
+    lambda big: {"type": "input_audio_buffer.append", "event_id": 'a","audio":"x', "audio": big},
+    lambda big: {"type": "input_audio_buffer.append", "audio": "A", "audio2": big},
+    lambda big: {"type": "conversation.item.create", "item": {"content": [{"type": "input_audio", "audio": big}]}},
+    lambda big: {"type": "input_audio_buffer.append", "audio": big[:-4] + "\\/AA"},
+])
+def test_large_events_parse_exactly_as_json_does(make):
+    """The large-message fast path (the audio string cut out before the JSON parser) gives what json.loads gives."""
+    from openchroma.serving.realtime import load_event
+
+    event = make("QUJD" * 100_000)
+    text = json.dumps(event)
+    assert load_event(text) == json.loads(text)
+    duplicate = text[:-1] + ', "audio": "\\u0000"}'   # a client's own NUL audio after the real one
+    assert load_event(duplicate) == json.loads(duplicate) or "audio" not in event
+    with pytest.raises(ValueError):
+        load_event(text[:-1])

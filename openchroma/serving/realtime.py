@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
@@ -192,7 +193,7 @@ class WebSocketTransport:
         the RealtimeError, event_id); raises ``RealtimeError`` for a message that is no event. Pure, so that large
         messages can be parsed in a helper thread."""
         try:
-            event = json.loads(text)
+            event = load_event(text)
         except (ValueError, RecursionError) as e:   # JSONDecodeError, too many digits, nesting too deep
             why = "nested too deeply" if isinstance(e, RecursionError) else shorten(str(e), 120)
             raise RealtimeError(f"the message is not valid JSON: {why}", "invalid_json") from None
@@ -206,6 +207,32 @@ class WebSocketTransport:
             return "audio", self.core.decode_append(event), eid
         except RealtimeError as e:
             return "error", e, eid
+
+
+_AUDIO_VALUE = re.compile(r'[{,]\s*"audio"\s*:\s*"')
+_CUT = "\x00"   # what the audio string is replaced by, to find it again after parsing
+
+
+def load_event(text: str) -> Any:
+    """``json.loads(text)``, except that a large message's plain ``"audio"`` string (base64 has no quote or
+    backslash) is cut out before the JSON parser runs: the parser copies a string in one call that holds the GIL, so
+    a 15 MiB append would hold every other connection that long even from a helper thread. Anything not in that
+    plain form (or where the cut could be mistaken for another value) is parsed whole."""
+    if len(text) > LARGE_CHARS:
+        m = _AUDIO_VALUE.search(text, 0, 4096)
+        end = text.find('"', m.end()) if m else -1
+        if end > 0 and text.find("\\", m.end(), end) < 0:
+            cuts = []
+
+            def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+                cuts.extend(1 for k, v in items if k == "audio" and v == _CUT)
+                return dict(items)
+
+            event = json.loads(text[:m.end()] + "\\u0000" + text[end:], object_pairs_hook=pairs)
+            if len(cuts) == 1 and isinstance(event, dict) and event.get("audio") == _CUT:
+                event["audio"] = text[m.end():end]
+                return event
+    return json.loads(text)
 
 
 def accepted_subprotocol(offered: list[str]) -> str | None:
