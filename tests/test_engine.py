@@ -365,7 +365,7 @@ def test_with_only_instructions_the_model_answers_them(engine):
 
 def _greedy_transcript(chroma, wav16, max_tokens):
     from openchroma.audio import log_mel_features
-    from openchroma.engine.engine import ASR_MESSAGES
+    from openchroma.engine.transcription import ASR_MESSAGES
     from openchroma.tokenizer import build_chat_prompt
 
     m = chroma.model

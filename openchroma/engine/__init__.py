@@ -5,6 +5,7 @@ from .engine import (  # noqa: F401
     AsyncSession,
     AudioChunk,
     ContextFull,
+    ConversationLimit,
     Engine,
     EngineError,
     Response,

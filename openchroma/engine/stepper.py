@@ -29,6 +29,7 @@ import torch
 
 from ..models.chroma import ChromaModel
 from ..models.transformer import KVCache
+from .events import ContextFull
 from .sampling import SamplingParams, sample_codes
 from .schedule import backbone_vectors_at, frames_within, pair_index_at
 
@@ -51,10 +52,6 @@ class RowCache:
         self.v = cache.v[:, start:stop]
         self.max_len = cache.max_len
         self.batch_size = stop - start
-
-
-class ContextFull(ValueError):
-    """The conversation no longer fits the context the engine was configured with."""
 
 
 @dataclass
