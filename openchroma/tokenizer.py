@@ -351,6 +351,21 @@ class PromptBuilder:
             raise ValueError("the chat template renders a message differently after another one")
         return ids[len(self._anchor_ids):]
 
+    def messages_ids(self, messages: Sequence[Mapping[str, Any]],
+                     audio_token_counts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """``message_ids`` of several messages (none of them first), rendered and tokenized in one call: the
+        template's per-call cost is paid once, and the ids are cut at each message's ``<|im_start|>``."""
+        if len(messages) < 2:
+            return [self.message_ids(m, c) for m, c in zip(messages, audio_token_counts, strict=True)]
+        flat = [n for counts in audio_token_counts for n in counts]
+        ids = build_chat_prompt(self.tokenizer, [*self._anchor, *messages], flat, add_generation_prompt=False)
+        rest = ids[len(self._anchor_ids):]
+        starts = [i for i, t in enumerate(rest) if t == IM_START_ID]
+        if ids[: len(self._anchor_ids)] != self._anchor_ids or len(starts) != len(messages) or starts[0] != 0:
+            # A text holding a literal "<|im_start|>" (a special token here): cut message by message instead.
+            return [self.message_ids(m, c) for m, c in zip(messages, audio_token_counts, strict=True)]
+        return [rest[a:b] for a, b in zip(starts, [*starts[1:], len(rest)], strict=True)]
+
     def build(self, messages: Sequence[Mapping[str, Any]], audio_token_counts: Sequence[int] = ()) -> list[int]:
         """``build_chat_prompt(messages, audio_token_counts)`` (the first message must be the system's)."""
         counts = list(audio_token_counts)

@@ -15,8 +15,10 @@ from typing import Any, Protocol
 from ..tokenizer import PromptBuilder, system_message, text_message
 from .events import ContextFull, ConversationLimit, EngineError
 
-#: Characters of message text tokenized per background slice (about a millisecond of tokenizing).
-TOKENIZE_SLICE_CHARS = 4096
+#: Characters of message text tokenized per background slice (well under a millisecond of tokenizing).
+TOKENIZE_SLICE_CHARS = 2048
+#: What one message's rendering costs besides its text, in characters of tokenizing (the template's framing).
+MESSAGE_COST_CHARS = 64
 
 
 class AudioPart(Protocol):
@@ -190,21 +192,32 @@ class PromptPlan:
 
     def tokenize_slice(self, builder: PromptBuilder, budget: int, max_items: int | None,
                        chars: int = TOKENIZE_SLICE_CHARS) -> bool:
-        """Tokenize messages worth about ``chars`` characters; True when every message that could fit
-        ``budget`` tokens (generation prompt included) is tokenized."""
+        """Tokenize the next messages (newest first) worth about ``chars`` characters, in one call; True when
+        every message that could fit ``budget`` tokens (generation prompt included) is tokenized."""
         if self.next == -2:
             self.generation_ids = builder.generation_ids
             self.tokens = len(self.entries[0].tokenize(builder, first=True)) + len(self.generation_ids)
             self.next = len(self.entries) - 1
         # Older messages than this cannot be kept for the item limit, whatever their size.
         lowest = max(1, len(self.entries) - _keepable(max_items)) if self.forgettable else 1
-        done = 0
-        while self.next >= lowest and done < chars:
+        batch: list[Entry] = []
+        size, i = 0, self.next
+        while i >= lowest and size < chars:
+            entry = self.entries[i]
+            if entry.ids is None:
+                batch.append(entry)
+                size += entry.chars + MESSAGE_COST_CHARS
+            size += 1
+            i -= 1
+        if batch:
+            batch.reverse()
+            ids = builder.messages_ids([e.message for e in batch], [[a.tokens for a in e.audio] for e in batch])
+            for entry, message_ids in zip(batch, ids, strict=True):
+                entry.ids = message_ids
+        while self.next > i:
             if self.forgettable and self.tokens > budget and self.next < len(self.entries) - 1:
-                break   # what is tokenized already overflows: every older message will be forgotten
-            entry = self.entries[self.next]
-            self.tokens += len(entry.tokenize(builder))
-            done += entry.chars
+                break   # what is counted already overflows: every older message will be forgotten
+            self.tokens += len(self.entries[self.next].ids)
             self.next -= 1
         finished = self.next < lowest or (self.forgettable and self.tokens > budget)
         if finished:
