@@ -22,9 +22,10 @@ from .audio import load_audio, log_mel_features
 from .constants import REASONER_SAMPLE_RATE
 from .engine.generate import GenerationResult, ResponseRunner
 from .engine.sampling import SamplingParams
+from .engine.schedule import DEFAULT_MAX_FRAMES
 from .loading import LoadedModel, load
 from .models.audio_encoder import audio_token_count
-from .tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
+from .tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt, system_message, text_message
 from .voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 
 DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
@@ -90,7 +91,7 @@ class Chroma:
         text: str | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         sample_rate: int | None = None,
-        max_new_frames: int = 750,
+        max_new_frames: int = DEFAULT_MAX_FRAMES,
         sampling: SamplingParams | None = None,
     ) -> Reply:
         """Answer one user turn (audio and/or text) in the given voice."""
@@ -103,8 +104,7 @@ class Chroma:
             content.append({"type": "audio"})
         if text:
             content.append({"type": "text", "text": text})
-        messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]},
-                    {"role": "user", "content": content}]
+        messages = [system_message(system_prompt), {"role": "user", "content": content}]
         ids = self.prompt_ids(messages, [feats] if feats is not None else [])
         dev, dtype = self.lm.device, self.lm.dtype
         result = self._run(ids, voice, None if feats is None else feats.to(dev, dtype), max_new_frames, sampling)
@@ -114,15 +114,14 @@ class Chroma:
         self,
         text: str,
         voice: VoicePrompt,
-        max_new_frames: int = 750,
+        max_new_frames: int = DEFAULT_MAX_FRAMES,
         sampling: SamplingParams | None = None,
     ) -> Reply:
         """Say ``text`` in the given voice (the forced-text path: the reasoner's tokens are these)."""
         if not text or not text.strip():
             raise ValueError("nothing to say: the text is empty")
         tokens = self.tokenizer.encode(text)
-        messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
-                    {"role": "user", "content": [{"type": "text", "text": text}]}]
+        messages = [system_message(), text_message("user", text)]
         ids = self.prompt_ids(messages)
         result = self._run(ids, voice, None, max_new_frames, sampling, forced=tokens)
         return self._reply(result)
@@ -133,7 +132,7 @@ class Chroma:
         voice_len = voice.backbone_length
         if self._runner is None or not self._runner.fits(len(ids), voice_len, max_new_frames):
             self._runner = ResponseRunner.for_call(self.model, max(len(ids), 512), max(voice_len, 400),
-                                                   max(max_new_frames, 750))
+                                                   max(max_new_frames, DEFAULT_MAX_FRAMES))
         return self._runner.run(ids, voice, feats, max_new_frames, sampling, forced)
 
     def _reply(self, result: GenerationResult) -> Reply:

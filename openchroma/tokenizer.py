@@ -221,9 +221,9 @@ def text_message(role: str, text: str, item_id: str | None = None) -> dict[str, 
 
 
 def system_message(text: str | None = None) -> dict[str, Any]:
-    """The system message a conversation starts with; ``None``/empty: Qwen2.5-Omni's speech prompt (the one the
+    """The system message a conversation starts with; ``None``: Qwen2.5-Omni's speech prompt (the one the
     Reasoner was trained to speak under). Training and serving build it here, so both send the same text."""
-    return text_message("system", text or QWEN_OMNI_SYSTEM_PROMPT)
+    return text_message("system", QWEN_OMNI_SYSTEM_PROMPT if text is None else text)
 
 
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> int:

@@ -124,7 +124,7 @@ class Responses:
             n = min(self.engine.prefill_chunk, job.embeds.shape[0] - job.done)
             chunks.append((job.session.slot, job.embeds[job.done:job.done + n], job.start + job.done))
         try:
-            hidden = self.stepper.thinker_prefill(chunks)
+            hidden = self.stepper.reasoner_prefill(chunks)
         except Exception as e:
             for job in ready:
                 self._guarded(job, _reraise, e)
@@ -215,7 +215,7 @@ class Responses:
         row = getattr(resp, "row", None)
         # The reasoner's cache holds the prompt and the tokens it consumed; history keeps what was spoken.
         if row is not None:
-            s.ctx_ids = s.ctx_ids[: row.prompt_len] + row.tokens[: row.thinker_pos - row.prompt_len]
+            s.ctx_ids = s.ctx_ids[: row.prompt_len] + row.tokens[: row.reasoner_pos - row.prompt_len]
         text = self.engine.spoken_text(resp.tokens)
         if not resp.out_of_band:
             # At the place the response began: user messages added while it spoke come after it.

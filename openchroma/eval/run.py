@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..constants import REASONER_SAMPLE_RATE
+from ..engine.schedule import DEFAULT_MAX_FRAMES
 from .asr import ASR_RATE, WerScorer, load_recognizer
 from .report import summarize, write_plots, write_report_md
 from .speaker import SIM_RATE, cosine_similarity, load_speaker_model
@@ -33,7 +34,7 @@ class EvalSettings:
     dtype: str = "float32"
     sim_model: str = "auto"
     asr_model: str = "auto"
-    max_frames: int = 750
+    max_frames: int = DEFAULT_MAX_FRAMES
     warmup: int = 1
     progress: bool = True
 

@@ -37,6 +37,7 @@ from ..engine import AudioChunk, Engine, ResponseDone
 from ..engine.generate import ResponseRunner
 from ..models.audio_encoder import audio_token_count
 from ..pipeline import Chroma
+from ..tokenizer import system_message
 from ..voice import VoicePrompt, encode_voice
 
 USER_RATE = REASONER_SAMPLE_RATE
@@ -279,8 +280,7 @@ def per_frame(chroma: Chroma, short: int = 24, long: int = 200, compile: bool = 
         voice: VoicePrompt = encode_voice(chroma.model, torch.from_numpy(voice_wav),
                                           chroma.tokenizer.encode(VOICE_TRANSCRIPT))
     feats = chroma.user_features(synthetic_audio(2.0, USER_RATE, seed), USER_RATE)
-    messages = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful voice assistant."}]},
-                {"role": "user", "content": [{"type": "audio"}]}]
+    messages = [system_message("You are a helpful voice assistant."), {"role": "user", "content": [{"type": "audio"}]}]
     ids = chroma.prompt_ids(messages, [feats])
     runner = ResponseRunner.for_call(chroma.model, len(ids), voice.backbone_length, long, compile=compile)
     feats = feats.to(chroma.lm.device)
