@@ -201,7 +201,6 @@ def test_a_conversation_flood_never_holds_the_frame_loop(tiny_chroma):
         stream.cancel()
         reader.join()
     during = sum(1 for t in made if asked < t < answered)
-    print("frames during the flood prompt:", during)
     assert during >= 3, f"the live stream made {during} frames while the flood's prompt was prepared"
     assert done.stop_reason == "length" and done.usage.prompt_tokens <= 4096
     assert 1 < len(flood.history) < 1000 and flood.history[-2]["id"] == "i999"
