@@ -520,3 +520,28 @@ def test_async_sessions_are_awaited_and_answer_as_sync_ones_do(engine):
     ref, _, _ = run(s.respond())
     assert torch.equal(done.codes, ref.codes) and history == s.history
     s.close()
+
+
+def test_a_voice_transcript_longer_than_the_caches_reserve_is_refused(engine, ref_audio):
+    """Regression: register_voice took any transcript, though the engine's caches reserve MAX_TRANSCRIPT_TOKENS."""
+    with pytest.raises(EngineError, match="tokens long; the limit is 256"):
+        engine.register_voice("long", ref_audio, "word " * 400, sample_rate=24000)
+    assert "long" not in engine.voices
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the worker we kill
+def test_commands_sent_after_the_worker_died_fail_instead_of_waiting_forever(chroma, ref_audio):
+    class WorkerKilled(BaseException):
+        """Not an ``Exception``: the worker's loop does not catch it, so its thread ends."""
+
+    eng = Engine(chroma, max_sessions=1, max_context=256, max_response_frames=FRAMES)
+    eng.register_voice("ref", ref_audio, "hello there", sample_rate=24000)
+    s = eng.create_session("ref")
+    s.add_text("Hello?")
+    eng.stepper.step = lambda: (_ for _ in ()).throw(WorkerKilled())
+    done = s.respond().result()
+    assert done.stop_reason == "error" and "worker stopped" in done.error
+    assert "stopped" in eng.problem()
+    with pytest.raises(EngineError, match="worker stopped"):
+        s.add_text("Anyone?")
+    eng.close()

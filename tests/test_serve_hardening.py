@@ -438,7 +438,7 @@ def test_a_fault_mid_step_fails_the_response_and_the_server_keeps_serving(tiny_c
                         break
                 kinds = [e["type"] for e in seen]
                 assert "error" in kinds or "response.done" in kinds, kinds
-            assert wait_until(lambda: not engine._thread.is_alive(), 10)
+            assert wait_until(lambda: "stopped" in (engine.problem() or ""), 10)
             health = httpx.get(f"{url}/health", timeout=30)
             assert health.status_code == 503 and "stopped" in health.json()["error"]
         finally:   # the engine answers the commands still queued when its worker died: connections end

@@ -239,7 +239,7 @@ class Engine:
     # ----- the worker -------------------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
-        return self.worker._closed
+        return self.worker.closed
 
     @property
     def healthy(self) -> bool:

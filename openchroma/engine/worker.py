@@ -61,12 +61,17 @@ class Worker:
         self.last_error: str | None = None
         self._cmds: queue.Queue = queue.Queue()
         self._closed = False
+        self._stopped = False             # the loop has ended: what is queued now is answered with an error
         self._thread = threading.Thread(target=self._run, name="openchroma-engine", daemon=True)
         self._thread.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return not self._stopped and self._thread.is_alive()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def on_thread(self) -> bool:
@@ -77,8 +82,8 @@ class Worker:
             raise EngineError("the engine is closed")
         fut: Future = Future()
         self._cmds.put((fn, args, fut))
-        if not self._thread.is_alive():
-            self._drain("the engine's worker stopped")
+        if self._stopped:   # set before the worker's last drain: one of the two answers this command
+            self._drain("the engine is closed" if self._closed else "the engine's worker stopped")
         return fut
 
     def call(self, fn, *args):
@@ -105,8 +110,11 @@ class Worker:
     def _run(self) -> None:
         try:
             self._loop()
-        finally:
-            self._drain("the engine is closed" if self._closed else "the engine's worker stopped")
+        finally:   # closed, or killed by something no guard catches: nobody may wait on it forever
+            self._stopped = True
+            message = "the engine is closed" if self._closed else "the engine's worker stopped"
+            self.work.fail_all(message)
+            self._drain(message)
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
