@@ -307,7 +307,7 @@ def test_a_failure_in_one_response_ends_only_that_response(engine):
     def broken(token):
         raise RuntimeError("this response's detokenizer broke")
 
-    engine._call(lambda: setattr(ra._detok, "push", broken))
+    engine.submit(lambda: setattr(ra._detok, "push", broken)).result()
     da, db = ra.result(), rb.result()
     assert da.stop_reason == "error" and "detokenizer broke" in da.error
     assert db.stop_reason == "length" and db.frames == FRAMES
@@ -460,8 +460,8 @@ def test_an_out_of_band_response_leaves_the_conversation_as_it_was(engine):
 def test_a_command_cancelled_before_it_runs_is_skipped_and_the_worker_goes_on(engine):
     import time as _time
 
-    busy = engine._submit(_time.sleep, 0.3)
-    dropped = engine._submit(lambda: pytest.fail("a cancelled command ran"))
+    busy = engine.submit(_time.sleep, 0.3)
+    dropped = engine.submit(lambda: pytest.fail("a cancelled command ran"))
     assert dropped.cancel()
     busy.result()
     s = engine.create_session("ref")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..constants import REASONER_SAMPLE_RATE
+from ..constants import FRAME_SECONDS, REASONER_SAMPLE_RATE
 from ..engine import AudioChunk, Engine, ResponseDone
 from ..engine.generate import ResponseRunner
 from ..models.audio_encoder import audio_token_count
@@ -193,7 +193,7 @@ def run_bench(
     if frames < 1 or turns < 1 or warmup < 0 or user_seconds <= 0:
         raise ValueError("frames and turns must be >= 1, warmup >= 0 and user seconds > 0")
     cfg = chroma.config
-    frame_seconds = cfg.audio_frame_freq / cfg.sample_rate
+    frame_seconds = FRAME_SECONDS
     max_context = max(2048, _context_needed(cfg, frames, user_seconds, turns + warmup))
     # One engine sized for the largest level, as a server would be (idle slots still cost Mimi work per step).
     engine = Engine(chroma, max_sessions=max(sessions), max_context=max_context, max_response_frames=frames,

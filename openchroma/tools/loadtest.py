@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from openchroma.audio import float_to_pcm16
+from openchroma.constants import FRAME_SECONDS
 
 RATE = 24000
 APPEND_SECONDS = 0.1
-FRAME_SECONDS = 0.08
 
 
 @dataclass
