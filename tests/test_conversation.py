@@ -113,6 +113,21 @@ def test_a_flood_is_tokenized_newest_first_in_bounded_slices_and_only_what_can_f
     assert start > 9000 and len(plan.ids(start)[0]) <= 4000
     conv.forget(start - 1)
     assert conv.messages[1]["id"] == f"i{start - 1}" and conv.items == 10_001 - start
+    # The next response tokenizes only what is new: each message is tokenized once.
+    conv.add_message("user", "One more.", item_id="new")
+    rendered: list[int] = []
+
+    class Counting:
+        generation_ids = builder.generation_ids
+
+        def messages_ids(self, messages, counts):
+            rendered.append(len(messages))
+            return builder.messages_ids(messages, counts)
+
+    again = conv.plan()
+    while not again.tokenize_slice(Counting(), 4000, None):
+        pass
+    assert rendered == [1]
 
 
 def test_conversation_edits_by_id_and_its_audio_goes_with_its_message():

@@ -201,14 +201,18 @@ class PromptPlan:
         # Older messages than this cannot be kept for the item limit, whatever their size.
         lowest = max(1, len(self.entries) - _keepable(max_items)) if self.forgettable else 1
         batch: list[Entry] = []
-        size, i = 0, self.next
+        size, i, known = 0, self.next, self.tokens
         while i >= lowest and size < chars:
             entry = self.entries[i]
             if entry.ids is None:
                 batch.append(entry)
                 size += entry.chars + MESSAGE_COST_CHARS
+            elif not batch:
+                known += len(entry.ids)
             size += 1
             i -= 1
+            if self.forgettable and known > budget:
+                break   # the newer messages fill the budget already: tokenize nothing older
         if batch:
             batch.reverse()
             ids = builder.messages_ids([e.message for e in batch], [[a.tokens for a in e.audio] for e in batch])
