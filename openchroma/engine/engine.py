@@ -261,8 +261,6 @@ class Engine:
         future of its result."""
         return self.worker.submit(fn, *args)
 
-    _submit = submit
-
     async def run(self, fn, *args):
         """Await ``fn(*args)`` run on the worker, between frames (for changes to tables the worker reads)."""
         return await asyncio.wrap_future(self.submit(fn, *args))

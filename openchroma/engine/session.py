@@ -167,7 +167,10 @@ class Session:
         For this response only: ``voice`` (a registered voice's name) and ``instructions`` (the system prompt).
         ``out_of_band``: the response reads the history (or ``messages``, ``[{"role": ..., "text": ...}]``,
         instead) but is not added to it, and the user's open turn stays open. ``item_id`` tags the response's
-        message in the history."""
+        message in the history.
+
+        Answered once the prompt is built (new messages tokenized and the context fitted, in slices between other
+        users' frames): ``ContextFull`` when even the latest turn leaves no room to answer."""
         if forced_text is not None and not forced_text.strip():
             raise EngineError("forced_text is empty: nothing to say")
         if forced_text is not None:
@@ -206,10 +209,10 @@ class AsyncSession(Session):
     still raise at once, before anything is sent."""
 
     def _do(self, fn, *args) -> asyncio.Future:
-        return asyncio.wrap_future(self.engine._submit(fn, *args))
+        return asyncio.wrap_future(self.engine.submit(fn, *args))
 
     def _do_all(self, calls: list[tuple]) -> asyncio.Future:
-        futures = [self.engine._submit(fn, *args) for fn, *args in calls]   # the worker keeps their order
+        futures = [self.engine.submit(fn, *args) for fn, *args in calls]   # the worker keeps their order
         if not futures:
             return asyncio.ensure_future(asyncio.sleep(0))
 

@@ -64,7 +64,7 @@ class Row:
     max_frames: int
     forced: list[int] | None
     prompt_len: int               # reasoner positions before the response
-    reasoner_pos: int              # next reasoner position
+    reasoner_pos: int             # next reasoner position
     bb_pos: int                   # next backbone position
     tokens: list[int] = field(default_factory=list)   # every token the reasoner emitted, in order
     fed: int = 0                  # text pairs that entered the backbone
