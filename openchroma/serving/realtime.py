@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse
 from ..audio import AudioError
 from ..engine import (
     DEFAULT_SYSTEM_PROMPT,
+    FRAME_SECONDS,
     AsyncSession,
     AudioChunk,
     ContextFull,
@@ -39,8 +40,9 @@ from ..engine import (
     SessionLimit,
     TextDelta,
     UnknownVoice,
+    frames_for_text,
 )
-from ..engine.engine import Response as EngineResponse
+from ..engine import Response as EngineResponse
 from . import realtime_events as ev
 from .codecs import InputDecoder, OutputEncoder
 from .errors import APIError, EngineTimeout, shorten
@@ -785,7 +787,9 @@ class RealtimeConnection:
                                 "'none'", "invalid_value", "response.input")
         rid, item_id = _id("resp"), _id("item")
         out = ResponseOut(rid, item_id, modalities, fmt, voice or self.session.voice, mot, p.metadata, out_of_band)
-        max_frames = self.cfg.max_response_frames if mot == "inf" else min(self.cfg.max_response_frames, 2 * mot)
+        max_frames = self.cfg.max_response_frames
+        if mot != "inf":
+            max_frames = min(max_frames, frames_for_text(mot))
         args = {"max_frames": max_frames, "voice": voice, "instructions": p.instructions, "out_of_band": out_of_band,
                 "messages": self._input_messages(p.input) if p.input is not None else None,
                 "item_id": None if out_of_band else item_id}
@@ -842,7 +846,7 @@ class RealtimeConnection:
         await self.send({"type": "response.content_part.added", **base,
                          "part": {"type": "audio", "transcript": ""} if audio_out else {"type": "text", "text": ""}})
         encoder = OutputEncoder(out.format["type"]) if audio_out else None
-        ms_per_frame = 1000 * self.engine.cfg.audio_frame_freq / self.engine.sample_rate
+        ms_per_frame = 1000 * FRAME_SECONDS
         sent_ms = 0.0
         done: ResponseDone | None = None
         async for e in response_events(self.cfg, resp):
