@@ -23,13 +23,13 @@ from .config import response_frame_limit
 from .constants import REASONER_SAMPLE_RATE
 from .engine.generate import GenerationResult, ResponseRunner
 from .engine.sampling import SamplingParams
+from .engine.schedule import DEFAULT_MAX_FRAMES
 from .loading import LoadedModel, load
 from .models.audio_encoder import audio_token_count
-from .tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
+from .tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt, system_message, text_message
 from .voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 
 DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
-DEFAULT_MAX_FRAMES = 750   # 60 s
 
 __all__ = ["Chroma", "Reply", "save_wav", "DEFAULT_SYSTEM_PROMPT", "MAX_VOICE_SECONDS"]
 
@@ -111,8 +111,7 @@ class Chroma:
             content.append({"type": "audio"})
         if text:
             content.append({"type": "text", "text": text})
-        messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]},
-                    {"role": "user", "content": content}]
+        messages = [system_message(system_prompt), {"role": "user", "content": content}]
         ids = self.prompt_ids(messages, [feats] if feats is not None else [])
         dev, dtype = self.lm.device, self.lm.dtype
         result = self._run(ids, voice, None if feats is None else feats.to(dev, dtype), max_new_frames, sampling)
@@ -129,8 +128,7 @@ class Chroma:
         if not text or not text.strip():
             raise ValueError("nothing to say: the text is empty")
         tokens = self.tokenizer.encode(text)
-        messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
-                    {"role": "user", "content": [{"type": "text", "text": text}]}]
+        messages = [system_message(), text_message("user", text)]
         ids = self.prompt_ids(messages)
         result = self._run(ids, voice, None, max_new_frames, sampling, forced=tokens)
         return self._reply(result)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..cli_args import MODEL_HELP, UsageError, add_max_frames_argument, add_model_arguments, check_max_frames
 from ..constants import REASONER_SAMPLE_RATE
+from ..engine.schedule import DEFAULT_MAX_FRAMES
 from ..reporting import fmt
 from .asr import ASR_RATE, WerScorer, load_recognizer
 from .report import summarize, write_plots, write_report_md
@@ -72,7 +73,6 @@ def stage_breakdown(timings: dict[str, float]) -> dict[str, float | None]:
 def max_frames_for(settings: EvalSettings) -> int:
     """The frame limit per utterance: ``settings.max_frames``, else 60 s, or 4 s for a random checkpoint."""
     from ..config import response_frame_limit
-    from ..pipeline import DEFAULT_MAX_FRAMES
 
     return response_frame_limit(settings.model, settings.max_frames, DEFAULT_MAX_FRAMES)
 

@@ -76,7 +76,7 @@ class ServerConfig:
     max_pending_input_bytes: int = field(default=16 * 2**20, metadata=flag(
         "decoded audio a realtime connection may queue unprocessed, MiB", name="max-pending-input-mb", scale=2**20))
     max_messages: int = field(default=256, metadata=flag("messages in one chat request", metavar="N"))
-    max_conversation_items: int = field(default=1024, metadata=flag(
+    max_conversation_items: int = field(default=1000, metadata=flag(
         "items one realtime conversation may hold; more get an error event (the engine caps its conversations "
         "the same, when it supports it)", metavar="N"))
     shutdown_grace: float = field(default=10.0, metadata=flag(

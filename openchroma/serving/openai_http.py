@@ -32,6 +32,7 @@ from ..audio import AudioError
 from ..constants import REASONER_SAMPLE_RATE
 from ..engine import (
     DEFAULT_SYSTEM_PROMPT,
+    FRAMES_PER_TEXT_TOKEN,
     AudioChunk,
     ContextFull,
     Engine,
@@ -39,6 +40,8 @@ from ..engine import (
     ResponseDone,
     SamplingParams,
     TextDelta,
+    frames_for_text,
+    seconds_of_frames,
 )
 from ..voice import MAX_VOICE_SECONDS
 from .codecs import SPEECH_FORMATS, SpeechEncoder, client_audio, encode_wav, float_to_pcm16
@@ -351,7 +354,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     limit = req.max_completion_tokens or req.max_tokens
     if limit is not None and limit < 1:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
-    max_frames = engine.max_response_frames if limit is None else min(engine.max_response_frames, 2 * limit)
+    max_frames = engine.max_response_frames
+    if limit is not None:
+        max_frames = min(max_frames, frames_for_text(limit))
 
     session = await open_session(state, "chat", client_id(request.scope), voice, system)
     try:
@@ -466,9 +471,10 @@ async def audio_speech(req: SpeechRequest, request: Request):
     if len(text) > MAX_SPEECH_CHARS:
         raise APIError(400, f"input is {len(text)} characters; the limit is {MAX_SPEECH_CHARS}", param="input")
     n_tokens = len(engine.tokenizer.encode(text))
-    if 2 * n_tokens + 8 > engine.max_response_frames:
-        raise APIError(400, f"input is {n_tokens} tokens; at 2 audio frames per token it needs more than the server's "
-                            f"{engine.max_response_frames * 0.08:.0f} s per response: split it", param="input")
+    if frames_for_text(n_tokens) + 8 > engine.max_response_frames:
+        raise APIError(400, f"input is {n_tokens} tokens; at {FRAMES_PER_TEXT_TOKEN} audio frames per token it needs "
+                            f"more than the server's {seconds_of_frames(engine.max_response_frames):.0f} s per "
+                            "response: split it", param="input")
     voice = state.resolve_voice(req.voice)
     sampling = sampling_from(req)
     rate = engine.sample_rate

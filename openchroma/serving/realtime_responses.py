@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..constants import FRAME_SECONDS
-from ..engine import AudioChunk, ResponseDone, TextDelta
+from ..engine import AudioChunk, ResponseDone, TextDelta, frames_for_text
 from ..engine import Response as EngineResponse
 from . import realtime_events as ev
 from . import realtime_server_events as out
@@ -102,7 +102,9 @@ class Responses:
                                 "'none'", "invalid_value", "response.input")
         info = out.ResponseInfo(new_id("resp"), new_id("item"), None if out_of_band else core.conversation_id,
                                 modalities, fmt, voice or core.session.voice, mot, p.metadata)
-        max_frames = core.cfg.max_response_frames if mot == "inf" else min(core.cfg.max_response_frames, 2 * mot)
+        max_frames = core.cfg.max_response_frames
+        if mot != "inf":
+            max_frames = min(max_frames, frames_for_text(mot))
         args = {"max_frames": max_frames, "voice": voice, "instructions": p.instructions, "out_of_band": out_of_band,
                 "messages": self._input_messages(p.input) if p.input is not None else None,
                 "item_id": None if out_of_band else info.item_id}

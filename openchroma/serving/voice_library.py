@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ..audio import AudioError, AudioTooLong, decode_client_audio, resample
 from ..engine import EngineError
-from ..voice import MAX_VOICE_SECONDS, VoicePrompt
+from ..voice import MAX_TRANSCRIPT_TOKENS, MAX_VOICE_SECONDS, VoicePrompt
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -50,7 +50,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 RESERVED_PREFIX = "_adhoc_"        # the chat routes' per-request voices live in the engine under this prefix
 MIN_VOICE_SECONDS = 1.0
 MAX_TRANSCRIPT_CHARS = 1000
-MAX_TRANSCRIPT_TOKENS = 256        # what the engine reserves for a voice's transcript in its caches
 SILENCE_DBFS = -50.0               # a reference quieter than this (RMS over the clip) is refused
 MIN_SPEECH_SECONDS = 0.3           # speech that silero-vad must find in the reference
 VAD_RATE = 16000

@@ -36,12 +36,13 @@ import numpy as np
 import torch
 
 from ..cli_args import UsageError, add_compile_argument, add_model_arguments, int_list
-from ..constants import REASONER_SAMPLE_RATE
+from ..constants import FRAME_SECONDS, REASONER_SAMPLE_RATE
 from ..engine import AudioChunk, Engine, ResponseDone
 from ..engine.generate import ResponseRunner
 from ..models.audio_encoder import audio_token_count
 from ..pipeline import Chroma
 from ..reporting import NAN, distribution, require
+from ..tokenizer import system_message
 from ..voice import VoicePrompt, encode_voice
 from .bench_report import write_report
 
@@ -191,7 +192,7 @@ def run_bench(
     if frames < 1 or turns < 1 or warmup < 0 or user_seconds <= 0:
         raise ValueError("frames and turns must be >= 1, warmup >= 0 and user seconds > 0")
     cfg = chroma.config
-    frame_seconds = cfg.audio_frame_freq / cfg.sample_rate
+    frame_seconds = FRAME_SECONDS
     max_context = max(2048, _context_needed(cfg, frames, user_seconds, turns + warmup))
     results: dict[str, Any] = {
         "settings": {"sessions": sessions, "frames": frames, "user_seconds": user_seconds, "turns": turns,
@@ -310,8 +311,7 @@ def per_frame(chroma: Chroma, short: int = 24, long: int = 200, compile: bool = 
         voice: VoicePrompt = encode_voice(chroma.model, torch.from_numpy(voice_wav),
                                           chroma.tokenizer.encode(VOICE_TRANSCRIPT))
     feats = chroma.user_features(synthetic_audio(2.0, USER_RATE, seed), USER_RATE)
-    messages = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful voice assistant."}]},
-                {"role": "user", "content": [{"type": "audio"}]}]
+    messages = [system_message("You are a helpful voice assistant."), {"role": "user", "content": [{"type": "audio"}]}]
     ids = chroma.prompt_ids(messages, [feats])
     runner = ResponseRunner.for_call(chroma.model, len(ids), voice.backbone_length, long, compile=compile)
     feats = feats.to(chroma.lm.device)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from openchroma.audio import float_to_pcm16
+from openchroma.constants import FRAME_SECONDS
 from openchroma.reporting import distribution, fmt, markdown_table, pyplot, save_figure
 
 from . import abuse as abusers
@@ -35,7 +36,6 @@ from .abuse import AbuseConfig, AbuseStats
 
 RATE = 24000
 APPEND_SECONDS = 0.1
-FRAME_SECONDS = 0.08
 
 
 @dataclass

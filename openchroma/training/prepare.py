@@ -25,7 +25,7 @@ from ..constants import CODEC_SAMPLE_RATE, REASONER_SAMPLE_RATE
 from ..engine.schedule import backbone_budget, max_text_pairs
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
-from ..tokenizer import ChatTokenizer, build_chat_prompt
+from ..tokenizer import ChatTokenizer, build_chat_prompt, system_message
 from ..voice import encode_voice
 from .data import (
     PREPARED_FORMAT,
@@ -37,10 +37,6 @@ from .data import (
 )
 from .sequence import reasoner_response_hidden
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-    "auditory and visual inputs, as well as generating text and speech."
-)
 MAX_VOICE_SECONDS = 30.0
 MAX_USER_SECONDS = 30.0
 
@@ -70,8 +66,7 @@ class Preparer:
             content.append({"type": "audio"})
         if row.user_text:
             content.append({"type": "text", "text": row.user_text})
-        messages = [{"role": "system", "content": [{"type": "text", "text": row.system or DEFAULT_SYSTEM_PROMPT}]},
-                    {"role": "user", "content": content}]
+        messages = [system_message(row.system or None), {"role": "user", "content": content}]
         return build_chat_prompt(self.tokenizer, messages, [] if n_audio_tokens is None else [n_audio_tokens])
 
     def _audio(self, row: ManifestRow, key: str, rate: int, limit: float) -> torch.Tensor:

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from ..cli_args import add_model_arguments, env_default
 from ..constants import CODEC_SAMPLE_RATE
-from ..engine.schedule import frames_for_seconds
+from ..engine.schedule import frames_for_seconds, frames_for_text
 from ..reporting import require
+from ..tokenizer import system_message, text_message
 from .data import write_manifest
 
 
@@ -190,13 +191,10 @@ class LocalModel:
     @torch.inference_mode()
     def answer(self, question: str, system: str | None, max_tokens: int) -> str:
         """Greedy text answer of the Reasoner (at least one token, at most ``max_tokens``)."""
-        from ..pipeline import DEFAULT_SYSTEM_PROMPT
-
         with self.lock:
             c = self.chroma
             m = c.model
-            messages = [{"role": "system", "content": [{"type": "text", "text": system or DEFAULT_SYSTEM_PROMPT}]},
-                        {"role": "user", "content": [{"type": "text", "text": question}]}]
+            messages = [system_message(system or None), text_message("user", question)]
             ids = torch.tensor(c.prompt_ids(messages), device=c.lm.device)[None]
             n = ids.shape[1]
             cache = m.thinker.model.new_cache(1, n + max_tokens)
@@ -229,7 +227,7 @@ class LocalModel:
 
     def frames_needed(self, text: str) -> int:
         """Frames that carry ``text`` at one token per two frames (with im_end)."""
-        return 2 * len(self.chroma.tokenizer.encode(text)) + 1
+        return frames_for_text(len(self.chroma.tokenizer.encode(text))) + 1
 
 
 def _save_wav_bytes(data: bytes, path: Path) -> None:
