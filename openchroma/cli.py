@@ -316,10 +316,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    import uvicorn
-
     from .config import RANDOM_DEMO_SECONDS, is_random_checkpoint
-    from .serving.app import ServerConfig, create_app, uvicorn_options
+    from .serving.app import ServerConfig, serve
 
     # Fail at start-up, before anything loads in the background: a server that can never answer must not run.
     check_model_arg(args.model)
@@ -354,10 +352,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if random_weights:
         print(f"  RANDOM WEIGHTS (init-random): the model speaks noise; answers stop after {max_response_seconds:g} s "
               "(--max-response-seconds to change)")
-    app = create_app(config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                **uvicorn_options(config))
-    return 0
+    return serve(config, host=args.host, port=args.port, log_level=args.log_level)   # 1 when the model fails to load
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

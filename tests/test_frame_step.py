@@ -105,6 +105,7 @@ def test_seeded_session_gives_the_same_audio_alone_or_beside_others(tiny_chroma)
 
 
 # ----- compiled -------------------------------------------------------------------------------------------
+@pytest.mark.slow   # inductor compiles the frame step
 def test_compiled_step_equals_eager_on_a_reference_case(fixture_dir, capsys):
     """torch.compile (inductor) of the frame step reproduces the published code's tokens and codes exactly."""
     case = fixture_dir / "case_speech_turn.safetensors"
@@ -178,6 +179,7 @@ def _stream_beside_a_long_turn_and_a_new_voice(chroma, long_turn, long_voice) ->
     return (max(during) if during else 0.0), median, len(during)
 
 
+@pytest.mark.slow   # 25 s turns, wall-clock timing
 def test_a_live_stream_keeps_flowing_while_another_user_sends_a_long_turn_and_a_new_voice(tiny_chroma):
     """Another session's 25 s turn (its audio encoding and prefill) and a 25 s voice registration are done in
     slices between frames or off the frame loop, so the live stream's largest gap between chunks stays within 2x

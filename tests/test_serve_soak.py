@@ -12,10 +12,13 @@ import os
 import time
 
 import httpx
+import pytest
 from hardening_helpers import add_voice, connect, probe, recv, rss_bytes, wait_until
 from server_harness import chroma_server
 
 from openchroma.tools.loadtest import LoadConfig, _run, loadtest
+
+pytestmark = pytest.mark.slow   # a minute of soak and a load test
 
 SOAK_SECONDS = float(os.environ.get("OPENCHROMA_SOAK_SECONDS", "60"))
 

@@ -224,6 +224,7 @@ def one_process_run(data4, tiny_random_dir, tmp_path_factory) -> Path:
 DIST_ARGS = ["--steps", "4", "--lr", "3e-3", "--batch-size", "4", "--no-progress", "--no-tensorboard"]
 
 
+@pytest.mark.slow   # torchrun
 def test_ddp_two_gloo_processes_equal_one(one_process_run, data4, tiny_random_dir, tmp_path):
     """Same global batch of 4: one process at once vs 2 processes x 2 accumulated micro-batches of 1."""
     two = tmp_path / "two"
@@ -231,6 +232,7 @@ def test_ddp_two_gloo_processes_equal_one(one_process_run, data4, tiny_random_di
     _same_run(one_process_run, two)
 
 
+@pytest.mark.slow   # torchrun
 def test_fsdp_two_gloo_processes_equal_one_and_resume(one_process_run, data4, tiny_random_dir, tmp_path):
     """FSDP2 (full fine-tuning sharded over 2 gloo processes), interrupted after step 2 and resumed."""
     two = tmp_path / "fsdp"

@@ -8,6 +8,7 @@ This module only assembles the application: the routes live in their own modules
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from .errors import APIError, EngineTimeout, clip, pydantic_problem, shorten
 from .guards import BodyLimit, CheckOrigin, RequireKey, install_log_redaction
 from .state import ServerConfig, ServerState
 
-__all__ = ["ServerConfig", "create_app", "uvicorn_options"]
+__all__ = ["ServerConfig", "create_app", "serve", "uvicorn_options"]
 
 log = logging.getLogger("openchroma.serve")
 
@@ -105,6 +106,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict[str, Any]:   # random_weights: ours, so clients can say the model speaks noise
+        state.require_engine()   # 503 while loading or after a failed load: list no model that is not served
         return {"id": config.model_id, "object": "model", "created": int(state.started), "owned_by": "openchroma",
                 "random_weights": state.random_weights}
 
@@ -135,6 +137,23 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(RequireKey, state=state)   # outermost: nothing runs for a request without the key
     install_log_redaction()
     return app
+
+
+def serve(config: ServerConfig, host: str, port: int, log_level: str = "info") -> int:
+    """Run the server until it is stopped: 0; when the model cannot be loaded the server stops at once and this
+    prints one line naming the cause and the fix, and returns 1 (a server with no model must not keep running)."""
+    import uvicorn
+
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=5, **uvicorn_options(config)))
+    state: ServerState = app.state.oc
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)   # read by uvicorn's loop
+    server.run()
+    if state.load_error is not None:
+        print(f"openchroma serve: error: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 3   # 3: uvicorn's "startup failed", as uvicorn.run exits
 
 
 def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
