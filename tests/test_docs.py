@@ -52,6 +52,7 @@ def test_python_code_compiles(page):
         compile(code.replace("await ", "").replace("async for", "for"), page, "exec")
 
 
+@pytest.mark.slow   # two fresh interpreters load torch
 def test_the_commands_pages_random_checkpoint_commands_run(tmp_path):
     """init-random then speak, as written, at the tiny preset and with a real voice recording for ref.wav."""
     shutil.copy(SPEECH_WAV, tmp_path / "ref.wav")
@@ -148,6 +149,7 @@ def test_the_server_vad_variant_ends_the_turn_after_the_silence(voiced, tmp_path
     assert sf.info(tmp_path / "answer.wav").duration > 0.5
 
 
+@pytest.mark.slow   # a fresh interpreter loads a model twice over
 def test_the_engine_pages_python_example_runs(tmp_path, tiny_random_dir):
     """The simple API on the tiny random checkpoint in place of the hub model."""
     shutil.copy(SPEECH_WAV, tmp_path / "ref.wav")

@@ -69,6 +69,7 @@ def espeak_set(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow   # speech recognition of a whole test set
 @needs_espeak
 def test_audio_dir_scoring_wer_own_text_far_below_other_text(espeak_set, tmp_path, capsys):
     out = tmp_path / "out"
@@ -222,6 +223,7 @@ def test_auto_models_fall_back_offline_and_the_report_names_them(tmp_path, monke
     assert s["sim_mean"] > 0.8
 
 
+@pytest.mark.slow   # speech recognition
 @needs_espeak
 def test_dialogue_audio_dir_takes_the_answer_text_from_a_txt_file(tmp_path):
     shutil.copy(SPEECH_WAV, tmp_path / "prompt.wav")

@@ -116,6 +116,7 @@ def test_compiled_step_equals_eager_on_a_reference_case(fixture_dir, capsys):
     assert report["tokens_match"] and report["codes_match"]
 
 
+@pytest.mark.slow   # compile (dynamo), 200 steps
 def test_no_graph_breaks_and_no_recompiles_while_sessions_join_and_leave(tiny_chroma):
     """Every variant traces as one graph (fullgraph), and 200 steps of sessions coming and going, greedy and
     sampled, with and without text pairs, reuse the graphs built at load."""
