@@ -39,6 +39,7 @@ def embedder():
     return load_speaker_model("resemblyzer")
 
 
+@pytest.mark.slow   # speaker embeddings of a whole test set
 @needs_espeak
 def test_sim_same_espeak_voice_beats_other_voices(embedder):
     """Two different sentences by the same voice are more similar than the same sentences by any other voice."""
@@ -102,6 +103,7 @@ def write_list(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow   # eval end to end
 def test_eval_end_to_end_on_random_model(tiny_random_dir, tmp_path):
     shutil.copy(SPEECH_WAV, tmp_path / "prompt.wav")
     (tmp_path / "corrupt.wav").write_bytes(b"this is not audio")
