@@ -138,6 +138,7 @@ def test_eval_end_to_end_on_random_model(tiny_random_dir, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow   # eval end to end
 def test_eval_dialogue_task_uses_the_answer_text(tiny_random_dir, tmp_path):
     shutil.copy(SPEECH_WAV, tmp_path / "prompt.wav")
     shutil.copy(SPEECH_WAV, tmp_path / "user.wav")
@@ -292,6 +293,7 @@ def tiny_random_whisper(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow   # a Whisper model over espeak speech
 @needs_espeak
 def test_whisper_recognizer_code_path(tmp_path, capsys):
     """The default ASR backend (transformers Whisper) from a local directory, on a tiny random model since the

@@ -302,7 +302,7 @@ def test_vad_speaking_and_padding(speech):
 
 
 @needs_silero
-@pytest.mark.parametrize("noise", [0.0, 0.003])
+@pytest.mark.parametrize("noise", [0.0, pytest.param(0.003, marks=pytest.mark.slow)])
 def test_vad_silence_gives_no_event(noise):
     x = (np.random.default_rng(0).standard_normal(3 * 24000) * noise).astype(np.float32)
     stream = vad.StreamingVAD(vad.VADConfig())
