@@ -28,6 +28,9 @@ class ServerConfig:
     api_key: str | None = field(default=None, metadata=flag(
         "require this key on every API route and the WebSocket (default: $OPENCHROMA_API_KEY; unset = no key)"))
     data_dir: Path = field(default_factory=default_data_dir, metadata=flag("where the voice library lives"))
+    voices_db: str | None = field(default=None, metadata=flag(
+        "keep the voice library in PostgreSQL (postgresql://USER:PASSWORD@HOST/DB) instead of --data-dir, shared "
+        "by every replica", metavar="URL"))
     max_sessions: int = field(default=8, metadata=flag(
         "conversations served at once; more get HTTP 503 / a realtime error"))
     max_context: int = field(default=4096, metadata=flag("reasoner context per conversation, tokens"))

@@ -87,7 +87,7 @@ class ServerState:
         self.connections: set = set()   # open realtime connections
         self.client_sessions: Counter[str] = Counter()   # sessions held per client address
         self.http_session_clients: dict = {}   # an HTTP route's engine session -> the client address holding it
-        self.voices = VoiceLibrary(Path(config.data_dir), self.metrics)
+        self.voices = VoiceLibrary(Path(config.data_dir), self.metrics, config.voices_db)
         if engine is not None:
             self._attach(engine)
 
@@ -164,6 +164,7 @@ class ServerState:
     def resolve_voice(self, name: str | None) -> str:
         """The library voice to speak in: the one named, else the server's default, else the only one."""
         engine = self.require_engine()
+        self.voices.sync()   # voices added, replaced or deleted through another replica
         if isinstance(name, dict):  # OpenAI's {"id": "..."} form
             name = name.get("id")
         if name is not None and not isinstance(name, str):
