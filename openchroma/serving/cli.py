@@ -139,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if random_weights and not hasattr(args, "max_response_seconds"):
         values["max_response_seconds"] = RANDOM_DEMO_SECONDS
     config = config_from_args(args, **values)
+    if config.scale_out:
+        from .ray_app import serve_on_ray
+
+        return serve_on_ray(config, args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({config.dtype}) in the background; GET /health says when it is ready.\n"

@@ -80,6 +80,25 @@ class ServerConfig:
         "decoded audio a realtime connection may queue unprocessed, MiB", name="max-pending-input-mb", scale=2**20))
     max_messages: int = field(default=256, metadata=flag("messages in one chat request", metavar="N"))
 
+    # Scale-out on Ray Serve (``serving/ray_app``): any of these makes ``serve`` start or join a Ray cluster.
+    replicas: int = field(default=0, metadata=flag(
+        "serve N engine replicas behind one endpoint with Ray Serve (0 = one process, no Ray)", metavar="N"))
+    min_replicas: int | None = field(default=None, metadata=flag(
+        "autoscale on live sessions between --min-replicas and --max-replicas (Ray Serve)", metavar="N"))
+    max_replicas: int | None = field(default=None, metadata=flag(
+        "autoscaling's upper bound (Ray Serve)", metavar="N"))
+    ray_address: str | None = field(default=None, metadata=flag(
+        "join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one", metavar="ADDR"))
+    replica_cpus: float = field(default=1.0, metadata=flag(
+        "CPUs Ray reserves per replica (fractions allowed)", metavar="N"))
+    drain_seconds: float = field(default=30.0, metadata=flag(
+        "on scale-down or upgrade, how long a replica's live sessions may run on before it exits", metavar="S"))
+
+    @property
+    def scale_out(self) -> bool:
+        """Whether ``serve`` runs on Ray Serve."""
+        return bool(self.replicas or self.min_replicas or self.max_replicas or self.ray_address)
+
     @property
     def max_response_frames(self) -> int:
         return max(1, int(self.max_response_seconds * FRAME_RATE_HZ))

@@ -1,0 +1,97 @@
+"""OpenChroma on Ray Serve: a local Ray cluster runs 2 replicas of a random tiny checkpoint (half a CPU each);
+through Serve's proxy, realtime sessions land on both replicas (the X-OpenChroma-Replica header), a voice added
+once serves sessions on both, and a chat completion streams."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+from server_harness import SPEECH_WAV, free_port
+from test_serve_voices import TRANSCRIPT
+
+ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[scale]')")
+websockets_sync = pytest.importorskip("websockets.sync.client")
+
+pytestmark = pytest.mark.slow
+HEADER = "x-openchroma-replica"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_random_dir, tmp_path_factory):
+    from ray import serve
+
+    from openchroma.serving.config import ServerConfig
+    from openchroma.serving.ray_app import APP_NAME, application
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = ServerConfig(model=str(tiny_random_dir), device="cpu", model_id="chroma-tiny", replicas=2,
+                              replica_cpus=0.5, max_sessions=4, max_response_seconds=1.0,
+                              data_dir=tmp_path_factory.mktemp("ray-data"))
+        serve.run(application(config), name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while httpx.get(f"{url}/health", timeout=10).status_code != 200:
+            assert time.time() < deadline, "the replicas never became healthy"
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_every_response_names_its_replica_and_health_answers(cluster):
+    r = httpx.get(f"{cluster}/health", timeout=10)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+    assert r.headers[HEADER]
+    assert httpx.get(f"{cluster}/v1/nope", timeout=10).headers[HEADER]   # errors too
+
+
+def test_a_voice_added_once_serves_realtime_sessions_on_both_replicas(cluster):
+    """Sessions held open at once spread over both replicas (each WebSocket is an ongoing request there), and
+    each of them speaks in the voice added through one replica."""
+    r = httpx.post(f"{cluster}/v1/voices", data={"name": "shared", "transcript": TRANSCRIPT},
+                   files={"file": ("ref.wav", SPEECH_WAV.read_bytes(), "audio/wav")}, timeout=60)
+    assert r.status_code == 201, r.text
+    added_on = r.headers[HEADER]
+    ws_url = cluster.replace("http", "ws") + "/v1/realtime?model=chroma-tiny"
+    conns = [websockets_sync.connect(ws_url, open_timeout=30) for _ in range(4)]
+    try:
+        replicas = {c.response.headers[HEADER] for c in conns}
+        assert len(replicas) == 2, replicas
+        assert added_on in replicas
+        for c in conns:
+            assert json.loads(c.recv(timeout=30))["type"] == "session.created"
+            c.send(json.dumps({"type": "session.update", "session": {
+                "type": "realtime", "audio": {"output": {"voice": "shared"}}}}))
+            ev = json.loads(c.recv(timeout=30))
+            assert ev["type"] == "session.updated", ev
+            assert ev["session"]["audio"]["output"]["voice"] == "shared"
+            c.send(json.dumps({"type": "response.create"}))
+            kinds = []
+            while (ev := json.loads(c.recv(timeout=60)))["type"] != "response.done":
+                assert ev["type"] != "error", ev
+                kinds.append(ev["type"])
+            assert "response.output_audio.delta" in kinds   # random weights: noise, cut at the response cap
+            assert ev["response"]["status"] in ("completed", "incomplete"), ev
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_chat_completion_streams_through_the_proxy(cluster):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{cluster}/v1", api_key="unused")
+    stream = client.chat.completions.create(model="chroma-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                            modalities=["text", "audio"], audio={"voice": "shared",
+                                                                                "format": "pcm16"},
+                                            stream=True, max_tokens=8)
+    chunks = list(stream)
+    assert len(chunks) >= 2
+    assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason is not None
