@@ -95,3 +95,90 @@ def test_chat_completion_streams_through_the_proxy(cluster):
     chunks = list(stream)
     assert len(chunks) >= 2
     assert chunks[-1].choices == [] or chunks[-1].choices[0].finish_reason is not None
+
+
+def replica_actor(replica: str):
+    from openchroma.serving.ray_app import APP_NAME
+
+    return ray.get_actor(f"SERVE_REPLICA::{APP_NAME}#{APP_NAME}#{replica}", namespace="serve")
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    from openchroma.serving.ray_app import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or APP_NAME not in app.deployments:
+        return 0
+    return app.deployments[APP_NAME].replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, what: str, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_a_killed_replica_closes_its_sessions_and_is_replaced(cluster):
+    """Kill one replica's process: its WebSockets close, the other replica's sessions go on, reconnecting
+    succeeds, and Serve starts a replacement."""
+    from websockets.exceptions import ConnectionClosed
+
+    ws_url = cluster.replace("http", "ws") + "/v1/realtime?model=chroma-tiny"
+    conns = [websockets_sync.connect(ws_url, open_timeout=30) for _ in range(4)]
+    try:
+        by_replica: dict[str, list] = {}
+        for c in conns:
+            assert json.loads(c.recv(timeout=30))["type"] == "session.created"
+            by_replica.setdefault(c.response.headers[HEADER], []).append(c)
+        assert len(by_replica) == 2, list(by_replica)
+        victim, survivor = sorted(by_replica)
+        ray.kill(replica_actor(victim), no_restart=True)
+        for c in by_replica[victim]:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    c.recv(timeout=30)
+            print(f"killed replica's client closed with {c.close_code} {c.close_reason!r}")
+            assert c.close_code is not None
+        for c in by_replica[survivor]:   # unaffected
+            c.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "x"}}))
+            assert json.loads(c.recv(timeout=30))["type"] == "session.updated"
+        with websockets_sync.connect(ws_url, open_timeout=30) as again:
+            assert json.loads(again.recv(timeout=30))["type"] == "session.created"
+            assert again.response.headers[HEADER] != victim
+    finally:
+        for c in conns:
+            c.close()
+
+    def replaced() -> bool:   # two live replicas answer, neither of them the killed one
+        seen = {httpx.get(f"{cluster}/health", timeout=10).headers[HEADER] for _ in range(20)}
+        return len(seen) == 2 and victim not in seen
+
+    wait_for(replaced, "Serve to replace the killed replica")
+
+
+def test_autoscaling_follows_live_sessions(cluster, tiny_random_dir, tmp_path):
+    """1 replica while idle; sessions past the target (0.75 x 2 per replica) bring a second; idle again, back to 1."""
+    from ray import serve
+
+    from openchroma.serving.config import ServerConfig
+    from openchroma.serving.ray_app import APP_NAME, application
+
+    config = ServerConfig(model=str(tiny_random_dir), device="cpu", model_id="chroma-tiny", min_replicas=1,
+                          max_replicas=2, replica_cpus=0.5, max_sessions=2, max_response_seconds=1.0,
+                          drain_seconds=2, data_dir=tmp_path)
+    serve.run(application(config, upscale_delay_s=1, downscale_delay_s=3, metrics_interval_s=0.5,
+                          look_back_period_s=2), name=APP_NAME, route_prefix="/")
+    wait_for(lambda: running_replicas() == 1, "one replica when idle")
+    ws_url = cluster.replace("http", "ws") + "/v1/realtime?model=chroma-tiny"
+    conns = [websockets_sync.connect(ws_url, open_timeout=30) for _ in range(2)]
+    try:
+        for c in conns:
+            assert json.loads(c.recv(timeout=30))["type"] == "session.created"
+        wait_for(lambda: running_replicas() == 2, "a second replica under load")
+    finally:
+        for c in conns:
+            c.close()
+    wait_for(lambda: running_replicas() == 1, "scale-down when idle")

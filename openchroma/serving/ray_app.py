@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,13 @@ def deployment_options(config: ServerConfig) -> dict[str, Any]:
     return opts
 
 
-def application(config: ServerConfig):
-    """The Serve application: replicas of ``OpenChromaReplica`` built from ``config``."""
-    return serve.deployment(**deployment_options(config))(OpenChromaReplica).bind(config)
+def application(config: ServerConfig, **autoscaling: Any):
+    """The Serve application: replicas of ``OpenChromaReplica`` built from ``config``; ``autoscaling`` overrides
+    Serve's autoscaling settings (e.g. ``upscale_delay_s``, ``downscale_delay_s``)."""
+    opts = deployment_options(config)
+    if autoscaling and "autoscaling_config" in opts:
+        opts["autoscaling_config"].update(autoscaling)
+    return serve.deployment(**opts)(OpenChromaReplica).bind(config)
 
 
 def config_from_dict(args: dict[str, Any]) -> ServerConfig:
@@ -132,6 +137,9 @@ def config_from_dict(args: dict[str, Any]) -> ServerConfig:
         elif isinstance(v, list):
             v = tuple(v)
         values[f.name] = v
+    for name, env in (("voices_db", "OPENCHROMA_VOICES_DB"), ("api_key", "OPENCHROMA_API_KEY")):
+        if name not in values and os.environ.get(env):   # secrets stay out of the config file
+            values[name] = os.environ[env]
     unknown = set(args) - set(values)
     if unknown:
         raise ValueError(f"unknown OpenChroma settings in the Serve config's args: {', '.join(sorted(unknown))}")
