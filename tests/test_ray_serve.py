@@ -47,8 +47,12 @@ def cluster(tiny_random_dir, tmp_path_factory):
 
 def test_every_response_names_its_replica_and_health_answers(cluster):
     r = httpx.get(f"{cluster}/health", timeout=10)
-    assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert r.headers[HEADER]
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "ok"
+    assert r.headers[HEADER] == body["replica"]
+    view = body["cluster"]   # what every replica reported: both, with their session limits
+    assert (view["replicas"], view["healthy"], view["capacity"]) == (2, 2, 8), view
+    assert {m["replica"] for m in view["members"]} >= {r.headers[HEADER]}
     assert httpx.get(f"{cluster}/v1/nope", timeout=10).headers[HEADER]   # errors too
 
 

@@ -13,13 +13,17 @@ PostgreSQL across machines; the default SQLite store is safe for replicas on one
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import json
 import logging
 import os
+import time
 import typing
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import serve
 
 from ..config import RANDOM_DEMO_SECONDS, is_random_checkpoint
@@ -51,6 +55,31 @@ class ReplicaHeader:
         await self.app(scope, receive, send_named)
 
 
+@ray.remote(num_cpus=0)
+class ClusterView:
+    """What each replica last reported (sessions, capacity), so ``/health`` on any replica can show the cluster;
+    a replica that stopped reporting (dead, drained) drops out after ``max_age`` seconds."""
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def report(self, replica: str, stats: dict[str, Any]) -> None:
+        self.replicas[replica] = (time.time(), stats)
+
+    def view(self, max_age: float) -> dict[str, Any]:
+        now = time.time()
+        self.replicas = {r: (t, s) for r, (t, s) in self.replicas.items() if now - t <= max_age}
+        live = [{"replica": r, **s} for r, (_, s) in sorted(self.replicas.items())]
+        ok = [m for m in live if m["status"] == "ok"]
+        return {"replicas": len(live), "healthy": len(ok), "sessions": sum(m["sessions"] for m in live),
+                "capacity": sum(m["max_sessions"] for m in ok), "members": live}
+
+
+def cluster_view() -> Any:
+    return ClusterView.options(name=f"{APP_NAME}-cluster-view", namespace="serve", get_if_exists=True,
+                               lifetime="detached").remote()
+
+
 @serve.ingress()
 class OpenChromaReplica:
     """One replica: loads the engine in its constructor (the replica takes traffic once it is ready), then hands
@@ -68,6 +97,9 @@ class OpenChromaReplica:
         self.state.load()
         if self.state.engine is None:
             raise RuntimeError(f"replica {self.replica_id}: the model failed to load: {self.state.load_error}")
+        self.view = cluster_view()
+        self._report("ok")
+        _add_cluster_health(app, self.replica_id, self.view)
         app.add_middleware(ReplicaHeader, replica=self.replica_id)
         self.built_app = app   # (not self.app: Serve's wrapper has that property)
         log.info("replica %s ready (%s)", self.replica_id, config.model)
@@ -75,10 +107,36 @@ class OpenChromaReplica:
     def __serve_build_asgi_app__(self):
         return self.built_app
 
+    def _report(self, status: str) -> None:
+        engine = self.state.engine
+        self.view.report.remote(self.replica_id, {"status": status, "sessions": len(engine.sessions),
+                                                  "max_sessions": engine.max_sessions})
+
     async def check_health(self) -> None:
+        """Serve's periodic health check (a failing replica is replaced); also reports to the cluster view."""
         problem = await self.state.engine_problem()
+        self._report("ok" if problem is None else "error")
         if problem is not None:
             raise RuntimeError(problem)
+
+
+def _add_cluster_health(app: Any, replica: str, view: Any) -> None:
+    """``GET /health`` answers as before, plus ``replica`` and ``cluster`` (replicas, sessions, capacity)."""
+    from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
+
+    local = next(r.endpoint for r in app.routes if getattr(r, "path", None) == "/health")
+
+    async def health():
+        answer = await local()
+        body, status = (json.loads(answer.body), answer.status_code) if hasattr(answer, "body") else (answer, 200)
+        try:
+            cluster = await asyncio.wait_for(view.view.remote(HEALTH_PERIOD_S * 3), HEALTH_PERIOD_S)
+        except Exception as e:   # the view is a convenience: the replica's own health still answers
+            cluster = {"error": f"{type(e).__name__}: {e}"}
+        return JSONResponse({**body, "replica": replica, "cluster": cluster}, status_code=status)
+
+    app.router.routes.insert(0, APIRoute("/health", health, methods=["GET"]))
 
 
 def uses_cuda(config: ServerConfig) -> bool:
