@@ -1,5 +1,6 @@
-"""The voice library in PostgreSQL (--voices-db), shared by two servers (two replicas) against a real server
-that the tests start: add, use, replace, delete, concurrent adds of one name, a lost connection and recovery."""
+"""The voice library shared by two servers (two replicas): in PostgreSQL (--voices-db) against a real server that
+the tests start, and in the embedded SQLite store when both share one --data-dir (replicas on one machine):
+add, use, replace, delete, concurrent adds of one name, a lost connection and recovery, a legacy index."""
 
 from __future__ import annotations
 
@@ -11,20 +12,26 @@ from pg_harness import missing_reason, postgres_server
 from server_harness import SPEECH_WAV, chroma_server
 from test_serve_voices import TRANSCRIPT, error, upload
 
-pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=missing_reason() or "")
-
 
 @pytest.fixture(scope="module")
 def pg():
+    if missing_reason() is not None:
+        pytest.skip(missing_reason())
     with postgres_server() as server:
         yield server
 
 
-@pytest.fixture
-def replicas(pg, tiny_chroma, tmp_path):
-    """Two servers (fresh engines, separate data dirs) sharing one voice database, emptied first."""
+@pytest.fixture(params=["postgres", "sqlite"])
+def replicas(request, tiny_chroma, tmp_path):
+    """Two servers (fresh engines) sharing one voice store: a PostgreSQL database (emptied first; separate data
+    dirs), or one data dir's SQLite store."""
+    if request.param == "sqlite":
+        with chroma_server(tiny_chroma, tmp_path) as a, chroma_server(tiny_chroma, tmp_path) as b:
+            yield a, b
+        return
     import psycopg
 
+    pg = request.getfixturevalue("pg")
     with psycopg.connect(pg.url, autocommit=True) as c:
         c.execute("DROP TABLE IF EXISTS openchroma_voices, openchroma_schema")
     with chroma_server(tiny_chroma, tmp_path / "a", voices_db=pg.url) as a, \
@@ -37,6 +44,7 @@ def speak(url: str, voice: str) -> httpx.Response:
                       timeout=60)
 
 
+@pytest.mark.parametrize("replicas", ["postgres"], indirect=True)
 def test_schema_is_created_once_and_versioned(replicas, pg):
     import psycopg
 
@@ -46,7 +54,7 @@ def test_schema_is_created_once_and_versioned(replicas, pg):
     assert httpx.get(f"{a}/v1/voices").json()["data"] == httpx.get(f"{b}/v1/voices").json()["data"] == []
 
 
-def test_add_use_replace_delete_across_replicas(replicas, tmp_path):
+def test_add_use_replace_delete_across_replicas(replicas, tmp_path, request):
     (a, sa), (b, sb) = replicas
     r = upload(a, "alice")
     assert r.status_code == 201, r.text
@@ -55,7 +63,8 @@ def test_add_use_replace_delete_across_replicas(replicas, tmp_path):
     assert speak(b, "alice").status_code == 200                           # and usable there
     first = sb.engine.voices["alice"]
     assert first.transcript == TRANSCRIPT
-    assert not (tmp_path / "a" / "voices").exists()                      # nothing stored on local disk
+    if request.node.callspec.params["replicas"] == "postgres":
+        assert not (tmp_path / "a" / "voices").exists()                  # nothing stored on local disk
 
     # Replace it (delete + add again) through A: B's cached prompt is dropped and the new one used.
     assert httpx.delete(f"{a}/v1/voices/alice").status_code == 200
@@ -94,6 +103,7 @@ def test_concurrent_adds_of_one_name(replicas):
         assert "twin" in state.engine.voices
 
 
+@pytest.mark.parametrize("replicas", ["postgres"], indirect=True)
 def test_lost_database_connection(replicas, pg):
     """The database goes away: library calls answer 503 with a clear reason, registered voices keep speaking;
     once it is back, the library works again without a restart."""
@@ -111,3 +121,21 @@ def test_lost_database_connection(replicas, pg):
     assert [v["name"] for v in httpx.get(f"{a}/v1/voices").json()["data"]] == ["kept"]
     assert upload(b, "new").status_code == 201
     assert speak(a, "new").status_code == 200
+
+
+def test_a_legacy_sqlite_index_is_migrated(tiny_chroma, tmp_path):
+    """An index written before versions existed (no version column, user_version 0) is upgraded in place and
+    its voices still load and speak."""
+    import sqlite3
+
+    with chroma_server(tiny_chroma, tmp_path) as (url, _):
+        assert upload(url, "old").status_code == 201
+    with sqlite3.connect(tmp_path / "voices" / "index.sqlite3") as c:
+        c.execute("ALTER TABLE voices DROP COLUMN version")
+        c.execute("PRAGMA user_version = 0")
+    with chroma_server(tiny_chroma, tmp_path) as (url, state):
+        assert [v["name"] for v in httpx.get(f"{url}/v1/voices").json()["data"]] == ["old"]
+        assert speak(url, "old").status_code == 200
+    with sqlite3.connect(tmp_path / "voices" / "index.sqlite3") as c:
+        assert c.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert "version" in [r[1] for r in c.execute("PRAGMA table_info(voices)")]
