@@ -105,7 +105,7 @@ class ServerState:
                 max_response_frames=self.config.max_response_frames, compile=self.config.compile,
                 cuda_graphs=self.config.cuda_graphs, threads=self.config.threads)
             self._attach(engine)
-            log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
+            log.info("model %s loaded; %d voices registered", self.config.model, len(engine.voices))
         except BaseException as e:  # reported by /health and every route
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", self.config.model, self.load_error)

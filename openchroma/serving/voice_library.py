@@ -42,7 +42,7 @@ MAX_TRANSCRIPT_TOKENS = 256        # what the engine reserves for a voice's tran
 SILENCE_DBFS = -50.0               # a reference quieter than this (RMS over the clip) is refused
 MIN_SPEECH_SECONDS = 0.3           # speech that silero-vad must find in the reference
 VAD_RATE = 16000
-SYNC_RETRY_S = 1.0                 # after a failed version check, serve cached voices this long before retrying
+SYNC_RETRY_S = 1.0                 # while the store is unreachable, re-check it this often (in the background)
 
 # libsndfile's major format -> (file extension, media type)
 _FORMATS = {
@@ -80,7 +80,8 @@ class VoiceLibrary:
         self._pending: set[str] = set()            # names being added right now through this process
         self._loaded: dict[str, str] = {}          # voices this library registered with the engine -> version
         self._unavailable: dict[str, str] = {}     # stored voices that could not be loaded -> why
-        self._sync_failed_at = 0.0
+        self._store_down = False                   # the last version check failed: re-check in the background
+        self._rechecking = False
 
     def close(self) -> None:
         self.store.close()
@@ -88,9 +89,12 @@ class VoiceLibrary:
     def _call(self, what: str, fn, *args):
         """A store operation, its failures as ``VoiceError``s."""
         try:
-            return fn(*args)
+            result = fn(*args)
         except StoreError as e:
             return _raise_storage(what, self.store.location, e)
+        if self._store_down:   # it is back: check versions on the next use again
+            self._store_down = False
+        return result
 
     # ----- records --------------------------------------------------------------------------------------
     def _record(self, v: StoredVoice) -> dict[str, Any]:
@@ -143,18 +147,23 @@ class VoiceLibrary:
 
     def sync(self, force: bool = False) -> None:
         """Check the store's versions against the voices registered here: register new and replaced ones, drop
-        deleted ones. Cheap (one query). When the store is unreachable the cached voices keep serving, and the
-        next check waits ``SYNC_RETRY_S``."""
+        deleted ones. Cheap (one query). While the store is unreachable, callers are not held up: the cached
+        voices keep serving and the check is retried in the background every ``SYNC_RETRY_S``."""
         engine = self.engine
-        if engine is None or (not force and time.monotonic() - self._sync_failed_at < SYNC_RETRY_S):
+        if engine is None:
+            return
+        if self._store_down and not force:
+            self._recheck_soon()
             return
         with self._sync_lock:
             try:
                 stored = self.store.versions()
             except StoreError as e:
-                self._sync_failed_at = time.monotonic()
-                log.warning("voice library: version check failed, serving cached voices: %s", e)
+                if not self._store_down:
+                    log.warning("voice library: version check failed, serving cached voices: %s", e)
+                self._store_down = True
                 return
+            self._store_down = False
             with self._lock:
                 gone = [n for n in self._loaded if n not in stored and n not in self._pending]
                 changed = [n for n, ver in stored.items() if self._loaded.get(n) != ver and n not in self._pending]
@@ -167,6 +176,21 @@ class VoiceLibrary:
             for name in sorted(changed):
                 self._register(engine, name, stored[name])
         self._update_gauge()
+
+    def _recheck_soon(self) -> None:
+        with self._lock:
+            if self._rechecking:
+                return
+            self._rechecking = True
+
+        def recheck() -> None:
+            time.sleep(SYNC_RETRY_S)
+            try:
+                self.sync(force=True)
+            finally:
+                self._rechecking = False
+
+        threading.Thread(target=recheck, name="openchroma-voices-recheck", daemon=True).start()
 
     def _register(self, engine: Engine, name: str, version: str) -> None:
         """Load a stored voice's codes and register it with the engine (a damaged one is marked unavailable)."""
