@@ -52,7 +52,12 @@ def test_every_response_names_its_replica_and_health_answers(cluster):
     assert r.headers[HEADER] == body["replica"]
     view = body["cluster"]   # what every replica reported: both, with their session limits
     assert (view["replicas"], view["healthy"], view["capacity"]) == (2, 2, 8), view
-    assert {m["replica"] for m in view["members"]} >= {r.headers[HEADER]}
+    replicas = {m["replica"] for m in view["members"]}
+    assert r.headers[HEADER] in replicas
+    metrics = httpx.get(f"{cluster}/metrics", timeout=10).text   # every replica's, labelled
+    for replica in replicas:
+        assert f'openchroma_sessions_rejected_total{{replica="{replica}"}} 0.0' in metrics
+    assert metrics.count("# TYPE openchroma_sessions_rejected_total counter") == 1
     assert httpx.get(f"{cluster}/v1/nope", timeout=10).headers[HEADER]   # errors too
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 import typing
 from pathlib import Path
@@ -61,15 +62,21 @@ class ClusterView:
     a replica that stopped reporting (dead, drained) drops out after ``max_age`` seconds."""
 
     def __init__(self) -> None:
-        self.replicas: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.replicas: dict[str, tuple[float, dict[str, Any], str]] = {}
 
-    def report(self, replica: str, stats: dict[str, Any]) -> None:
-        self.replicas[replica] = (time.time(), stats)
+    def report(self, replica: str, stats: dict[str, Any], metrics: str) -> None:
+        self.replicas[replica] = (time.time(), stats, metrics)
+
+    def _live(self, max_age: float) -> dict[str, tuple[float, dict[str, Any], str]]:
+        now = time.time()
+        self.replicas = {r: v for r, v in self.replicas.items() if now - v[0] <= max_age}
+        return self.replicas
+
+    def metrics(self, max_age: float) -> dict[str, str]:
+        return {r: m for r, (_, _, m) in self._live(max_age).items()}
 
     def view(self, max_age: float) -> dict[str, Any]:
-        now = time.time()
-        self.replicas = {r: (t, s) for r, (t, s) in self.replicas.items() if now - t <= max_age}
-        live = [{"replica": r, **s} for r, (_, s) in sorted(self.replicas.items())]
+        live = [{"replica": r, **s} for r, (_, s, _) in sorted(self._live(max_age).items())]
         ok = [m for m in live if m["status"] == "ok"]
         return {"replicas": len(live), "healthy": len(ok), "sessions": sum(m["sessions"] for m in live),
                 "capacity": sum(m["max_sessions"] for m in ok), "members": live}
@@ -100,6 +107,7 @@ class OpenChromaReplica:
         self.view = cluster_view()
         self._report("ok")
         _add_cluster_health(app, self.replica_id, self.view)
+        _add_cluster_metrics(app, self.replica_id, self.view)
         app.add_middleware(ReplicaHeader, replica=self.replica_id)
         self.built_app = app   # (not self.app: Serve's wrapper has that property)
         log.info("replica %s ready (%s)", self.replica_id, config.model)
@@ -110,7 +118,7 @@ class OpenChromaReplica:
     def _report(self, status: str) -> None:
         engine = self.state.engine
         self.view.report.remote(self.replica_id, {"status": status, "sessions": len(engine.sessions),
-                                                  "max_sessions": engine.max_sessions})
+                                                  "max_sessions": engine.max_sessions}, _text(self.state.metrics))
 
     async def check_health(self) -> None:
         """Serve's periodic health check (a failing replica is replaced); also reports to the cluster view."""
@@ -118,6 +126,57 @@ class OpenChromaReplica:
         self._report("ok" if problem is None else "error")
         if problem is not None:
             raise RuntimeError(problem)
+
+
+def _text(metrics: Any) -> str:
+    out = metrics.render()
+    return out.decode() if isinstance(out, bytes) else out
+
+
+_SAMPLE = re.compile(r"([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?(\s.*)")
+
+
+def merge_metrics(texts: dict[str, str]) -> str:
+    """Several replicas' Prometheus text as one exposition: each family's HELP and TYPE once, then every
+    replica's samples with a ``replica`` label."""
+    headers: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for replica, text in sorted(texts.items()):
+        family = None
+        for line in text.splitlines():
+            if line.startswith("# "):
+                parts = line.split(" ", 3)
+                family = parts[2] if len(parts) > 2 else family
+                seen = headers.setdefault(family, [])
+                if parts[1] not in (h.split(" ", 2)[1] for h in seen):
+                    seen.append(line)
+                samples.setdefault(family, [])
+            elif (m := _SAMPLE.fullmatch(line.strip())) and family is not None:
+                name, labels, rest = m.groups()
+                label = f'replica="{replica}"' + (f",{labels}" if labels else "")
+                samples[family].append(f"{name}{{{label}}}{rest}")
+    return "".join("\n".join([*headers[f], *samples[f]]) + "\n" for f in headers)
+
+
+def _add_cluster_metrics(app: Any, replica: str, view: Any) -> None:
+    """``GET /metrics`` through the proxy: every live replica's metrics, labelled by replica (the others' as of
+    their last health check, at most ``HEALTH_PERIOD_S`` old; this replica's fresh)."""
+    from fastapi.responses import Response
+    from fastapi.routing import APIRoute
+
+    local = next(r.endpoint for r in app.routes if getattr(r, "path", None) == "/metrics")
+
+    async def metrics():
+        own = await local()
+        try:
+            texts = await asyncio.wait_for(view.metrics.remote(HEALTH_PERIOD_S * 3), HEALTH_PERIOD_S)
+        except Exception as e:   # the cluster's metrics are a convenience: this replica's still answer
+            log.warning("cluster metrics unavailable: %s", e)
+            texts = {}
+        texts[replica] = own.body.decode()
+        return Response(merge_metrics(texts), media_type=own.media_type)
+
+    app.router.routes.insert(0, APIRoute("/metrics", metrics, methods=["GET"]))
 
 
 def _add_cluster_health(app: Any, replica: str, view: Any) -> None:
