@@ -93,6 +93,26 @@ def test_a_voice_added_once_serves_realtime_sessions_on_both_replicas(cluster):
             c.close()
 
 
+def test_openai_sdk_realtime_sessions_land_on_both_replicas(cluster):
+    """The official SDK's realtime sessions through the proxy, held at once, are spread over both replicas (as
+    the cluster view in /health counts them, from each replica's health-check report)."""
+    from contextlib import ExitStack
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{cluster}/v1", api_key="unused")
+    with ExitStack() as stack:
+        conns = [stack.enter_context(client.realtime.connect(model="chroma-tiny")) for _ in range(4)]
+        for conn in conns:
+            assert conn.recv().type == "session.created"
+
+        def spread() -> bool:
+            members = httpx.get(f"{cluster}/health", timeout=10).json()["cluster"]["members"]
+            return sum(m["sessions"] for m in members) == 4 and all(m["sessions"] >= 1 for m in members)
+
+        wait_for(spread, "4 SDK sessions over both replicas", timeout=30)
+
+
 def test_chat_completion_streams_through_the_proxy(cluster):
     from openai import OpenAI
 
