@@ -8,6 +8,7 @@ that caches a voice's prompt can tell when another process deleted or replaced i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -82,6 +83,11 @@ class VoiceStore(Protocol):
         """Remove a voice; its metadata, or None when there was none."""
 
     def close(self) -> None: ...
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def open_store(data_dir: Path, voices_db: str | None = None) -> VoiceStore:

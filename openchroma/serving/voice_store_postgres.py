@@ -10,7 +10,6 @@ connection fails the operation in hand with ``StoreError(unreachable=True)`` and
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from psycopg.rows import dict_row
 from safetensors.torch import load, save
 
-from .voice_store_base import NameTaken, NewVoiceData, StoredVoice, StoreError
+from .voice_store_base import NameTaken, NewVoiceData, StoredVoice, StoreError, redact
 
 log = logging.getLogger("openchroma.serve.voices")
 
@@ -51,11 +50,6 @@ _MIGRATIONS = [
     )""",
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 class PostgresVoiceStore:
