@@ -26,7 +26,7 @@ import torch
 from ..audio import AudioError, AudioTooLong, decode_client_audio, resample
 from ..engine import EngineError
 from ..voice import MAX_VOICE_SECONDS, VoicePrompt
-from .voice_store_base import NameTaken, NewVoiceData, StoredVoice, StoreError, VoiceStore, open_store
+from .voice_store_base import NameTaken, NewVoiceData, StoredVoice, StoreError, VoiceStore
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -51,6 +51,17 @@ _FORMATS = {
     "MP3": (".mp3", "audio/mpeg"), "MPEG": (".mp3", "audio/mpeg"), "AIFF": (".aiff", "audio/aiff"),
     "AU": (".au", "audio/basic"), "CAF": (".caf", "audio/x-caf"),
 }
+
+
+def open_store(data_dir: Path, voices_db: str | None = None) -> VoiceStore:
+    """PostgreSQL when ``voices_db`` is a ``postgresql://`` URL, else SQLite and files under ``data_dir/voices``."""
+    if voices_db:
+        from .voice_store_postgres import PostgresVoiceStore
+
+        return PostgresVoiceStore(voices_db)
+    from .voice_store_sqlite import SqliteVoiceStore
+
+    return SqliteVoiceStore(Path(data_dir) / "voices")
 
 
 class VoiceError(Exception):

@@ -2,8 +2,8 @@
 
 Two backends implement it: ``voice_store_sqlite`` (the embedded default: SQLite plus files in ``--data-dir``)
 and ``voice_store_postgres`` (``--voices-db postgresql://...``: everything in the database, shared by every
-replica). ``open_store`` picks one. Every stored voice carries a ``version`` (new on every add), so a process
-that caches a voice's prompt can tell when another process deleted or replaced it.
+replica). ``voice_library.open_store`` picks one. Every stored voice carries a ``version`` (new on every add),
+so a process that caches a voice's prompt can tell when another process deleted or replaced it.
 """
 
 from __future__ import annotations
@@ -88,14 +88,3 @@ class VoiceStore(Protocol):
 def redact(url: str) -> str:
     """A database URL without its password, for messages and logs."""
     return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
-def open_store(data_dir: Path, voices_db: str | None = None) -> VoiceStore:
-    """PostgreSQL when ``voices_db`` is a ``postgresql://`` URL, else SQLite and files under ``data_dir/voices``."""
-    if voices_db:
-        from .voice_store_postgres import PostgresVoiceStore
-
-        return PostgresVoiceStore(voices_db)
-    from .voice_store_sqlite import SqliteVoiceStore
-
-    return SqliteVoiceStore(Path(data_dir) / "voices")
