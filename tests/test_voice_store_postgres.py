@@ -59,7 +59,11 @@ def test_add_use_replace_delete_across_replicas(replicas, tmp_path, request):
     r = upload(a, "alice")
     assert r.status_code == 201, r.text
     assert httpx.get(f"{b}/v1/voices/alice").json() == r.json()          # listed by the other replica at once
-    assert httpx.get(f"{b}/v1/voices/alice/audio").content == SPEECH_WAV.read_bytes()
+    audio = httpx.get(f"{b}/v1/voices/alice/audio")
+    assert audio.content == SPEECH_WAV.read_bytes()
+    assert audio.headers["content-type"] == "audio/wav"
+    assert audio.headers["content-disposition"] == 'inline; filename="alice.wav"'
+
     assert speak(b, "alice").status_code == 200                           # and usable there
     first = sb.engine.voices["alice"]
     assert first.transcript == TRANSCRIPT

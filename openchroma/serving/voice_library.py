@@ -51,6 +51,7 @@ _FORMATS = {
     "MP3": (".mp3", "audio/mpeg"), "MPEG": (".mp3", "audio/mpeg"), "AIFF": (".aiff", "audio/aiff"),
     "AU": (".au", "audio/basic"), "CAF": (".caf", "audio/x-caf"),
 }
+MEDIA_EXTENSIONS = {media: ext for ext, media in reversed(_FORMATS.values())}   # audio/wav -> .wav
 
 
 def open_store(data_dir: Path, voices_db: str | None = None) -> VoiceStore:

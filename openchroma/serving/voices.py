@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .errors import APIError
 from .state import get_state
-from .voice_library import VoiceError
+from .voice_library import MEDIA_EXTENSIONS, VoiceError
 
 HTTP_STATUS = {"invalid": 400, "not_found": 404, "exists": 409, "unavailable": 503, "storage": 500}
 
@@ -75,7 +75,7 @@ async def get_voice_audio(request: Request, name: str):
     """The reference audio as uploaded, for clients to play."""
     found, media_type = await library_call(get_state(request).voices.audio_file, name)
     if isinstance(found, bytes):   # a database store keeps the audio itself
-        ext = mimetypes.guess_extension(media_type) or ""
+        ext = MEDIA_EXTENSIONS.get(media_type) or mimetypes.guess_extension(media_type) or ""
         return Response(found, media_type=media_type,
                         headers={"content-disposition": f'inline; filename="{name}{ext}"'})
     return FileResponse(found, media_type=media_type, filename=f"{name}{found.suffix}",
