@@ -211,3 +211,29 @@ def test_autoscaling_follows_live_sessions(cluster, tiny_random_dir, tmp_path):
         for c in conns:
             c.close()
     wait_for(lambda: running_replicas() == 1, "scale-down when idle")
+
+
+@pytest.mark.parametrize("manifest", ["deploy/ray/serve.yaml", "deploy/kubernetes/rayservice.yaml"])
+def test_deploy_manifests_build_the_application(manifest, monkeypatch):
+    """The Serve configs in deploy/ name our builder, and their args make a valid configuration: one GPU per
+    replica, the session limit as max_ongoing_requests, autoscaling at 0.75 x that."""
+    import importlib
+
+    import yaml
+    from server_harness import ROOT
+
+    docs = list(yaml.safe_load_all((ROOT / manifest).read_text()))
+    serve_config = docs[0] if "applications" in docs[0] else yaml.safe_load(docs[0]["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, name = app["import_path"].split(":")
+    assert getattr(importlib.import_module(module), name).__name__ == "build_app"
+
+    from openchroma.serving.ray_app import config_from_dict, deployment_options
+
+    monkeypatch.setenv("OPENCHROMA_VOICES_DB", "postgresql://u:p@db/voices")
+    config = config_from_dict(app["args"])
+    opts = deployment_options(config)
+    assert opts["ray_actor_options"]["num_gpus"] == 1
+    assert opts["max_ongoing_requests"] == config.max_sessions == 8
+    assert opts["autoscaling_config"]["target_ongoing_requests"] == 6
+    assert config.voices_db is not None
