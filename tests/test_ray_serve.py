@@ -5,6 +5,7 @@ once serves sessions on both, and a chat completion streams."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -212,6 +213,48 @@ def test_autoscaling_follows_live_sessions(cluster, tiny_random_dir, tmp_path):
             c.close()
     wait_for(lambda: running_replicas() == 1, "scale-down when idle")
 
+
+def test_an_upgrade_drains_live_sessions(cluster, tiny_random_dir, tmp_path):
+    """A rolling upgrade (new settings): the old replica takes no new sessions, its live session goes on until
+    --drain-seconds, and new sessions land on the new replica."""
+    from ray import serve
+
+    from openchroma.serving.config import ServerConfig
+    from openchroma.serving.ray_app import APP_NAME, application
+
+    def deploy(max_response_seconds: float) -> None:
+        config = ServerConfig(model=str(tiny_random_dir), device="cpu", model_id="chroma-tiny", replicas=1,
+                              replica_cpus=0.5, max_sessions=2, max_response_seconds=max_response_seconds,
+                              drain_seconds=8, data_dir=tmp_path)
+        serve.run(application(config), name=APP_NAME, route_prefix="/")
+
+    deploy(1.0)
+    wait_for(lambda: running_replicas() == 1, "one replica")
+    ws_url = cluster.replace("http", "ws") + "/v1/realtime?model=chroma-tiny"
+    with websockets_sync.connect(ws_url, open_timeout=60) as old:
+        assert json.loads(old.recv(timeout=30))["type"] == "session.created"
+        before = old.response.headers[HEADER]
+        # Changed settings: Serve starts a new replica, then drains the old one (serve.run waits for all of it).
+        upgrade = threading.Thread(target=deploy, args=(1.5,))
+        upgrade.start()
+        t0 = time.time()
+
+        def new_replica_serves() -> bool:
+            return httpx.get(f"{cluster}/health", timeout=10).headers.get(HEADER) not in (None, before)
+
+        wait_for(new_replica_serves, "the upgraded replica")
+        with websockets_sync.connect(ws_url, open_timeout=60) as new:
+            assert new.response.headers[HEADER] != before
+        old.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "instructions": "x"}}))
+        assert json.loads(old.recv(timeout=30))["type"] == "session.updated"   # still served while draining
+        from websockets.exceptions import ConnectionClosed
+
+        with pytest.raises(ConnectionClosed):
+            while True:
+                old.recv(timeout=60)
+        print(f"drained session closed after {time.time() - t0:.1f} s with {old.close_code} {old.close_reason!r}")
+        assert old.close_code is not None
+        upgrade.join(60)
 
 @pytest.mark.parametrize("manifest", ["deploy/ray/serve.yaml", "deploy/kubernetes/rayservice.yaml"])
 def test_deploy_manifests_build_the_application(manifest, monkeypatch):
