@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 import typing
 from pathlib import Path
@@ -272,6 +273,10 @@ def build_app(args: dict[str, Any]):
     return application(config_from_dict(args))
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_on_ray(config: ServerConfig, host: str, port: int) -> int:
     """``openchroma serve --replicas N``: start (or join, with ``--ray-address``) Ray and serve on host:port until
     interrupted."""
@@ -287,10 +292,14 @@ def serve_on_ray(config: ServerConfig, host: str, port: int) -> int:
     size = opts.get("num_replicas") or opts["autoscaling_config"]
     print(f"OpenChroma on Ray Serve: {config.model}, replicas {size}; loading them (each says ready in the log).\n"
           f"  OpenAI base_url: http://{shown}:{port}/v1   (realtime: ws://{shown}:{port}/v1/realtime)", flush=True)
+    # SIGTERM (containers, systemd) and SIGINT (even where a shell started us with it ignored) end the
+    # blocking wait below, so that Serve shuts the replicas down (draining them) before Ray stops.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.run(application(config), name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
-        pass
+        log.info("stopping: shutting the replicas down")
     finally:
         serve.shutdown()
     return 0
