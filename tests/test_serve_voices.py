@@ -273,7 +273,7 @@ def test_storage_failure_leaves_nothing_behind(server, monkeypatch, where):
     """A write failing midway (disk full) answers 500 and undoes the files and the engine registration."""
     import sqlite3
 
-    import openchroma.serving.voice_library as voices
+    import openchroma.serving.voice_store_sqlite as voices
 
     url, state, _ = server
     if where == "codes file":
@@ -281,13 +281,13 @@ def test_storage_failure_leaves_nothing_behind(server, monkeypatch, where):
             raise OSError(28, "No space left on device")
         monkeypatch.setattr(voices, "save_file", save_file)
     else:
-        connect = state.voices._connect
+        connect = state.voices.store._connect
 
         def failing_connect(create):
             if create:
                 raise sqlite3.OperationalError("database or disk is full")
             return connect(create)
-        monkeypatch.setattr(state.voices, "_connect", failing_connect)
+        monkeypatch.setattr(state.voices.store, "_connect", failing_connect)
     msg = error(upload(url, "full"), 500, "storage_error")
     assert "full" in msg or "space" in msg.lower()
     monkeypatch.undo()

@@ -120,6 +120,14 @@ def check_port_free(host: str, port: int) -> None:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}{hint}") from None
 
 
+def _voice_library_location(config) -> str:
+    if config.voices_db:
+        from .voice_store_base import redact
+
+        return redact(config.voices_db)
+    return str(Path(config.data_dir) / "voices")
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
@@ -137,12 +145,16 @@ def run(args: argparse.Namespace) -> int:
     if random_weights and not hasattr(args, "max_response_seconds"):
         values["max_response_seconds"] = RANDOM_DEMO_SECONDS
     config = config_from_args(args, **values)
+    if config.scale_out:
+        from .ray_app import serve_on_ray
+
+        return serve_on_ray(config, args.host, args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0", "::") else args.host
     print(f"OpenChroma: loading {args.model} ({config.dtype}) in the background; GET /health says when it is ready.\n"
           f"  browser client:  http://{shown}:{args.port}/\n"
           f"  OpenAI base_url: http://{shown}:{args.port}/v1   (realtime: ws://{shown}:{args.port}/v1/realtime)\n"
-          f"  voice library:   {Path(config.data_dir) / 'voices'}" + ("\n  API key required" if config.api_key else ""))
+          f"  voice library:   {_voice_library_location(config)}" + ("\n  API key required" if config.api_key else ""))
     if random_weights:
         print(f"  RANDOM WEIGHTS (init-random): the model speaks noise, so its answers have no text and stop after "
               f"{config.max_response_seconds:g} s (--max-response-seconds to change)")

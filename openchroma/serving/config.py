@@ -28,6 +28,9 @@ class ServerConfig:
     api_key: str | None = field(default=None, metadata=flag(
         "require this key on every API route and the WebSocket (default: $OPENCHROMA_API_KEY; unset = no key)"))
     data_dir: Path = field(default_factory=default_data_dir, metadata=flag("where the voice library lives"))
+    voices_db: str | None = field(default=None, metadata=flag(
+        "keep the voice library in PostgreSQL (postgresql://USER:PASSWORD@HOST/DB) instead of --data-dir, shared "
+        "by every replica", metavar="URL"))
     max_sessions: int = field(default=8, metadata=flag(
         "conversations served at once; more get HTTP 503 / a realtime error"))
     max_context: int = field(default=4096, metadata=flag("reasoner context per conversation, tokens"))
@@ -89,6 +92,25 @@ class ServerConfig:
     ws_ping_timeout: float = field(default=20.0, metadata=flag(
         "close a WebSocket whose ping is unanswered for S seconds; a realtime client held in back-pressure is closed "
         "(1013) after 3/4 of this", metavar="S"))
+
+    # Scale-out on Ray Serve (``serving/ray_app``): any of these makes ``serve`` start or join a Ray cluster.
+    replicas: int = field(default=0, metadata=flag(
+        "serve N engine replicas behind one endpoint with Ray Serve (0 = one process, no Ray)", metavar="N"))
+    min_replicas: int | None = field(default=None, metadata=flag(
+        "autoscale on live sessions between --min-replicas and --max-replicas (Ray Serve)", metavar="N"))
+    max_replicas: int | None = field(default=None, metadata=flag(
+        "autoscaling's upper bound (Ray Serve)", metavar="N"))
+    ray_address: str | None = field(default=None, metadata=flag(
+        "join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one", metavar="ADDR"))
+    replica_cpus: float = field(default=1.0, metadata=flag(
+        "CPUs Ray reserves per replica (fractions allowed)", metavar="N"))
+    drain_seconds: float = field(default=30.0, metadata=flag(
+        "on scale-down or upgrade, how long a replica's live sessions may run on before it exits", metavar="S"))
+
+    @property
+    def scale_out(self) -> bool:
+        """Whether ``serve`` runs on Ray Serve."""
+        return bool(self.replicas or self.min_replicas or self.max_replicas or self.ray_address)
 
     @property
     def max_response_frames(self) -> int:

@@ -119,7 +119,7 @@ class ServerState:
         self.client_sessions: Counter[str] = Counter()   # sessions held per client address
         self.session_clients: dict = {}   # an engine session -> (client address, route) holding it
         self.drain = Drain()
-        self.voices = VoiceLibrary(Path(config.data_dir), self.metrics)
+        self.voices = VoiceLibrary(Path(config.data_dir), self.metrics, config.voices_db)
         if engine is not None:
             self._attach(engine)
 
@@ -137,7 +137,7 @@ class ServerState:
                 max_response_frames=self.config.max_response_frames, compile=self.config.compile,
                 cuda_graphs=self.config.cuda_graphs, threads=self.config.threads, **engine_limits(self.config))
             self._attach(engine)
-            log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
+            log.info("model %s loaded; %d voices registered", self.config.model, len(engine.voices))
         except BaseException as e:  # reported by /health and every route
             self.load_error = load_failure_line(self.config.model, e)
             log.debug("loading %s failed", self.config.model, exc_info=True)
@@ -200,6 +200,7 @@ class ServerState:
     def resolve_voice(self, name: str | None) -> str:
         """The library voice to speak in: the one named, else the server's default, else the only one."""
         engine = self.require_engine()
+        self.voices.sync()   # voices added, replaced or deleted through another replica
         if isinstance(name, dict):  # OpenAI's {"id": "..."} form
             name = name.get("id")
         if name is not None and not isinstance(name, str):

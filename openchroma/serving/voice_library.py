@@ -1,43 +1,32 @@
-"""The persistent voice library: cloned voices kept on disk and registered with the engine at start-up.
+"""The persistent voice library: cloned voices checked, encoded, stored and registered with the engine.
 
-Layout under ``DATA_DIR/voices/``:
-
-* ``index.sqlite3``: one row per voice (name, transcript, creation time, duration, file names, what was
-  uploaded); a row is inserted only once the voice's files are complete, so a crash never leaves a
-  half-written voice in the index.
-* ``NAME-XXXXXXXX.EXT``: the reference audio exactly as uploaded (served back to clients);
-* ``NAME-XXXXXXXX.24k.wav``: the same audio decoded to 24 kHz mono 16-bit (kept to re-encode if ever needed);
-* ``NAME-XXXXXXXX.safetensors``: the Mimi codes ``[frames, K]`` and the transcript's token ids, so a
-  restart registers every voice without re-encoding it.
-
-The random suffix keeps names that differ only by case apart on case-insensitive file systems.
+Storage is behind ``voice_store_base.VoiceStore``: SQLite plus files in ``--data-dir`` (the default, see
+``voice_store_sqlite``) or PostgreSQL with ``--voices-db`` (``voice_store_postgres``), shared by every replica.
+Each process caches the voices it registered with its engine (their prompt: codes and the Backbone's cache) and
+checks the store's versions whenever a voice is used (``sync``), so a voice added, replaced or deleted through
+any process is seen by every other one at its next use.
 Routes: ``POST/GET /v1/voices``, ``GET/DELETE /v1/voices/{name}``, ``GET /v1/voices/{name}/audio``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
-import os
 import re
 import secrets
-import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import soundfile as sf
 import torch
-from safetensors.torch import load_file, save_file
 
 from ..audio import AudioError, AudioTooLong, decode_client_audio, resample
 from ..engine import EngineError
 from ..voice import MAX_TRANSCRIPT_TOKENS, MAX_VOICE_SECONDS, VoicePrompt
+from .voice_store_base import NameTaken, NewVoiceData, StoredVoice, StoreError, VoiceStore
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -45,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("openchroma.serve.voices")
 
-INDEX_NAME = "index.sqlite3"
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 RESERVED_PREFIX = "_adhoc_"        # the chat routes' per-request voices live in the engine under this prefix
 MIN_VOICE_SECONDS = 1.0
@@ -53,9 +41,7 @@ MAX_TRANSCRIPT_CHARS = 1000
 SILENCE_DBFS = -50.0               # a reference quieter than this (RMS over the clip) is refused
 MIN_SPEECH_SECONDS = 0.3           # speech that silero-vad must find in the reference
 VAD_RATE = 16000
-_TMP_PREFIX = ".tmp-"
-_ORPHAN_AGE_S = 3600.0             # unreferenced files older than this are swept at start-up
-_FILE_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}-[0-9a-f]{8}\.[a-z0-9.]{1,16}")  # NAME-XXXXXXXX.EXT
+SYNC_RETRY_S = 1.0                 # while the store is unreachable, re-check it this often (in the background)
 
 # libsndfile's major format -> (file extension, media type)
 _FORMATS = {
@@ -64,238 +50,189 @@ _FORMATS = {
     "MP3": (".mp3", "audio/mpeg"), "MPEG": (".mp3", "audio/mpeg"), "AIFF": (".aiff", "audio/aiff"),
     "AU": (".au", "audio/basic"), "CAF": (".caf", "audio/x-caf"),
 }
+MEDIA_EXTENSIONS = {media: ext for ext, media in reversed(_FORMATS.values())}   # audio/wav -> .wav
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS voices (
-    name TEXT PRIMARY KEY,
-    transcript TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    duration_s REAL NOT NULL,
-    sample_rate INTEGER NOT NULL,
-    audio_file TEXT NOT NULL,
-    audio_content_type TEXT NOT NULL,
-    wav_file TEXT,
-    codes_file TEXT NOT NULL,
-    original_filename TEXT,
-    original_content_type TEXT,
-    source_sample_rate INTEGER,
-    speech_seconds REAL
-)
-"""
+
+def open_store(data_dir: Path, voices_db: str | None = None) -> VoiceStore:
+    """PostgreSQL when ``voices_db`` is a ``postgresql://`` URL, else SQLite and files under ``data_dir/voices``."""
+    if voices_db:
+        from .voice_store_postgres import PostgresVoiceStore
+
+        return PostgresVoiceStore(voices_db)
+    from .voice_store_sqlite import SqliteVoiceStore
+
+    return SqliteVoiceStore(Path(data_dir) / "voices")
 
 
 class VoiceError(Exception):
     """A library operation refused or failed. ``kind`` says how: ``invalid`` (unusable input), ``not_found``,
-    ``exists`` (the name is taken), ``unavailable`` (no engine yet, or it is closing) or ``storage`` (the disk)."""
+    ``exists`` (the name is taken), ``unavailable`` (no engine yet, it is closing, or the voice database is
+    unreachable) or ``storage`` (the disk or the database failed)."""
 
     def __init__(self, kind: str, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.kind, self.message, self.code, self.param = kind, message, code, param
 
 
-@dataclass(frozen=True)
-class _NewVoice:
-    """A checked, encoded voice on its way into the library: what its files and its row hold."""
-
-    name: str
-    transcript: str
-    audio: bytes                     # as uploaded
-    wav: torch.Tensor                # decoded, at the engine's rate
-    sample_rate: int
-    prompt: VoicePrompt
-    duration: float
-    speech: float | None
-    audio_file: str
-    media_type: str
-    wav_file: str
-    codes_file: str
-    filename: str | None
-    content_type: str | None
-    source_rate: int | None
-
-
 class VoiceLibrary:
-    """Voices stored under ``data_dir/voices/`` and registered with the engine once it is attached.
+    """Stored voices, registered with the engine once it is attached and kept in step with the store.
 
-    Thread-safe: one SQLite connection guarded by a lock; ``add`` (which decodes, checks and encodes the
-    audio on the engine thread) blocks, so async callers run it in a worker thread.
+    Thread-safe. ``add`` (which decodes, checks and encodes the audio on the engine thread) blocks, so async
+    callers run it in a worker thread; so do the other operations, which read the store.
     """
 
-    def __init__(self, data_dir: Path, metrics: Metrics | None = None):
-        self.dir = Path(data_dir) / "voices"
-        self.index_path = self.dir / INDEX_NAME
+    def __init__(self, data_dir: Path, metrics: Metrics | None = None, voices_db: str | None = None,
+                 store: VoiceStore | None = None):
+        self.store: VoiceStore = store if store is not None else open_store(Path(data_dir), voices_db)
         self.metrics = metrics
         self.engine: Engine | None = None
-        self._lock = threading.Lock()              # the connection, _pending, _unavailable
-        self._conn: sqlite3.Connection | None = None
-        self._pending: set[str] = set()            # names being added right now
+        self._lock = threading.Lock()              # _pending, _loaded, _unavailable
+        self._sync_lock = threading.Lock()         # one version check at a time
+        self._pending: set[str] = set()            # names being added right now through this process
+        self._loaded: dict[str, str] = {}          # voices this library registered with the engine -> version
         self._unavailable: dict[str, str] = {}     # stored voices that could not be loaded -> why
-
-    # ----- the index ------------------------------------------------------------------------------------
-    def _connect(self, create: bool) -> sqlite3.Connection | None:
-        """The open index (caller holds the lock); None when it does not exist yet and ``create`` is false."""
-        if self._conn is None:
-            if not create and not self.index_path.exists():
-                return None
-            self.dir.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(self.index_path), check_same_thread=False, timeout=10.0)
-            try:
-                conn.row_factory = sqlite3.Row
-                try:
-                    conn.execute("PRAGMA journal_mode=WAL")
-                except sqlite3.DatabaseError as e:  # e.g. some network file systems; the default journal works
-                    log.warning("voice library %s: WAL mode unavailable (%s)", self.index_path, e)
-                conn.execute(_SCHEMA)
-                conn.commit()
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
-
-    def _query(self, sql: str, args: tuple = (), create: bool = False) -> list[sqlite3.Row]:
-        with self._lock:
-            conn = self._connect(create)
-            return [] if conn is None else conn.execute(sql, args).fetchall()
-
-    def _rows(self) -> list[sqlite3.Row]:
-        try:
-            return self._query("SELECT * FROM voices ORDER BY name")
-        except (sqlite3.Error, OSError) as e:
-            log.error("cannot read the voice library %s: %s", self.index_path, e)
-            return []
-
-    def _row(self, name: str) -> sqlite3.Row:
-        try:
-            rows = self._query("SELECT * FROM voices WHERE name = ?", (name,))
-        except (sqlite3.Error, OSError) as e:
-            raise _storage_error("read", self.index_path, e) from None
-        if not rows:
-            raise _not_found(name)
-        return rows[0]
-
-    def _file(self, stored: str | None) -> Path | None:
-        return self.dir / Path(stored).name if stored else None
+        self._store_down = False                   # the last version check failed: re-check in the background
+        self._rechecking = False
 
     def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        self.store.close()
+
+    def _call(self, what: str, fn, *args):
+        """A store operation, its failures as ``VoiceError``s."""
+        try:
+            result = fn(*args)
+        except StoreError as e:
+            return _raise_storage(what, self.store.location, e)
+        if self._store_down:   # it is back: check versions on the next use again
+            self._store_down = False
+        return result
 
     # ----- records --------------------------------------------------------------------------------------
-    def _record(self, row: sqlite3.Row) -> dict[str, Any]:
-        rec = {"id": row["name"], "object": "voice", "name": row["name"], "transcript": row["transcript"],
-               "duration_seconds": round(float(row["duration_s"]), 3), "created_at": int(row["created_at"]),
-               "sample_rate": int(row["sample_rate"])}
-        why = self._unavailable.get(row["name"])
+    def _record(self, v: StoredVoice) -> dict[str, Any]:
+        rec = {"id": v.name, "object": "voice", "name": v.name, "transcript": v.transcript,
+               "duration_seconds": round(float(v.duration_s), 3), "created_at": int(v.created_at),
+               "sample_rate": int(v.sample_rate)}
+        why = self._unavailable.get(v.name)
         if why is not None:
             rec["status"], rec["error"] = "unavailable", why
         return rec
 
     def list(self) -> list[dict[str, Any]]:
         """Every stored voice's record, sorted by name."""
-        return [self._record(r) for r in self._rows()]
+        return [self._record(v) for v in self._call("read", self.store.list)]
 
     def get(self, name: str) -> dict[str, Any]:
-        return self._record(self._row(name))
+        v = self._call("read", self.store.get, name)
+        if v is None:
+            raise _not_found(name)
+        return self._record(v)
 
-    def audio_file(self, name: str) -> tuple[Path, str]:
-        """The stored reference audio (as uploaded) and its media type (``not_found`` when unknown or missing)."""
-        row = self._row(name)
-        path = self._file(row["audio_file"])
-        if path is None or not path.is_file():
+    def audio_file(self, name: str) -> tuple[Path | bytes, str]:
+        """The stored reference audio as uploaded (a file, or its bytes) and its media type."""
+        try:
+            found = self._call("read", self.store.audio, name)
+        except FileNotFoundError:
+            found = False
+        if found is None:
+            raise _not_found(name)
+        if not found:
             raise VoiceError("not_found", f"the reference audio of voice {name!r} is missing from the server's library",
-                           code="voice_audio_missing", param="name")
-        return path, row["audio_content_type"] or "application/octet-stream"
+                             code="voice_audio_missing", param="name")
+        return found
 
-    # ----- start-up -------------------------------------------------------------------------------------
+    # ----- keeping the engine in step with the store ----------------------------------------------------
     def attach(self, engine: Engine) -> None:
         """Register every stored voice with ``engine`` (damaged ones are skipped with a warning)."""
         self.engine = engine
-        self._unavailable.clear()
+        with self._lock:
+            self._unavailable.clear()
+            self._loaded.clear()
         try:
-            rows = self._query("SELECT * FROM voices ORDER BY name")
-        except (sqlite3.Error, OSError) as e:
-            log.error("cannot read the voice library %s: %s; starting without its voices", self.index_path, e)
-            rows = []
-        else:
-            if self.index_path.exists():
-                self._sweep(rows)
-        loaded = 0
-        for row in rows:
-            name = row["name"]
+            self.store.list()   # the embedded store sweeps leftovers of crashed adds on its first listing
+        except StoreError as e:
+            log.error("cannot read the voice library %s: %s; starting without its voices", self.store.location, e)
+        self.sync(force=True)
+        if self._loaded:
+            log.info("voice library %s: %d voices registered, %d skipped", self.store.location,
+                     len(self._loaded) - len(self._unavailable), len(self._unavailable))
+
+    def sync(self, force: bool = False) -> None:
+        """Check the store's versions against the voices registered here: register new and replaced ones, drop
+        deleted ones. Cheap (one query). While the store is unreachable, callers are not held up: the cached
+        voices keep serving and the check is retried in the background every ``SYNC_RETRY_S``."""
+        engine = self.engine
+        if engine is None:
+            return
+        if self._store_down and not force:
+            self._recheck_soon()
+            return
+        with self._sync_lock:
             try:
-                prompt = self._load_prompt(row, engine)
-                engine.add_voice(name, prompt, row["transcript"])
-            except Exception as e:  # one damaged voice must not keep the server from starting
-                why = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-                self._unavailable[name] = why
-                log.warning("voice %r skipped: %s (DELETE /v1/voices/%s and add it again)", name, why, name)
-                continue
-            loaded += 1
-            audio = self._file(row["audio_file"])
-            if audio is None or not audio.is_file():
-                log.warning("voice %r: its reference audio %s is missing (the voice still works)", name, audio)
-        if rows:
-            log.info("voice library %s: %d voices registered, %d skipped", self.dir, loaded, len(rows) - loaded)
+                stored = self.store.versions()
+            except StoreError as e:
+                if not self._store_down:
+                    log.warning("voice library: version check failed, serving cached voices: %s", e)
+                self._store_down = True
+                return
+            self._store_down = False
+            with self._lock:
+                gone = [n for n in self._loaded if n not in stored and n not in self._pending]
+                changed = [n for n, ver in stored.items() if self._loaded.get(n) != ver and n not in self._pending]
+                for name in gone:
+                    del self._loaded[name]
+                    self._unavailable.pop(name, None)
+            for name in gone:
+                engine.remove_voice(name)
+                log.info("voice %r: deleted from the library elsewhere; dropped", name)
+            for name in sorted(changed):
+                self._register(engine, name, stored[name])
         self._update_gauge()
 
-    def _load_prompt(self, row: sqlite3.Row, engine: Engine) -> VoicePrompt:
-        path = self._file(row["codes_file"])
-        if path is None or not path.is_file():
-            raise ValueError(f"its codes file {path} is missing")
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"its codes file {path} is unreadable: {e}") from None
-        codes, text_ids = tensors.get("codes"), tensors.get("text_ids")
-        k = int(getattr(engine.cfg, "audio_num_codebooks", 0) or 0)
-        size = int(getattr(engine.cfg, "codebook_size", 0) or 0)
-        if codes is None or text_ids is None:
-            raise ValueError(f"its codes file {path} lacks the 'codes' or 'text_ids' tensor")
-        if codes.dtype != torch.long or codes.dim() != 2 or codes.shape[0] < 1 or (k and codes.shape[1] != k):
-            raise ValueError(f"its codes in {path} are {codes.dtype} {tuple(codes.shape)}, expected int64 "
-                             f"[frames, {k or 'K'}] (a voice encoded for another model?)")
-        if int(codes.min()) < 0 or (size and int(codes.max()) >= size):
-            raise ValueError(f"its codes in {path} are outside the codebooks' range 0..{size - 1}")
-        if text_ids.dtype != torch.long or text_ids.dim() != 1:
-            raise ValueError(f"its text ids in {path} are {text_ids.dtype} {tuple(text_ids.shape)}, expected int64 [n]")
-        fresh = torch.as_tensor(engine.tokenizer.encode(row["transcript"]), dtype=torch.long).reshape(-1)
-        if not torch.equal(fresh, text_ids):  # another tokenizer than the one it was stored with: use this one's
-            log.info("voice %r: re-tokenized its transcript for this model's tokenizer", row["name"])
-            text_ids = fresh
-        return VoicePrompt(text_ids, codes)
+    def _recheck_soon(self) -> None:
+        with self._lock:
+            if self._rechecking:
+                return
+            self._rechecking = True
 
-    def _sweep(self, rows: list[sqlite3.Row]) -> None:
-        """Remove our temp files and voice files no row refers to (left by a crash mid-add), once they are old."""
-        keep = set()
-        for r in rows:
-            keep.update(Path(f).name for f in (r["audio_file"], r["wav_file"], r["codes_file"]) if f)
-        now = time.time()
-        try:
-            entries = list(self.dir.iterdir())
-        except OSError:
-            return
-        for p in entries:
+        def recheck() -> None:
+            time.sleep(SYNC_RETRY_S)
             try:
-                ours = p.name.startswith(_TMP_PREFIX) or _FILE_RE.fullmatch(p.name)
-                if not ours or p.name in keep or not p.is_file() or now - p.stat().st_mtime < _ORPHAN_AGE_S:
-                    continue
-                p.unlink()
-                log.info("voice library: removed leftover file %s", p)
-            except OSError:
-                pass
+                self.sync(force=True)
+            finally:
+                self._rechecking = False
+
+        threading.Thread(target=recheck, name="openchroma-voices-recheck", daemon=True).start()
+
+    def _register(self, engine: Engine, name: str, version: str) -> None:
+        """Load a stored voice's codes and register it with the engine (a damaged one is marked unavailable)."""
+        try:
+            found = self.store.codes(name)
+            if found is None:
+                return
+            meta, tensors = found
+            prompt = _prompt(meta, tensors, engine)
+            engine.add_voice(name, prompt, meta.transcript)
+        except StoreError as e:
+            log.warning("voice %r not loaded: %s", name, e)
+            return
+        except Exception as e:  # one damaged voice must not keep the server from starting
+            why = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            with self._lock:
+                self._unavailable[name] = why
+                self._loaded[name] = version   # not retried until the stored voice changes
+            engine.remove_voice(name)
+            log.warning("voice %r skipped: %s (DELETE /v1/voices/%s and add it again)", name, why, name)
+            return
+        with self._lock:
+            self._unavailable.pop(name, None)
+            self._loaded[name] = meta.version
 
     def _update_gauge(self) -> None:
         if self.metrics is not None:
-            try:
-                n = len(self._rows())
-            except Exception:
-                return
-            self.metrics.voices.set(max(0, n - len(self._unavailable)))
+            with self._lock:
+                self.metrics.voices.set(max(0, len(self._loaded) - len(self._unavailable)))
 
-    # ----- adding ---------------------------------------------------------------------------------------
+    # ----- adding and deleting --------------------------------------------------------------------------
     def add(self, name: str | None, audio: bytes | None, transcript: str | None, filename: str | None = None,
             content_type: str | None = None) -> dict[str, Any]:
         """Check, encode and store a voice, and register it with the engine; returns its record.
@@ -309,20 +246,11 @@ class VoiceLibrary:
                              code="model_loading")
         name = check_name(name)
         with self._lock:
-            taken = name in self._pending or name in engine.voices
-            if not taken:
-                try:
-                    conn = self._connect(False)
-                    taken = conn is not None and bool(
-                        conn.execute("SELECT 1 FROM voices WHERE name = ?", (name,)).fetchall())
-                except (sqlite3.Error, OSError) as e:
-                    raise _storage_error("read", self.index_path, e) from None
-            if taken:
-                raise VoiceError("exists", f"a voice named {name!r} already exists; delete it first "
-                                    f"(DELETE /v1/voices/{name}) or choose another name",
-                               code="voice_exists", param="name")
+            taken = name in self._pending or name in engine.voices and name not in self._loaded
             self._pending.add(name)
         try:
+            if taken or self._call("read", self.store.get, name) is not None:
+                raise _exists(name)
             return self._add(engine, name, audio, transcript, filename, content_type)
         finally:
             with self._lock:
@@ -339,98 +267,85 @@ class VoiceLibrary:
         if media_type is None:
             ct = (content_type or "").split(";")[0].strip().lower()
             media_type = ct if ct.startswith("audio/") else "application/octet-stream"
-        stem = f"{name}-{secrets.token_hex(4)}"
-        voice = _NewVoice(name, transcript, audio, wav, engine.sample_rate, prompt, duration, speech,
-                          stem + ext, media_type, stem + ".24k.wav", stem + ".safetensors", filename, content_type,
-                          source_rate)
-        row = self._store(engine, voice)
+        meta = StoredVoice(name, secrets.token_hex(8), transcript, time.time(), duration, engine.sample_rate,
+                           media_type, filename, content_type, source_rate, speech)
+        wav_file = io.BytesIO()
+        sf.write(wav_file, wav.numpy(), engine.sample_rate, format="WAV", subtype="PCM_16")
+        codes = {"codes": prompt.codes.to(torch.long).contiguous(),
+                 "text_ids": prompt.text_ids.to(torch.long).contiguous()}
+        new = NewVoiceData(meta, audio, ext, wav_file.getvalue(), codes,
+                           {"format": "openchroma-voice/1", "name": name, "sample_rate": str(engine.sample_rate)})
+        self._store(engine, new, prompt)
         log.info("voice %r added: %.2f s of audio (%.2f s of speech), %d frames", name, duration,
                  speech if speech is not None else float("nan"), prompt.codes.shape[0])
         self._update_gauge()
-        return self._record(row)
+        return self._record(meta)
 
-    def _store(self, engine: Engine, voice: _NewVoice) -> sqlite3.Row:
-        """Write the voice's files, register it, then insert its row: all of it, or (on any failure) none."""
-        written: list[Path] = []
-        registered = False
+    def _store(self, engine: Engine, voice: NewVoiceData, prompt: VoicePrompt) -> None:
+        """Register the voice, then store it: all of it, or (on any failure) none."""
+        name = voice.meta.name
         try:
-            self._write_files(voice, written)
-            engine.add_voice(voice.name, voice.prompt, voice.transcript)
-            registered = True
-            return self._insert(voice)
+            engine.add_voice(name, prompt, voice.meta.transcript)
+        except EngineError as e:
+            raise VoiceError("unavailable", f"the engine cannot take the voice: {e}", code="engine_error") from None
+        try:
+            self.store.insert(voice)
         except BaseException as e:
-            if registered:
-                engine.remove_voice(voice.name)
-            for p in written:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            refusal = self._store_refusal(e, voice.name)
-            if refusal is None:
-                raise
-            raise refusal from None
-
-    def _write_files(self, voice: _NewVoice, written: list[Path]) -> None:
-        """The uploaded file, its 24 kHz decoding and the codes, each written atomically (``written`` lists them)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.dir / voice.audio_file, lambda p: p.write_bytes(voice.audio), written)
-        _atomic_write(self.dir / voice.wav_file, lambda p: sf.write(str(p), voice.wav.numpy(), voice.sample_rate,
-                                                                    format="WAV", subtype="PCM_16"), written)
-        tensors = {"codes": voice.prompt.codes.to(torch.long).contiguous(),
-                   "text_ids": voice.prompt.text_ids.to(torch.long).contiguous()}
-        meta = {"format": "openchroma-voice/1", "name": voice.name, "sample_rate": str(voice.sample_rate)}
-        _atomic_write(self.dir / voice.codes_file, lambda p: save_file(tensors, str(p), metadata=meta), written)
-        _fsync_dir(self.dir)
-
-    def _insert(self, voice: _NewVoice) -> sqlite3.Row:
+            engine.remove_voice(name)
+            if isinstance(e, NameTaken):   # another process took the name meanwhile
+                raise _exists(name) from None
+            if isinstance(e, StoreError):
+                _raise_storage("write", self.store.location, e)
+            raise
         with self._lock:
-            conn = self._connect(True)
-            with conn:
-                conn.execute(
-                    "INSERT INTO voices (name, transcript, created_at, duration_s, sample_rate, audio_file, "
-                    "audio_content_type, wav_file, codes_file, original_filename, original_content_type, "
-                    "source_sample_rate, speech_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (voice.name, voice.transcript, time.time(), voice.duration, voice.sample_rate, voice.audio_file,
-                     voice.media_type, voice.wav_file, voice.codes_file, voice.filename, voice.content_type,
-                     voice.source_rate, voice.speech))
-            return conn.execute("SELECT * FROM voices WHERE name = ?", (voice.name,)).fetchone()
+            self._loaded[name] = voice.meta.version
+            self._unavailable.pop(name, None)
 
-    def _store_refusal(self, e: BaseException, name: str) -> VoiceError | None:
-        """What a failure while storing a voice answers (None: not ours to map, re-raise it)."""
-        if isinstance(e, sqlite3.IntegrityError):  # another process took the name meanwhile
-            return VoiceError("exists", f"a voice named {name!r} already exists", code="voice_exists", param="name")
-        if isinstance(e, (OSError, sqlite3.Error)):
-            return _storage_error("write", self.dir, e)
-        if isinstance(e, EngineError):
-            return VoiceError("unavailable", f"the engine cannot take the voice: {e}", code="engine_error")
-        return None
-
-    # ----- deleting -------------------------------------------------------------------------------------
     def delete(self, name: str) -> None:
-        """Remove a stored voice: its row, its registration with the engine and its files."""
+        """Remove a stored voice: from the store (so from every process) and from this engine."""
+        removed = self._call("update", self.store.delete, name)
+        if removed is None:
+            raise _not_found(name)
         with self._lock:
-            try:
-                conn = self._connect(False)
-                row = None if conn is None else conn.execute("SELECT * FROM voices WHERE name = ?",
-                                                             (name,)).fetchone()
-                if row is not None:
-                    with conn:
-                        conn.execute("DELETE FROM voices WHERE name = ?", (name,))
-            except (sqlite3.Error, OSError) as e:
-                raise _storage_error("update", self.index_path, e) from None
-            if row is None:
-                raise _not_found(name)
+            self._loaded.pop(name, None)
             self._unavailable.pop(name, None)
         if self.engine is not None:
             self.engine.remove_voice(name)
-        for stored in (row["audio_file"], row["wav_file"], row["codes_file"]):
-            path = self._file(stored)
-            if path is not None:
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as e:  # swept at the next start
-                    log.warning("voice %r deleted but its file %s could not be removed: %s", name, path, e)
         log.info("voice %r deleted", name)
         self._update_gauge()
+
+
+def _prompt(meta: StoredVoice, tensors: dict[str, torch.Tensor], engine: Engine) -> VoicePrompt:
+    """A stored voice's prompt, checked against this model (codebooks, their size, the tokenizer)."""
+    codes, text_ids = tensors.get("codes"), tensors.get("text_ids")
+    k = int(getattr(engine.cfg, "audio_num_codebooks", 0) or 0)
+    size = int(getattr(engine.cfg, "codebook_size", 0) or 0)
+    if codes is None or text_ids is None:
+        raise ValueError("its stored codes lack the 'codes' or 'text_ids' tensor")
+    if codes.dtype != torch.long or codes.dim() != 2 or codes.shape[0] < 1 or (k and codes.shape[1] != k):
+        raise ValueError(f"its codes are {codes.dtype} {tuple(codes.shape)}, expected int64 "
+                         f"[frames, {k or 'K'}] (a voice encoded for another model?)")
+    if int(codes.min()) < 0 or (size and int(codes.max()) >= size):
+        raise ValueError(f"its codes are outside the codebooks' range 0..{size - 1}")
+    if text_ids.dtype != torch.long or text_ids.dim() != 1:
+        raise ValueError(f"its text ids are {text_ids.dtype} {tuple(text_ids.shape)}, expected int64 [n]")
+    fresh = torch.as_tensor(engine.tokenizer.encode(meta.transcript), dtype=torch.long).reshape(-1)
+    if not torch.equal(fresh, text_ids):  # another tokenizer than the one it was stored with: use this one's
+        log.info("voice %r: re-tokenized its transcript for this model's tokenizer", meta.name)
+        text_ids = fresh
+    return VoicePrompt(text_ids, codes)
+
+
+def _exists(name: str) -> VoiceError:
+    return VoiceError("exists", f"a voice named {name!r} already exists; delete it first "
+                                f"(DELETE /v1/voices/{name}) or choose another name", code="voice_exists", param="name")
+
+
+def _raise_storage(what: str, where: str, e: StoreError):
+    log.error("voice library: cannot %s %s: %s", what, where, e)
+    if e.unreachable:
+        raise VoiceError("unavailable", f"the voice library is unavailable: {e}", "voice_store_unavailable") from None
+    raise VoiceError("storage", f"the server cannot {what} its voice library: {e}", "storage_error") from None
 
 
 # ----- checks ---------------------------------------------------------------------------------------------
@@ -522,12 +437,6 @@ def _not_found(name: str) -> VoiceError:
     return VoiceError("not_found", f"no voice named {name[:80]!r} in the library", code="voice_not_found", param="name")
 
 
-def _storage_error(what: str, where: Path, e: BaseException) -> VoiceError:
-    log.error("voice library: cannot %s %s: %s", what, where, e)
-    return VoiceError("storage", f"the server cannot {what} its voice library ({type(e).__name__}: {e})",
-                    "storage_error")
-
-
 def _probe(audio: bytes) -> tuple[str | None, int | None]:
     """(libsndfile format, sample rate) from the file's header; Nones when unreadable."""
     try:
@@ -561,29 +470,3 @@ def speech_seconds(wav: torch.Tensor, sample_rate: int) -> float | None:
         wav16 = resample(wav, sample_rate, VAD_RATE) if sample_rate != VAD_RATE else wav
         spans = get_speech_timestamps(wav16.float(), _vad_model, sampling_rate=VAD_RATE)
         return sum(s["end"] - s["start"] for s in spans) / VAD_RATE
-
-
-def _atomic_write(path: Path, write: Callable[[Path], Any], written: list[Path]) -> None:
-    """Write ``path`` through a temp file in the same folder, fsync it, then rename it into place."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    written.append(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-

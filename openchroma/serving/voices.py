@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
+import mimetypes
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .errors import APIError, wire_error
 from .state import get_state
-from .voice_library import VoiceError
+from .voice_library import MEDIA_EXTENSIONS, VoiceError
 
 
 async def library_call(fn, *args):
@@ -68,8 +69,13 @@ async def get_voice(request: Request, name: str):
 @router.get("/v1/voices/{name}/audio")
 async def get_voice_audio(request: Request, name: str):
     """The reference audio as uploaded, for clients to play."""
-    path, media_type = await library_call(get_state(request).voices.audio_file, name)
-    return FileResponse(path, media_type=media_type, filename=f"{name}{path.suffix}", content_disposition_type="inline")
+    found, media_type = await library_call(get_state(request).voices.audio_file, name)
+    if isinstance(found, bytes):   # a database store keeps the audio itself
+        ext = MEDIA_EXTENSIONS.get(media_type) or mimetypes.guess_extension(media_type) or ""
+        return Response(found, media_type=media_type,
+                        headers={"content-disposition": f'inline; filename="{name}{ext}"'})
+    return FileResponse(found, media_type=media_type, filename=f"{name}{found.suffix}",
+                        content_disposition_type="inline")
 
 
 @router.delete("/v1/voices/{name}")
