@@ -19,8 +19,17 @@ from tqdm.auto import tqdm
 
 from .. import quantization
 from ..config import ChromaConfig, ConfigError
-from ..loading import (INDEX_FILE, SINGLE_FILE, SKIPPED_PREFIXES, CheckpointError, TensorFile, _tied_aliases,
-                       build_model, checkpoint_files, resolve_checkpoint)
+from ..loading import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SKIPPED_PREFIXES,
+    CheckpointError,
+    TensorFile,
+    _tied_aliases,
+    build_model,
+    checkpoint_files,
+    resolve_checkpoint,
+)
 
 
 def quantize_checkpoint(model: str | Path, scheme: str, out: str | Path, progress: bool = True) -> Path:
