@@ -10,6 +10,7 @@ files, a config that is not Chroma's) is an error naming the file and the key.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -129,17 +130,30 @@ class TensorFile:
     def shape(self, key: str) -> list[int]:
         return list(self.header[key]["shape"])
 
-    def read(self, key: str) -> torch.Tensor:
+    def read_checked(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """:meth:`read`, and an error if a float tensor holds NaN or infinite values."""
+        t = self.read(key, start, stop)
+        if t.is_floating_point() and not _all_finite(t):
+            raise CheckpointError(f"{self.path}: tensor {key!r} holds NaN or infinite values")
+        return t
+
+    def read(self, key: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Tensor ``key``, or its rows ``start:stop`` (along the first dimension)."""
         entry = self.header[key]
         begin, end = entry["data_offsets"]
+        shape = list(entry["shape"])
         dtype = _DTYPES.get(entry["dtype"])
         if dtype is None:
             raise CheckpointError(f"{self.path}: tensor {key!r} has dtype {entry['dtype']}, which torch cannot hold")
-        out = torch.empty(entry["shape"], dtype=dtype)
-        nbytes = out.numel() * out.element_size()
-        if end - begin != nbytes or self.start + end > self.size:
+        whole = torch.Size(shape).numel() * dtype.itemsize
+        if end - begin != whole or self.start + end > self.size:
             raise CheckpointError(f"{self.path}: cannot read tensor {key!r} (truncated or corrupt: "
                                   f"bytes {begin}..{end} of a {self.size - self.start}-byte data section)")
+        if start is not None:
+            row = whole // max(1, shape[0])
+            begin, shape[0] = begin + start * row, stop - start
+        out = torch.empty(shape, dtype=dtype)
+        nbytes = out.numel() * out.element_size()
         if nbytes:
             with self.path.open("rb", buffering=0) as fh:
                 fh.seek(self.start + begin)
@@ -151,6 +165,12 @@ class TensorFile:
                         raise CheckpointError(f"{self.path}: cannot read tensor {key!r} (truncated)")
                     got += k
         return out
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Checked in blocks: ``isfinite`` on a whole table holds temporaries several times its size."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(b.float() if b.element_size() == 1 else b).all()) for b in flat.split(1 << 22))
 
 
 def build_model(config: ChromaConfig) -> ChromaModel:
@@ -235,13 +255,13 @@ def load(
                 if k in aliases:  # a tie's duplicate: the canonical copy is loaded
                     bar.update()
                     continue
-                src = reader.read(k)
-                if src.is_floating_point() and not torch.isfinite(src.float() if src.element_size() == 1 else src
-                                                                   ).all():
-                    raise CheckpointError(f"{f}: tensor {k!r} holds NaN or infinite values")
                 if assembler is not None and k in assembler.owner:
-                    assembler.add(k, src)  # quantized (if float) and packed now; the float copy is dropped
-                elif src.is_floating_point() and (src.dtype != dtype or src.device != device):
+                    # Quantized (if float) and packed now, a block of rows at a time; no float copy is kept.
+                    assembler.add(k, functools.partial(reader.read_checked, k), shape[0])
+                    bar.update()
+                    continue
+                src = reader.read_checked(k)
+                if src.is_floating_point() and (src.dtype != dtype or src.device != device):
                     state[k] = torch.empty(shape, dtype=dtype, device=device).copy_(src)
                 else:
                     state[k] = src.to(device)

@@ -9,9 +9,9 @@ Schemes (``--quantize``):
   multiple of 128); output heads stay int8, where a logit's error matters most;
 * ``fp8`` (CUDA, compute capability 8.9+): float8 e4m3 weights with one scale per output channel.
 
-In every scheme the Reasoner's token table is int8 (one scale per row) and, when the output head is tied to it,
-the head reads the same int8 tensor. The audio embedding (small, 8 x 2051 rows), convolutions, norms and the
-Codec stay in the load dtype. A layer whose input width is not a multiple of 32 stays unquantized and
+In every scheme the embedding tables (the Reasoner's tokens, the codebooks') are int8 with one scale per row and,
+when the Reasoner's output head is tied to its table, the head reads the same int8 tensor. Convolutions, norms
+and the Codec stay in the load dtype. A layer whose input width is not a multiple of 32 stays unquantized and
 :func:`plan` lists it.
 
 A pre-quantized checkpoint stores, for each quantized layer ``name``, ``name.qweight`` and ``name.scales``
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -88,6 +89,24 @@ def quantize_weight(w: torch.Tensor, scheme: str) -> dict[str, torch.Tensor]:
     return {"qweight": codes[:, 0::2] << 4 | codes[:, 1::2], "scales": scales, "zeros": lo + 8 * scales}
 
 
+Reader = Callable[[int | None, int | None], torch.Tensor]
+CHUNK_ELEMENTS = 1 << 20   # 4 MB of float32: what quantizing holds in float beside the result
+
+
+def quantize_rows(read: Reader, rows: int, scheme: str, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Quantize a weight ``[rows, K]`` read a block of rows at a time (every scheme quantizes rows independently),
+    so the float weight is never whole in memory: the Reasoner's token table alone is 311 M parameters."""
+    step = max(1, CHUNK_ELEMENTS // max(1, read(0, 1).numel()))
+    out: dict[str, torch.Tensor] = {}
+    for a in range(0, rows, step):
+        piece = quantize_weight(read(a, min(rows, a + step)).to(device), scheme)
+        if not out:  # written in place, block by block: no list of pieces and no concatenated copy
+            out = {k: torch.empty((rows, *v.shape[1:]), dtype=v.dtype, device=v.device) for k, v in piece.items()}
+        for k, v in piece.items():
+            out[k][a:a + len(v)] = v
+    return out
+
+
 def canonical_shapes(spec: LayerSpec) -> dict[str, list[int]]:
     """The tensors (and shapes) a pre-quantized checkpoint holds for one quantized weight ``[N, K]``."""
     n, k = spec.rows, spec.cols
@@ -134,6 +153,7 @@ class Plan:
 
 QUANTIZED_PARTS = ("thinker.model.", "thinker.audio_tower.", "backbone.", "decoder.")
 HEADS = ("thinker.lm_head", "backbone.codebook0_head")
+EMBEDDINGS = ("thinker.model.embed_tokens", "decoder.audio_embedding.embed_audio_tokens")
 
 
 def plan(model: nn.Module, scheme: str) -> Plan:
@@ -142,7 +162,7 @@ def plan(model: nn.Module, scheme: str) -> Plan:
     head_scheme = "int8" if scheme == "int4" else scheme
     tied = bool(model.cfg.tie_word_embeddings)
     for name, mod in model.named_modules():
-        if name == "thinker.model.embed_tokens":
+        if name in EMBEDDINGS:
             out.layers[name] = LayerSpec(name, "embedding", "int8", *mod.weight.shape)
         elif name == "decoder.codebook_head":
             n, h, v = mod.weight.shape
@@ -189,17 +209,25 @@ class Assembler:
         """Pre-quantized tensors and their shapes (for the loader's checks)."""
         return {k: v for spec in self.plan.layers.values() for k, v in spec.quantized_keys().items()}
 
-    def add(self, key: str, tensor: torch.Tensor) -> None:
+    def add(self, key: str, read: Reader, rows: int) -> None:
+        """Take tensor ``key`` (``rows`` rows), read through ``read(start, stop)`` (rows; None, None: whole)."""
         spec, part = self.owner[key]
+        if not self.prequantized and part == "weight" and spec.kind != "heads":
+            value: object = quantize_rows(read, rows, spec.scheme, self.device)  # never whole in float
+        else:
+            value = read(None, None).to(self.device)
         got = self._pending.setdefault(spec.name, {})
-        got[part] = tensor
+        got[part] = value
         if len(got) == sum(1 for s, _ in self.owner.values() if s is spec):
             self.modules[spec.name] = self._build(spec, self._pending.pop(spec.name))
 
-    def _build(self, spec: LayerSpec, parts: dict[str, torch.Tensor]) -> nn.Module:
+    def _build(self, spec: LayerSpec, parts: dict) -> nn.Module:
         dev, dt = self.device, self.dtype
         if not self.prequantized:
-            parts = to_canonical(spec, {k: v.to(dev) for k, v in parts.items()})
+            if spec.kind == "heads":
+                parts = to_canonical(spec, parts)
+            else:
+                parts = {**parts["weight"], **({"bias": parts["bias"].float()} if "bias" in parts else {})}
         if spec.kind == "embedding":
             return QuantEmbedding(parts, dev, dt)
         if spec.kind == "heads":

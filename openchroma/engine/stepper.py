@@ -100,7 +100,7 @@ def default_threads(model: ChromaModel) -> int | None:
     """Intra-op CPU threads for stepping ``model``: 1 for models narrower than 1024, whose small ops lose more to
     thread hand-offs than they gain (measured on 2 cores: 1.3-2.4x slower per frame from a worker thread with 2,
     and far slower under load); torch's default (None) for wider ones, where 1 thread costs about 4%."""
-    on_cpu = model.audio_embedding.weight.device.type == "cpu"
+    on_cpu = model.device.type == "cpu"
     return 1 if on_cpu and model.cfg.backbone.hidden_size < 1024 else None
 
 
@@ -139,8 +139,7 @@ class Stepper:
         self.model = model
         self.cfg = cfg = model.cfg
         self.slots = slots
-        p = model.audio_embedding.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.K = k = cfg.audio_num_codebooks
         self.lookahead = lookahead
         self.ring_size = lookahead + 2          # tokens emitted but not yet fed never exceed lookahead + 1

@@ -123,9 +123,18 @@ class ChromaModel(nn.Module):
                 m.init_buffers(device)
         self.codec_model.refresh_buffers()
 
+    @property
+    def device(self) -> torch.device:
+        return self.codebook_offsets.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The load dtype (activations, caches): the norms' (never quantized)."""
+        return self.backbone.model.norm.weight.dtype
+
     # ----- embeddings -------------------------------------------------------------------------
     @property
-    def audio_embedding(self) -> nn.Embedding:
+    def audio_embedding(self) -> nn.Module:
         return self.decoder.audio_embedding.embed_audio_tokens
 
     def text_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -139,7 +148,7 @@ class ChromaModel(nn.Module):
     def voice_prompt_embeds(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``E(text_start) E(transcript) E(text_end) A(f_1..f_m) 0`` as ``[1 + n + 1 + m + 1, H]``."""
         cfg = self.cfg
-        dev = self.audio_embedding.weight.device
+        dev = self.device
         ids = torch.cat([
             torch.tensor([cfg.text_start_token_id], device=dev),
             text_ids.reshape(-1).to(dev),

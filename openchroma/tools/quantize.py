@@ -11,6 +11,7 @@ import argparse
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,22 +53,24 @@ def quantize_checkpoint(model: str | Path, scheme: str, out: str | Path, progres
     aliases = _tied_aliases(config)
     files = checkpoint_files(src)
     tensors: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, torch.Tensor]] = {}
+    readers: dict[Path, TensorFile] = {}
     keys = [k for k in files if not k.startswith(SKIPPED_PREFIXES) and k not in aliases]
     with torch.no_grad():
         for k in tqdm(keys, desc=f"Quantizing to {scheme}", unit="tensor", disable=not progress):
-            t = TensorFile(files[k]).read(k)
+            reader = readers.setdefault(files[k], TensorFile(files[k]))
             spec = owner.get(k)
+            part = k[len(spec.name) + 1:] if spec else ""
             if spec is None:
-                tensors[k] = t
-                continue
-            got = pending.setdefault(spec.name, {})
-            got[k[len(spec.name) + 1:]] = t
-            if len(got) == len(spec.keys()):
-                for part, q in quantization.to_canonical(spec, pending.pop(spec.name)).items():
-                    tensors[f"{spec.name}.{part}"] = q.contiguous()
-    if pending:
-        raise CheckpointError(f"{src}: incomplete layers {', '.join(pending)}")
+                tensors[k] = reader.read_checked(k)
+            elif part == "bias":
+                tensors[k] = reader.read_checked(k).float()
+            elif spec.kind == "heads":
+                for name, q in quantization.to_canonical(spec, {"weight": reader.read_checked(k)}).items():
+                    tensors[f"{spec.name}.{name}"] = q.contiguous()
+            else:  # a block of rows at a time: the float weight is never whole in memory
+                rows = reader.shape(k)[0]
+                for name, q in quantization.quantize_rows(partial(reader.read_checked, k), rows, spec.scheme).items():
+                    tensors[f"{spec.name}.{name}"] = q
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / SINGLE_FILE), metadata={"format": "pt", "quantization": scheme})
     (out / INDEX_FILE).unlink(missing_ok=True)
