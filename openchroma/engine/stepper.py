@@ -19,6 +19,7 @@ bucket. The host reads codes, flags, tokens and audio once per step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from ..models.chroma import ChromaModel
 from ..models.transformer import KVCache
 from .sampling import SamplingParams, sample_codes
 from .schedule import backbone_vectors_at, frames_within, pair_index_at
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -186,6 +189,7 @@ class Stepper:
         self.rows: dict[int, Row] = {}
         self._fns: dict[tuple, Callable[[], None]] = {}
         self._graph_pool = None
+        self.graph_error: str | None = None   # why CUDA graphs are off, when their capture failed
         # Per-stage seconds (reasoner, backbone, decoder, codec, host), summed over steps, when a benchmark sets
         # this to a dict. Stages inside the frame function are timed only in eager mode.
         self.timings: dict[str, float] | None = None
@@ -229,7 +233,18 @@ class Stepper:
             fn = torch.compile(run, fullgraph=True, dynamic=False, backend=backend, options=options)
         if not self.cuda_graphs:
             return fn
-        # CUDA graphs: warm up (compiles) on a side stream, then capture one replayable graph per variant.
+        try:
+            return self._capture(fn)
+        except Exception as e:  # serve without graphs rather than not at all; the reason is logged and kept
+            self.cuda_graphs = False
+            self.graph_error = f"{type(e).__name__}: {e}"
+            log.warning("CUDA graph capture of %s failed, running without CUDA graphs: %s", key, self.graph_error)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize(self.device)
+            return fn
+
+    def _capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Warm ``fn`` up (compiles) on a side stream, then capture it as one replayable CUDA graph."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -241,6 +256,12 @@ class Stepper:
             fn()
         self._graph_pool = graph.pool()
         return graph.replay
+
+    @property
+    def mode(self) -> str:
+        """How the step runs: ``cuda-graphs``, ``compiled`` or ``eager`` (``graph_error`` says why graphs are off
+        when their capture failed)."""
+        return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compile else "eager"
 
     @torch.inference_mode()
     def warmup(self, progress: bool = False, keys: Sequence[tuple] | None = None) -> None:
