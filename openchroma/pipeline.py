@@ -57,8 +57,10 @@ class Chroma:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str = "float32",
         progress: bool = True,
+        quantize: str | None = None,
     ) -> Chroma:
-        lm = load(model, device=device, dtype=dtype, progress=progress)
+        """``quantize``: ``int8``, ``int4`` or ``fp8`` weights (see :func:`openchroma.loading.load`)."""
+        lm = load(model, device=device, dtype=dtype, progress=progress, quantize=quantize)
         return cls(lm, ChatTokenizer.from_dir(lm.path))
 
     @property

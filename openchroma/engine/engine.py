@@ -468,8 +468,9 @@ class Engine:
         mel.finalize()
 
     @classmethod
-    def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
-        lm = load(model, device=device, dtype=dtype, progress=progress)
+    def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True,
+                        quantize: str | None = None, **kw) -> Engine:
+        lm = load(model, device=device, dtype=dtype, progress=progress, quantize=quantize)
         return cls(_Loaded(lm, ChatTokenizer.from_dir(lm.path)), progress=progress, **kw)
 
     @property

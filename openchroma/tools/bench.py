@@ -509,12 +509,14 @@ def bench(
     progress: bool = True,
     compile: bool = False,
     per_frame_lengths: tuple[int, int] | None = None,
+    quantize: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Load ``model``, run the benchmark, write the reports; (results, report paths).
 
-    ``compile``: the engine's frame step compiled (``per_frame_lengths`` then measures eager and compiled)."""
+    ``compile``: the engine's frame step compiled (``per_frame_lengths`` then measures eager and compiled);
+    ``quantize``: int8, int4 or fp8 weights (recorded in ``bench.json``)."""
     t0 = time.perf_counter()
-    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress)
+    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress, quantize=quantize)
     load_s = time.perf_counter() - t0
     lm = chroma.lm
     header = {
@@ -524,6 +526,7 @@ def bench(
         "torch": torch.__version__,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
+        "quantize": lm.quantize,
         "model": {"path": str(lm.path), "parameters": lm.num_parameters, "load_seconds": round(load_s, 2)},
     }
     results = dict(header)
