@@ -237,6 +237,24 @@ def load(
             targets.update(assembler.expected_shapes())
     _check_keys(path, files, targets, aliases)
 
+    state = _read_tensors(path, files, targets, aliases, assembler, device, dtype, progress)
+    net.load_state_dict(state, strict=False, assign=True)  # keys were checked above, with clearer errors
+    if assembler is not None:
+        assembler.install(net)
+    net.thinker.tie_weights()  # assign replaced embed_tokens' parameter; lm_head must follow it
+    net.init_buffers(device)
+    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]
+    if left:  # a bug, not a bad file: every tensor is either loaded or derived
+        raise RuntimeError(f"not materialised after loading: {', '.join(left)}")
+    net.eval()
+    return LoadedModel(net, config, path, device, dtype, scheme, qplan.skipped if qplan else [])
+
+
+def _read_tensors(path: Path, files: dict[str, Path], targets: dict[str, list[int]], aliases: dict[str, str],
+                  assembler: quantization.Assembler | None, device: torch.device, dtype: torch.dtype,
+                  progress: bool) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, shape-checked, on ``device`` in ``dtype``; quantized layers go to
+    ``assembler`` instead (one at a time)."""
     by_file: dict[Path, list[str]] = {}
     for k, f in files.items():
         if not k.startswith(SKIPPED_PREFIXES):
@@ -267,16 +285,7 @@ def load(
                     state[k] = src.to(device)
                 bar.update()
     bar.close()
-    net.load_state_dict(state, strict=False, assign=True)  # keys were checked above, with clearer errors
-    if assembler is not None:
-        assembler.install(net)
-    net.thinker.tie_weights()  # assign replaced embed_tokens' parameter; lm_head must follow it
-    net.init_buffers(device)
-    left = [n for n, t in (*net.named_parameters(), *net.named_buffers()) if t.is_meta]
-    if left:  # a bug, not a bad file: every tensor is either loaded or derived
-        raise RuntimeError(f"not materialised after loading: {', '.join(left)}")
-    net.eval()
-    return LoadedModel(net, config, path, device, dtype, scheme, qplan.skipped if qplan else [])
+    return state
 
 
 def _check_keys(path: Path, files: dict[str, Path], targets: dict[str, list[int]], aliases: dict[str, str]) -> None:
