@@ -94,7 +94,7 @@ def compare(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> dict[
         r, g = r[:n], g[:n]
         out[f"{name}_top1"] = (r.argmax(-1) == g.argmax(-1)).float().mean().item()
         lr, lg = F.log_softmax(r, -1), F.log_softmax(g, -1)
-        out[f"{name}_kl"] = (lr.exp() * (lr - lg)).sum(-1).mean().item()
+        out[f"{name}_kl"] = max(0.0, (lr.exp() * (lr - lg)).sum(-1).mean().item())  # not below 0 by rounding
     num = sum(((got[k][: len(ref[k])] - ref[k][: len(got[k])]) ** 2).sum() for k in ref)
     den = sum((ref[k] ** 2).sum() for k in ref)
     out["logit_rel_err"] = (num / den).sqrt().item()
