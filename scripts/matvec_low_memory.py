@@ -24,27 +24,34 @@ def best_ms(fn: Callable[[], object], calls: int = 10) -> float:
     return best
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    weights = [torch.randn(ROWS, COLS) for _ in range(COUNT)]
-    x = torch.randn(1, COLS)
+def measure(name: str, x: torch.Tensor) -> float:
+    """One scheme, its matrices built here (and freed on return)."""
+    gen = torch.Generator().manual_seed(0)
+    mats = [torch.randn(ROWS, COLS, generator=gen) for _ in range(COUNT)]
+    if name == "float32":
+        return best_ms(lambda: [x @ w.t() for w in mats])
     xb = x.bfloat16()
-    times = {"float32": best_ms(lambda: [x @ w.t() for w in weights])}
-    halves = [w.bfloat16() for w in weights]
-    times["bfloat16"] = best_ms(lambda: [xb @ w.t() for w in halves])
-    del halves
-    int8 = [(w / (w.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8) for w in weights]
-    scales = torch.rand(ROWS).bfloat16()
-    times["int8 (bf16 act)"] = best_ms(lambda: [torch._weight_int8pack_mm(xb, q, scales) for q in int8])
-    del int8, weights
-    int4 = [torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (ROWS, COLS), dtype=torch.int32), 1)
+    if name == "bfloat16":
+        mats = [w.bfloat16() for w in mats]
+        return best_ms(lambda: [xb @ w.t() for w in mats])
+    if name == "int8":
+        mats = [(w / (w.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8) for w in mats]
+        scales = torch.rand(ROWS).bfloat16()
+        return best_ms(lambda: [torch._weight_int8pack_mm(xb, q, scales) for q in mats])
+    mats = [torch._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (ROWS, COLS), dtype=torch.int32), 1)
             for _ in range(COUNT)]
     scales_zeros = torch.rand(COLS // GROUP, ROWS, 2).bfloat16()
-    times[f"int4 g{GROUP} (bf16 act)"] = best_ms(
-        lambda: [torch._weight_int4pack_mm_for_cpu(xb, p, GROUP, scales_zeros) for p in int4])
+    return best_ms(lambda: [torch._weight_int4pack_mm_for_cpu(xb, p, GROUP, scales_zeros) for p in mats])
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    x = torch.randn(1, COLS, generator=torch.Generator().manual_seed(1))
+    labels = {"float32": "float32", "bfloat16": "bfloat16", "int8": "int8 (bf16 act)",
+              "int4": f"int4 g{GROUP} (bf16 act)"}
+    times = {name: measure(name, x) for name in labels}
     for name, ms in times.items():
-        print(f"| {name} | {ms:.2f} ms | {times['float32'] / ms:.2f}x |")
+        print(f"| {labels[name]} | {ms:.2f} ms | {times['float32'] / ms:.2f}x |")
 
 
 if __name__ == "__main__":
