@@ -23,25 +23,10 @@ import torch
 from .constants import HOP_LENGTH, LOG_MEL_FLOOR, LOG_MEL_OFFSET, LOG_MEL_SCALE, N_FFT, N_MELS, REASONER_SAMPLE_RATE
 
 __all__ = [
-    "ACCEPTED_DTYPES",
-    "AudioError",
-    "AudioSource",
-    "HOP_LENGTH",
-    "N_FFT",
-    "N_MELS",
-    "QWEN_OMNI_N_SAMPLES",
-    "SAMPLE_RATE",
-    "WHISPER_N_SAMPLES",
-    "StreamingMelExtractor",
-    "load_audio",
-    "log_mel_features",
-    "mel_filter_bank",
-    "mel_frame_count",
-    "normalize_log_mel",
-    "resample",
-    "StreamResampler",
-    "float_to_pcm16",
-    "pcm16_to_float",
+    "ACCEPTED_DTYPES", "AudioError", "AudioSource", "AudioTooLong", "MAX_CLIENT_RATE", "MAX_CLIENT_SAMPLE",
+    "HOP_LENGTH", "N_FFT", "N_MELS", "QWEN_OMNI_N_SAMPLES", "SAMPLE_RATE", "WHISPER_N_SAMPLES",
+    "StreamingMelExtractor", "decode_client_audio", "load_audio", "log_mel_features", "mel_filter_bank",
+    "mel_frame_count", "normalize_log_mel", "resample", "StreamResampler", "float_to_pcm16", "pcm16_to_float",
 ]
 
 SAMPLE_RATE = REASONER_SAMPLE_RATE  # the features' input rate
@@ -66,18 +51,29 @@ class AudioError(ValueError):
     """Audio that cannot be used: unreadable, empty, non-finite, of the wrong type or shape, or too long."""
 
 
+class AudioTooLong(AudioError):
+    """Audio over a length limit: ``seconds`` is its length, or None when it was refused while decoding a file
+    whose header gives no length (it is then longer than ``limit``)."""
+
+    def __init__(self, name: str, limit: float, seconds: float | None = None):
+        said = f"{seconds:.2f} s long" if seconds is not None else f"longer than {limit:g} s"
+        super().__init__(f"{name}: audio is {said}, more than the limit of {limit:g} s")
+        self.limit, self.seconds = limit, seconds
+
+
+#: Client audio: the highest sample rate (it bounds the samples ``max_seconds`` lets in) and sample magnitude
+#: taken. Float audio is nominally in [-1, 1]; past 100 (40 dB over) it is mis-scaled (integer PCM stored as
+#: float, garbage), and huge values overflow the features. Files are decoded ``_BLOCK_SAMPLES`` at a time.
+MAX_CLIENT_RATE, MAX_CLIENT_SAMPLE, _BLOCK_SAMPLES = 192_000, 100.0, 1 << 18
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Loading and resampling
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_audio(
-    source: AudioSource,
-    sample_rate: int,
-    *,
-    source_rate: int | None = None,
-    max_seconds: float | None = None,
-) -> torch.Tensor:
+def load_audio(source: AudioSource, sample_rate: int, *, source_rate: int | None = None,
+               max_seconds: float | None = None) -> torch.Tensor:
     """Decode ``source`` to a mono float32 1-D CPU tensor at ``sample_rate`` Hz.
 
     ``source`` is a path, the bytes of an encoded file (wav, flac, ogg/vorbis, mp3, anything libsndfile
@@ -95,39 +91,67 @@ def load_audio(
         source = np.asarray(source)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         if source_rate is None:
-            raise AudioError(
-                f"source_rate is required for a {type(source).__name__} input: "
-                "raw samples carry no sample rate of their own"
-            )
+            raise AudioError(f"source_rate is required for a {type(source).__name__} input: "
+                             "raw samples carry no sample rate of their own")
         _check_rate(source_rate, "source_rate")
         name = f"<{type(source).__name__} of shape {tuple(source.shape)}>"
         samples = _to_mono_float32(source, name)
         rate = source_rate
     else:
-        if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and not hasattr(
-            source, "read"
-        ):
-            raise AudioError(
-                f"unsupported audio source of type {type(source).__name__}: expected a path, bytes of an "
-                "encoded file, a binary file object, a numpy array or a torch tensor"
-            )
+        if not isinstance(source, (str, os.PathLike, bytes, bytearray, memoryview)) and not hasattr(source, "read"):
+            raise AudioError(f"unsupported audio source of type {type(source).__name__}: expected a path, bytes of "
+                             "an encoded file, a binary file object, a numpy array or a torch tensor")
         samples, rate, name = _decode(source, max_seconds)
         if source_rate is not None and float(source_rate) != float(rate):
-            raise AudioError(
-                f"{name}: the file's sample rate is {rate} Hz but source_rate={source_rate!r} was given "
-                "(files carry their own rate; leave source_rate out)"
-            )
+            raise AudioError(f"{name}: the file's sample rate is {rate} Hz but source_rate={source_rate!r} was "
+                             "given (files carry their own rate; leave source_rate out)")
+    return _to_rate(samples, rate, sample_rate, name, max_seconds)
 
+
+def decode_client_audio(data: bytes | bytearray | memoryview, sample_rate: int, *, max_seconds: float,
+                        pcm16_rate: int | None = None, name: str | None = None) -> torch.Tensor:
+    """The one intake for audio a client sends (every server route that takes audio calls it): mono float32 at
+    ``sample_rate`` Hz, or ``AudioError`` saying what is wrong (``AudioTooLong`` over ``max_seconds``).
+
+    ``data`` is an encoded file (anything libsndfile reads), or raw little-endian 16-bit mono PCM at
+    ``pcm16_rate`` Hz. The length is checked before decoding, from the byte count or the file's header; a file
+    whose header gives no length (streamed FLAC) is decoded block by block and refused at the limit, so memory
+    never exceeds what ``max_seconds`` allows. Sample rates over ``MAX_CLIENT_RATE`` and samples that are
+    NaN, infinite or over ``MAX_CLIENT_SAMPLE`` in magnitude are refused. ``name`` prefixes the messages."""
+    _check_rate(sample_rate, "sample_rate")
+    if not max_seconds > 0:
+        raise AudioError(f"max_seconds must be positive, got {max_seconds!r}")
+    name = name or f"<{len(data)} bytes of {'16-bit PCM' if pcm16_rate else 'encoded'} audio>"
+    if not len(data):
+        raise AudioError(f"{name}: empty audio (no data)")
+    if pcm16_rate is not None:
+        _check_rate(pcm16_rate, "pcm16_rate")
+        if len(data) / 2 / pcm16_rate > max_seconds:
+            raise AudioTooLong(name, max_seconds, len(data) / 2 / pcm16_rate)
+        try:
+            samples, rate = pcm16_to_float(data), pcm16_rate
+        except ValueError as e:
+            raise AudioError(f"{name}: {e}") from None
+    else:
+        samples, rate, _ = _decode(bytes(data), max_seconds, name=name, max_rate=MAX_CLIENT_RATE)
+    _check_samples(samples, name)
+    peak = float(np.abs(samples).max())
+    if peak > MAX_CLIENT_SAMPLE:
+        raise AudioError(f"{name}: samples reach {peak:.3g}, over the limit of {MAX_CLIENT_SAMPLE:g} (float audio "
+                         "is nominally in [-1, 1]: integer PCM stored as float?)")
+    return _to_rate(samples, rate, sample_rate, name, max_seconds)
+
+
+def _to_rate(samples: np.ndarray, rate: float, sample_rate: int, name: str, max_seconds: float | None
+             ) -> torch.Tensor:
     _check_samples(samples, name)
     duration = samples.shape[0] / rate
     if max_seconds is not None and duration > max_seconds:
-        raise AudioError(f"{name}: audio is {duration:.2f} s long, more than the limit of {max_seconds:g} s")
+        raise AudioTooLong(name, max_seconds, duration)
     out = _resample_np(samples, rate, sample_rate)
     if out.shape[0] == 0:
-        raise AudioError(
-            f"{name}: audio of {samples.shape[0]} samples at {rate} Hz is too short to resample to "
-            f"{sample_rate} Hz"
-        )
+        raise AudioError(f"{name}: audio of {samples.shape[0]} samples at {rate} Hz is too short to resample to "
+                         f"{sample_rate} Hz")
     return torch.from_numpy(out)
 
 
@@ -160,17 +184,17 @@ def _resample_np(samples: np.ndarray, from_rate: float, to_rate: float) -> np.nd
 
 
 def _check_rate(rate: object, what: str) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.integer, np.floating)):
-        raise AudioError(f"{what} must be a positive number of Hz, got {rate!r}")
-    if not (math.isfinite(float(rate)) and rate > 0):
+    numeric = isinstance(rate, (int, float, np.integer, np.floating)) and not isinstance(rate, bool)
+    if not (numeric and math.isfinite(float(rate)) and rate > 0):
         raise AudioError(f"{what} must be a positive number of Hz, got {rate!r}")
 
 
-def _decode(source: object, max_seconds: float | None) -> tuple[np.ndarray, int, str]:
+def _decode(source: object, max_seconds: float | None, name: str | None = None,
+            max_rate: float | None = None) -> tuple[np.ndarray, int, str]:
     """Decode a path, bytes or file object with libsndfile -> (mono float32 samples, rate, display name)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        name = str(path)
+        name = name or str(path)
         if not path.exists():
             raise AudioError(f"{name}: no such audio file")
         if path.is_dir():
@@ -178,34 +202,58 @@ def _decode(source: object, max_seconds: float | None) -> tuple[np.ndarray, int,
         opened: object = path
     elif isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        name = f"<{len(data)} bytes of encoded audio>"
+        name = name or f"<{len(data)} bytes of encoded audio>"
         if not data:
             raise AudioError(f"{name}: empty audio (no data)")
         opened = io.BytesIO(data)
     else:
-        name = f"<{getattr(source, 'name', type(source).__name__)}>"
+        name = name or f"<{getattr(source, 'name', type(source).__name__)}>"
         opened = source
 
     try:
-        with sf.SoundFile(opened) as f:  # type: ignore[arg-type]
+        with _ForwardOnly(opened) as f:  # type: ignore[arg-type]
             rate = int(f.samplerate)
-            frames = f.frames
+            if max_rate is not None and not 0 < rate <= max_rate:
+                raise AudioError(f"{name}: a sample rate of {rate} Hz is not supported (at most {max_rate:g} Hz)")
+            frames = f.frames  # 2**63 - 1 when the header does not say (streamed FLAC)
             if max_seconds is not None and rate > 0 and 0 < frames < 2**62 and frames / rate > max_seconds:
-                raise AudioError(
-                    f"{name}: audio is {frames / rate:.2f} s long, more than the limit of {max_seconds:g} s"
-                )
-            data2d = f.read(dtype="float32", always_2d=True)
+                raise AudioTooLong(name, max_seconds, frames / rate)
+            limit = None if max_seconds is None or rate <= 0 else int(max_seconds * rate)
+            mono = _read_mono(f, name, limit, max_seconds)
     except AudioError:
         raise
     except (sf.SoundFileError, RuntimeError, TypeError, EOFError, OSError) as exc:
-        detail = str(exc).strip() or type(exc).__name__
-        raise AudioError(
-            f"{name}: cannot decode audio (corrupt data or a format libsndfile does not read: {detail})"
-        ) from exc
-    if data2d.ndim != 2 or data2d.shape[0] == 0:
+        # libsndfile's own words, without "Error opening <_io.BytesIO object at 0x...>" (it names no file here).
+        detail = (getattr(exc, "error_string", None) or str(exc)).strip() or type(exc).__name__
+        raise AudioError(f"{name}: cannot decode audio (corrupt data or a format libsndfile does not read: "
+                         f"{detail})") from exc
+    if mono.shape[0] == 0:
         raise AudioError(f"{name}: empty audio (the file holds no samples)")
-    mono = data2d[:, 0] if data2d.shape[1] == 1 else data2d.mean(axis=1, dtype=np.float64).astype(np.float32)
-    return np.ascontiguousarray(mono, dtype=np.float32), rate, name
+    return mono, rate, name
+
+
+class _ForwardOnly(sf.SoundFile):
+    """Read front to back: soundfile then never seeks around a read (libsndfile cannot on a FLAC without a length)."""
+
+    def seekable(self) -> bool:
+        return False
+
+
+def _read_mono(f: sf.SoundFile, name: str, limit: int | None, max_seconds: float | None) -> np.ndarray:
+    """All of ``f``'s frames downmixed to mono float32, read in blocks (a header's length never sizes an
+    allocation); ``AudioTooLong`` as soon as more than ``limit`` frames came out."""
+    buf = np.empty((max(1, _BLOCK_SAMPLES // max(1, f.channels)), f.channels), np.float32)
+    parts, total = [], 0
+    while True:
+        data2d = f.read(out=buf)
+        if data2d.shape[0] == 0:
+            break
+        total += data2d.shape[0]
+        if limit is not None and total > limit:
+            raise AudioTooLong(name, float(max_seconds))
+        parts.append(data2d[:, 0].copy() if data2d.shape[1] == 1
+                     else data2d.mean(axis=1, dtype=np.float64).astype(np.float32))
+    return np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32), dtype=np.float32)
 
 
 def _to_mono_float32(source: np.ndarray | torch.Tensor, name: str) -> np.ndarray:

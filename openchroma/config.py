@@ -7,11 +7,15 @@ tiny reference checkpoint and the published 4B one share the structure at differ
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .constants import CODEC_SAMPLE_RATE, FRAME_SAMPLES
+from .constants import CODEC_SAMPLE_RATE, FRAME_RATE_HZ, FRAME_SAMPLES
+
+_log = logging.getLogger("openchroma")
 
 
 class ConfigError(ValueError):
@@ -199,6 +203,8 @@ class ChromaConfig:
 RANDOM_WEIGHTS_KEY = "openchroma_random_weights"
 #: Default response length (seconds) for random-weight checkpoints: noise needs no minute-long answers.
 RANDOM_DEMO_SECONDS = 4.0
+#: The same, in 80 ms frames.
+RANDOM_DEMO_FRAMES = round(RANDOM_DEMO_SECONDS * FRAME_RATE_HZ)
 
 
 def is_random_checkpoint(model: str | Path) -> bool:
@@ -211,3 +217,21 @@ def is_random_checkpoint(model: str | Path) -> bool:
         return (path / "README.md").read_text().startswith("# Random-weight Chroma checkpoint")
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def response_frame_limit(model: str | Path, max_frames: int | None, default: int,
+                         announce: Callable[[str], None] | None = _log.warning) -> int:
+    """The longest response, in frames, for a model about to be loaded from ``model``: ``max_frames`` when given,
+    else ``RANDOM_DEMO_FRAMES`` for an init-random checkpoint (it speaks noise: minutes of it help no one), else
+    ``default``. Every path that loads a checkpoint (the CLI, ``Chroma``, ``Engine``, eval) applies this rule;
+    ``announce`` says so when it shortens the answer."""
+    if max_frames is not None:
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {max_frames}")
+        return max_frames
+    if not is_random_checkpoint(model):
+        return default
+    if announce is not None:
+        announce(f"{model} has random weights (init-random): it speaks noise, so answers stop after "
+                 f"{RANDOM_DEMO_SECONDS:g} s (--max-frames N / max_frames=N for more)")
+    return min(RANDOM_DEMO_FRAMES, default)

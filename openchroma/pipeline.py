@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from .audio import load_audio, log_mel_features
+from .config import response_frame_limit
 from .constants import REASONER_SAMPLE_RATE
 from .engine.generate import GenerationResult, ResponseRunner
 from .engine.sampling import SamplingParams
+from .engine.schedule import DEFAULT_MAX_FRAMES
 from .loading import LoadedModel, load
 from .models.audio_encoder import audio_token_count
-from .tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt
+from .tokenizer import QWEN_OMNI_SYSTEM_PROMPT, ChatTokenizer, build_chat_prompt, system_message, text_message
 from .voice import MAX_VOICE_SECONDS, VoicePrompt, encode_voice
 
 DEFAULT_SYSTEM_PROMPT = QWEN_OMNI_SYSTEM_PROMPT
@@ -43,11 +45,14 @@ class Reply:
 class Chroma:
     """A loaded Chroma model with its tokenizer."""
 
-    def __init__(self, lm: LoadedModel, tokenizer: ChatTokenizer):
+    def __init__(self, lm: LoadedModel, tokenizer: ChatTokenizer, max_frames: int | None = None):
+        """``max_frames``: the default limit of a reply (80 ms frames): 750 (60 s), or 50 (4 s) for a random-weight
+        checkpoint from init-random, which speaks noise."""
         self.lm = lm
         self.model = lm.model
         self.config = lm.config
         self.tokenizer = tokenizer
+        self.max_frames = response_frame_limit(lm.path, max_frames, DEFAULT_MAX_FRAMES)
         self._runner: ResponseRunner | None = None
 
     @classmethod
@@ -57,11 +62,13 @@ class Chroma:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str = "float32",
         progress: bool = True,
+        max_frames: int | None = None,
         quantize: str | None = None,
     ) -> Chroma:
-        """``quantize``: ``int8``, ``int4`` or ``fp8`` weights (see :func:`openchroma.loading.load`)."""
+        """Load a checkpoint (a directory or a hub id). ``max_frames``: the default reply limit (see ``Chroma``);
+        ``quantize``: ``int8``, ``int4`` or ``fp8`` weights (see :func:`openchroma.loading.load`)."""
         lm = load(model, device=device, dtype=dtype, progress=progress, quantize=quantize)
-        return cls(lm, ChatTokenizer.from_dir(lm.path))
+        return cls(lm, ChatTokenizer.from_dir(lm.path), max_frames=max_frames)
 
     @property
     def sample_rate(self) -> int:
@@ -92,10 +99,11 @@ class Chroma:
         text: str | None = None,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         sample_rate: int | None = None,
-        max_new_frames: int = 750,
+        max_new_frames: int | None = None,
         sampling: SamplingParams | None = None,
     ) -> Reply:
-        """Answer one user turn (audio and/or text) in the given voice."""
+        """Answer one user turn (audio and/or text) in the given voice; at most ``max_new_frames`` frames
+        (default: ``self.max_frames``)."""
         if audio is None and not text:
             raise ValueError("give the user's audio or text")
         content: list[dict] = []
@@ -105,8 +113,7 @@ class Chroma:
             content.append({"type": "audio"})
         if text:
             content.append({"type": "text", "text": text})
-        messages = [{"role": "system", "content": [{"type": "text", "text": system_prompt}]},
-                    {"role": "user", "content": content}]
+        messages = [system_message(system_prompt), {"role": "user", "content": content}]
         ids = self.prompt_ids(messages, [feats] if feats is not None else [])
         dev, dtype = self.lm.device, self.lm.dtype
         result = self._run(ids, voice, None if feats is None else feats.to(dev, dtype), max_new_frames, sampling)
@@ -116,26 +123,26 @@ class Chroma:
         self,
         text: str,
         voice: VoicePrompt,
-        max_new_frames: int = 750,
+        max_new_frames: int | None = None,
         sampling: SamplingParams | None = None,
     ) -> Reply:
         """Say ``text`` in the given voice (the forced-text path: the reasoner's tokens are these)."""
         if not text or not text.strip():
             raise ValueError("nothing to say: the text is empty")
         tokens = self.tokenizer.encode(text)
-        messages = [{"role": "system", "content": [{"type": "text", "text": DEFAULT_SYSTEM_PROMPT}]},
-                    {"role": "user", "content": [{"type": "text", "text": text}]}]
+        messages = [system_message(), text_message("user", text)]
         ids = self.prompt_ids(messages)
         result = self._run(ids, voice, None, max_new_frames, sampling, forced=tokens)
         return self._reply(result)
 
-    def _run(self, ids: list[int], voice: VoicePrompt, feats: torch.Tensor | None, max_new_frames: int,
+    def _run(self, ids: list[int], voice: VoicePrompt, feats: torch.Tensor | None, max_new_frames: int | None,
              sampling: SamplingParams | None, forced: list[int] | None = None) -> GenerationResult:
         """One response through the engine's one-slot stepper, kept while it is large enough (its graphs too)."""
+        max_new_frames = self.max_frames if max_new_frames is None else max_new_frames
         voice_len = voice.backbone_length
         if self._runner is None or not self._runner.fits(len(ids), voice_len, max_new_frames):
             self._runner = ResponseRunner.for_call(self.model, max(len(ids), 512), max(voice_len, 400),
-                                                   max(max_new_frames, 750))
+                                                   max(max_new_frames, DEFAULT_MAX_FRAMES))
         return self._runner.run(ids, voice, feats, max_new_frames, sampling, forced)
 
     def _reply(self, result: GenerationResult) -> Reply:

@@ -28,8 +28,11 @@ __all__ = [
     "TEXT_START_ID",
     "ChatTokenizer",
     "IncrementalDecoder",
+    "PromptBuilder",
     "TokenizerNotFoundError",
     "build_chat_prompt",
+    "system_message",
+    "text_message",
 ]
 
 # Ids of the Qwen2.5-Omni special tokens Chroma's prompts use (the Reasoner's embedding rows).
@@ -209,6 +212,20 @@ class IncrementalDecoder:
 _ROLES = ("system", "user", "assistant")
 
 
+def text_message(role: str, text: str, item_id: str | None = None) -> dict[str, Any]:
+    """A Qwen2.5-Omni text message; ``id`` (when given) is a client's name for it (realtime conversation items)."""
+    message: dict[str, Any] = {"role": role, "content": [{"type": "text", "text": text}]}
+    if item_id is not None:
+        message["id"] = item_id
+    return message
+
+
+def system_message(text: str | None = None) -> dict[str, Any]:
+    """The system message a conversation starts with; ``None``: Qwen2.5-Omni's speech prompt (the one the
+    Reasoner was trained to speak under). Training and serving build it here, so both send the same text."""
+    return text_message("system", QWEN_OMNI_SYSTEM_PROMPT if text is None else text)
+
+
 def _check_messages(messages: Sequence[Mapping[str, Any]]) -> int:
     """Validate Qwen2.5-Omni style messages; return the number of audio parts."""
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
@@ -296,3 +313,67 @@ def build_chat_prompt(
         start = pos + 1
     out += ids[start:]
     return out
+
+
+class PromptBuilder:
+    """Reasoner input ids built message by message: each message is tokenized once, on its own, and a prompt is
+    the concatenation of its messages' ids and the generation prompt.
+
+    The ids equal ``build_chat_prompt``'s for the whole conversation: the Qwen2.5-Omni template renders every
+    message on its own between ``<|im_start|>`` and ``<|im_end|>``, and the tokenizer never merges across
+    special tokens (checked here once, on a sample conversation). So a conversation's prompt costs one
+    tokenization per new message, not one per message per response.
+    """
+
+    def __init__(self, tokenizer: ChatTokenizer):
+        self.tokenizer = tokenizer
+        self._anchor = [system_message("-")]
+        self._anchor_ids = tokenizer.apply_chat_template(self._anchor, add_generation_prompt=False)
+        with_prompt = tokenizer.apply_chat_template(self._anchor, add_generation_prompt=True)
+        if with_prompt[: len(self._anchor_ids)] != self._anchor_ids:
+            raise ValueError(f"the chat template of {tokenizer.name} does not render messages one by one")
+        self.generation_ids: list[int] = with_prompt[len(self._anchor_ids):]
+        sample = [system_message("Be brief."), {"role": "user", "content": [{"type": "audio"}, {"type": "text",
+                                                                                              "text": "Hi"}]},
+                  text_message("assistant", "Hello there."), text_message("user", "And now?")]
+        if self.build(sample, [3]) != build_chat_prompt(tokenizer, sample, [3]):
+            raise ValueError(f"the chat template of {tokenizer.name} does not render messages one by one")
+
+    def message_ids(self, message: Mapping[str, Any], audio_token_counts: Sequence[int] = (),
+                    first: bool = False) -> list[int]:
+        """Ids of ``message`` as it renders inside a conversation (``first``: as its first message), each audio
+        part expanded to its ``audio_token_counts`` placeholders."""
+        if first:
+            return build_chat_prompt(self.tokenizer, [message], audio_token_counts, add_generation_prompt=False)
+        ids = build_chat_prompt(self.tokenizer, [*self._anchor, message], audio_token_counts,
+                                add_generation_prompt=False)
+        if ids[: len(self._anchor_ids)] != self._anchor_ids:
+            raise ValueError("the chat template renders a message differently after another one")
+        return ids[len(self._anchor_ids):]
+
+    def messages_ids(self, messages: Sequence[Mapping[str, Any]],
+                     audio_token_counts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """``message_ids`` of several messages (none of them first), rendered and tokenized in one call: the
+        template's per-call cost is paid once, and the ids are cut at each message's ``<|im_start|>``."""
+        if len(messages) < 2:
+            return [self.message_ids(m, c) for m, c in zip(messages, audio_token_counts, strict=True)]
+        flat = [n for counts in audio_token_counts for n in counts]
+        ids = build_chat_prompt(self.tokenizer, [*self._anchor, *messages], flat, add_generation_prompt=False)
+        rest = ids[len(self._anchor_ids):]
+        starts = [i for i, t in enumerate(rest) if t == IM_START_ID]
+        if ids[: len(self._anchor_ids)] != self._anchor_ids or len(starts) != len(messages) or starts[0] != 0:
+            # A text holding a literal "<|im_start|>" (a special token here): cut message by message instead.
+            return [self.message_ids(m, c) for m, c in zip(messages, audio_token_counts, strict=True)]
+        return [rest[a:b] for a, b in zip(starts, [*starts[1:], len(rest)], strict=True)]
+
+    def build(self, messages: Sequence[Mapping[str, Any]], audio_token_counts: Sequence[int] = ()) -> list[int]:
+        """``build_chat_prompt(messages, audio_token_counts)`` (the first message must be the system's)."""
+        counts = list(audio_token_counts)
+        ids: list[int] = []
+        for i, m in enumerate(messages):
+            n = 0 if isinstance(m["content"], str) else sum(1 for p in m["content"] if p.get("type") == "audio")
+            ids += self.message_ids(m, counts[:n], first=i == 0)
+            counts = counts[n:]
+        if counts:
+            raise ValueError(f"{len(counts)} audio token count(s) left over: more counts than audio parts")
+        return ids + self.generation_ids

@@ -10,6 +10,14 @@ import torch
 from .models.chroma import ChromaModel
 
 MAX_VOICE_SECONDS = 30.0
+#: The longest transcript a voice may have, in Reasoner tokens: what the engine reserves for it in its caches.
+MAX_TRANSCRIPT_TOKENS = 256
+
+
+def voice_prompt_length(transcript_tokens: int, frames: int) -> int:
+    """Backbone positions of a voice prompt: text start, the transcript, text end, one per frame, the zero
+    vector (``ChromaModel.voice_prompt_embeds``)."""
+    return transcript_tokens + frames + 3
 
 
 @dataclass
@@ -21,8 +29,8 @@ class VoicePrompt:
 
     @property
     def backbone_length(self) -> int:
-        """Backbone positions of its prompt: text start, transcript, text end, one per frame, the zero vector."""
-        return self.text_ids.numel() + self.codes.shape[0] + 3
+        """Backbone positions of its prompt (``voice_prompt_length``)."""
+        return voice_prompt_length(self.text_ids.numel(), self.codes.shape[0])
 
 
 @torch.inference_mode()

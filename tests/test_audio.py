@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from audio_cases import float_wav, silent_flac, tagless_mp3, tone, without_length
 
 from openchroma.audio import (
     HOP_LENGTH,
     QWEN_OMNI_N_SAMPLES,
     WHISPER_N_SAMPLES,
     AudioError,
+    AudioTooLong,
     StreamingMelExtractor,
+    decode_client_audio,
     load_audio,
     log_mel_features,
     mel_filter_bank,
@@ -434,3 +437,86 @@ def test_load_then_features_end_to_end(tmp_path):
     features = log_mel_features(load_audio(path, 16000))
     assert features.shape == (128, 200)
     assert QWEN_OMNI_N_SAMPLES == 4_800_000 and torch.isfinite(features).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The client-audio intake (decode_client_audio): every server route that takes audio goes through it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _peak_traced_mb(fn) -> float:
+    """Peak of Python and numpy allocations while ``fn`` runs, in MB (numpy reports to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_intake_refuses_a_long_file_from_its_header_without_decoding_it():
+    data = silent_flac(2 * 3600)   # 2 hours of silence in ~360 kB; decoded it would be 460 MB of float32
+
+    def refuse():
+        with pytest.raises(AudioTooLong, match=r"7200\.00 s long, more than the limit of 120 s") as e:
+            decode_client_audio(data, 16000, max_seconds=120)
+        assert e.value.seconds == pytest.approx(7200)
+
+    assert _peak_traced_mb(refuse) < 5
+
+
+def test_a_file_without_a_length_is_decoded_in_blocks_and_stopped_at_the_limit():
+    """Streamed FLAC (STREAMINFO total samples 0): its length is unknown until decoded. It used to size one
+    allocation from libsndfile's 'unknown' frame count (ValueError: array is too big)."""
+    long = without_length(silent_flac(600))
+    for decode in (lambda: decode_client_audio(long, 16000, max_seconds=60),
+                   lambda: load_audio(long, 16000, max_seconds=60)):
+        def refuse(decode=decode):
+            with pytest.raises(AudioTooLong, match="longer than 60 s") as e:
+                decode()
+            assert e.value.seconds is None
+
+        assert _peak_traced_mb(refuse) < 3 * 60 * 16000 * 4 / 2**20   # about what 60 s holds, not 600 s
+    short = tone(3.0, 16000)
+    buf = io.BytesIO()
+    sf.write(buf, short, 16000, format="FLAC", subtype="PCM_16")
+    got = decode_client_audio(without_length(buf.getvalue()), 16000, max_seconds=60)
+    np.testing.assert_allclose(got.numpy(), short, atol=1 / 32768)
+
+
+@pytest.mark.parametrize("bad,match", [(float("nan"), "NaN/inf"), (float("inf"), "NaN/inf"),
+                                       (1e30, "samples reach 1e[+]30, over the limit of 100"),
+                                       (3.3e38, "samples reach 3.3e[+]38")])
+def test_intake_refuses_non_finite_and_absurd_samples(bad, match):
+    with pytest.raises(AudioError, match=match):
+        decode_client_audio(float_wav(bad), 16000, max_seconds=120)
+
+
+def test_intake_accepts_samples_somewhat_over_full_scale():
+    x = decode_client_audio(float_wav(1.7), 24000, max_seconds=120).numpy()
+    assert x.max() == pytest.approx(1.7)
+
+
+def test_intake_raw_pcm16_length_is_checked_from_the_byte_count():
+    pcm = np.zeros(16000 * 3, "<i2").tobytes()
+    assert decode_client_audio(pcm, 16000, max_seconds=5, pcm16_rate=16000).shape[0] == 48000
+    with pytest.raises(AudioTooLong, match=r"3\.00 s long, more than the limit of 2 s"):
+        decode_client_audio(pcm, 16000, max_seconds=2, pcm16_rate=16000)
+    with pytest.raises(AudioError, match="even number of bytes"):
+        decode_client_audio(pcm[:-1], 16000, max_seconds=5, pcm16_rate=16000)
+    with pytest.raises(AudioError, match="part: empty audio"):
+        decode_client_audio(b"", 16000, max_seconds=5, name="part")
+
+
+def test_intake_refuses_sample_rates_over_its_limit():
+    buf = io.BytesIO()
+    sf.write(buf, tone(0.1, 384000), 384000, format="WAV")
+    with pytest.raises(AudioError, match="384000 Hz is not supported"):
+        decode_client_audio(buf.getvalue(), 16000, max_seconds=120)
+
+
+def test_intake_decodes_a_tagless_mp3():
+    x = decode_client_audio(tagless_mp3(), 24000, max_seconds=120).numpy()
+    assert abs(x.shape[0] - 48000) < 2400 and 0.2 < np.abs(x).max() < 0.4

@@ -171,3 +171,142 @@ def test_serve_exits_at_once_when_the_port_is_taken(tiny_random_dir, tmp_path):
     assert r.returncode == 1, r
     assert r.stderr.strip() == (f"openchroma serve: error: cannot listen on 127.0.0.1:{port}: Address already in use "
                                 "(is another server running there? pick another --port)")
+
+
+# ----- issue 21: every path caps a random checkpoint, checks come first, --version ---------------------------
+
+
+def test_the_python_api_caps_random_checkpoints_at_4_s(tiny_chroma, wavs):
+    """Chroma.from_pretrained on an init-random checkpoint answers 4 s by default, max_frames overrides it."""
+    from openchroma.config import RANDOM_DEMO_FRAMES
+    from openchroma.pipeline import Chroma
+
+    assert tiny_chroma.max_frames == RANDOM_DEMO_FRAMES == 50
+    voice = tiny_chroma.voice(str(wavs / "ref.wav"), "hi")
+    reply = tiny_chroma.chat(voice, text="Tell me a long story.")
+    assert reply.result.stop_reason == "length" and len(reply.result.codes) == 50
+    assert Chroma(tiny_chroma.lm, tiny_chroma.tokenizer, max_frames=7).speak("Hello there.", voice).audio.numel() \
+        == 7 * 1920
+
+
+def test_the_engine_caps_random_checkpoints_at_4_s(tiny_random_dir):
+    from openchroma.engine import Engine
+
+    engine = Engine.from_pretrained(str(tiny_random_dir), device="cpu", progress=False, max_sessions=1)
+    try:
+        assert engine.max_response_frames == 50
+    finally:
+        engine.close()
+    engine = Engine.from_pretrained(str(tiny_random_dir), device="cpu", progress=False, max_sessions=1,
+                                    max_response_frames=80)
+    try:
+        assert engine.max_response_frames == 80
+    finally:
+        engine.close()
+
+
+def test_eval_caps_random_checkpoints_at_4_s(tiny_random_dir):
+    from openchroma.eval.run import EvalSettings, max_frames_for
+
+    assert max_frames_for(EvalSettings(model=str(tiny_random_dir))) == 50
+    assert max_frames_for(EvalSettings(model=str(tiny_random_dir), max_frames=300)) == 300
+
+
+def test_a_real_checkpoint_keeps_60_s(fixture_dir):
+    from openchroma.config import response_frame_limit
+
+    assert response_frame_limit(fixture_dir, None, 750) == 750
+
+
+@pytest.mark.parametrize("cmd, message", [
+    (["speak", "--text", "  "], "--text is empty"),
+    (["speak", "--text", "hi", "--voice-text", " "], "--voice-text is empty"),
+    (["chat", "--text", ""], "give --audio and/or --text"),
+    (["speak", "--text", "hi", "--max-frames", "0"], "--max-frames must be at least 1"),
+])
+def test_empty_texts_fail_before_the_model_loads(tiny_random_dir, wavs, tmp_path, capsys, no_model_load, cmd, message):
+    args = ["--model", str(tiny_random_dir), "--voice-audio", str(wavs / "ref.wav"), "--out", str(tmp_path / "a.wav")]
+    if "--voice-text" not in cmd:
+        args += ["--voice-text", "hi"]
+    status = main([*cmd, *args])
+    err = capsys.readouterr().err
+    assert status in (1, 2) and message in err and "Traceback" not in err, err
+
+
+def test_random_checkpoints_say_why_the_text_is_empty(tiny_random_dir, wavs, tmp_path, capsys):
+    assert main(["chat", "--model", str(tiny_random_dir), "--voice-audio", str(wavs / "ref.wav"), "--voice-text", "hi",
+                 "--text", "Hello?", "--out", str(tmp_path / "a.wav"), "--max-frames", "4"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["text"].strip() == "" and "random weights" in report["note"]
+
+
+def test_version():
+    import openchroma
+
+    out = subprocess.run([sys.executable, "-m", "openchroma.cli", "--version"], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == f"openchroma {openchroma.__version__}"
+
+
+def test_serve_has_a_flag_for_every_server_config_field():
+    """serve's flags come from ServerConfig: each field is a flag whose default is the field's."""
+    import dataclasses
+
+    from openchroma.cli import build_parser
+    from openchroma.serving.cli import config_from_args
+    from openchroma.serving.config import ServerConfig
+
+    parser = build_parser("serve")
+    serve = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("serve"))
+    flags = set(serve._option_string_actions)
+    for f in dataclasses.fields(ServerConfig):
+        assert "--" + f.metadata.get("name", f.name.replace("_", "-")) in flags, f.name
+    args = parser.parse_args(["serve", "--max-sessions", "3", "--max-upload-mb", "2", "--allow-origin", "https://a",
+                              "--allow-origin", "https://b", "--no-compile"])
+    config = config_from_args(args, model="m")
+    assert config.max_sessions == 3 and config.max_upload_bytes == 2 * 2**20
+    assert config.allow_origins == ("https://a", "https://b") and config.compile is False
+    assert config.idle_timeout == ServerConfig.idle_timeout and config.max_context == ServerConfig.max_context
+    assert "(close code 4000; 0 = never) (default: 300)" in " ".join(serve.format_help().split())
+
+
+def test_a_new_server_config_field_becomes_a_flag():
+    import argparse
+    import dataclasses
+
+    from openchroma.serving.cli import add_config_arguments, config_from_args
+    from openchroma.serving.config import ServerConfig, flag
+
+    @dataclasses.dataclass
+    class Extended(ServerConfig):
+        shutdown_grace: float = dataclasses.field(default=5.0, metadata=flag("seconds to finish answers"))
+        max_conversation_items: int = 100
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, Extended)
+    args = parser.parse_args(["--shutdown-grace", "2.5"])
+    config = config_from_args(args, Extended)
+    assert config.shutdown_grace == 2.5 and config.max_conversation_items == 100
+    assert "seconds to finish answers (default: 5)" in " ".join(parser.format_help().split())
+
+
+def test_help_lists_every_command_without_importing_them():
+    code = ("import sys; from openchroma.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('torch', 'openchroma.tools', 'fastapi'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    from openchroma.cli import COMMANDS
+
+    for name, _, _ in COMMANDS:
+        assert name in out
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_undecodable_bytes_are_named_without_a_python_object_repr():
+    """A bad upload's message (the voice library's 400) said '<_io.BytesIO object at 0x...>'."""
+    from openchroma.audio import AudioError, load_audio
+
+    with pytest.raises(AudioError) as e:
+        load_audio(b"RIFF not really a wav file at all" * 10, 24000)
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)
+    assert "cannot decode audio" in str(e.value) and "Format not recognised" in str(e.value)

@@ -307,7 +307,7 @@ def test_a_failure_in_one_response_ends_only_that_response(engine):
     def broken(token):
         raise RuntimeError("this response's detokenizer broke")
 
-    engine._call(lambda: setattr(ra._detok, "push", broken))
+    engine.submit(lambda: setattr(ra._detok, "push", broken)).result()
     da, db = ra.result(), rb.result()
     assert da.stop_reason == "error" and "detokenizer broke" in da.error
     assert db.stop_reason == "length" and db.frames == FRAMES
@@ -365,7 +365,7 @@ def test_with_only_instructions_the_model_answers_them(engine):
 
 def _greedy_transcript(chroma, wav16, max_tokens):
     from openchroma.audio import log_mel_features
-    from openchroma.engine.engine import ASR_MESSAGES
+    from openchroma.engine.transcription import ASR_MESSAGES
     from openchroma.tokenizer import build_chat_prompt
 
     m = chroma.model
@@ -460,8 +460,8 @@ def test_an_out_of_band_response_leaves_the_conversation_as_it_was(engine):
 def test_a_command_cancelled_before_it_runs_is_skipped_and_the_worker_goes_on(engine):
     import time as _time
 
-    busy = engine._submit(_time.sleep, 0.3)
-    dropped = engine._submit(lambda: pytest.fail("a cancelled command ran"))
+    busy = engine.submit(_time.sleep, 0.3)
+    dropped = engine.submit(lambda: pytest.fail("a cancelled command ran"))
     assert dropped.cancel()
     busy.result()
     s = engine.create_session("ref")
@@ -520,3 +520,28 @@ def test_async_sessions_are_awaited_and_answer_as_sync_ones_do(engine):
     ref, _, _ = run(s.respond())
     assert torch.equal(done.codes, ref.codes) and history == s.history
     s.close()
+
+
+def test_a_voice_transcript_longer_than_the_caches_reserve_is_refused(engine, ref_audio):
+    """Regression: register_voice took any transcript, though the engine's caches reserve MAX_TRANSCRIPT_TOKENS."""
+    with pytest.raises(EngineError, match="tokens long; the limit is 256"):
+        engine.register_voice("long", ref_audio, "word " * 400, sample_rate=24000)
+    assert "long" not in engine.voices
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")   # the worker we kill
+def test_commands_sent_after_the_worker_died_fail_instead_of_waiting_forever(chroma, ref_audio):
+    class WorkerKilled(BaseException):
+        """Not an ``Exception``: the worker's loop does not catch it, so its thread ends."""
+
+    eng = Engine(chroma, max_sessions=1, max_context=256, max_response_frames=FRAMES)
+    eng.register_voice("ref", ref_audio, "hello there", sample_rate=24000)
+    s = eng.create_session("ref")
+    s.add_text("Hello?")
+    eng.stepper.step = lambda: (_ for _ in ()).throw(WorkerKilled())
+    done = s.respond().result()
+    assert done.stop_reason == "error" and "worker stopped" in done.error
+    assert "stopped" in eng.problem()
+    with pytest.raises(EngineError, match="worker stopped"):
+        s.add_text("Anyone?")
+    eng.close()

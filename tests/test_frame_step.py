@@ -3,6 +3,7 @@ and a scheduler that keeps live streams flowing while other sessions bring long 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -29,10 +30,10 @@ def test_budget_and_frames_within_are_inverse():
 def test_stepper_feeds_the_backbone_exactly_as_the_layout_says(tiny_model):
     """The engine's planner and training's teacher-forced sequence come from the same rules."""
     m = tiny_model.model
-    st = Stepper(m, 1, thinker_len=64, backbone_len=200)
+    st = Stepper(m, 1, reasoner_len=64, backbone_len=200)
     voice_len = 9
     st.backbone_prefill([(0, torch.randn(voice_len, m.cfg.backbone.hidden_size), 0)])
-    h = st.thinker_prefill([(0, m.thinker.model.embed_tokens(torch.tensor([1, 2, 3])), 0)])[0]
+    h = st.reasoner_prefill([(0, m.thinker.model.embed_tokens(torch.tensor([1, 2, 3])), 0)])[0]
     frames = 17
     forced = [5, 6, 7, 8, m.cfg.im_end_token_id]
     st.start(0, voice_len, h, forced[0], 3, SamplingParams(), frames, forced)
@@ -142,58 +143,65 @@ def test_no_graph_breaks_and_no_recompiles_while_sessions_join_and_leave(tiny_ch
 
 
 # ----- the scheduler --------------------------------------------------------------------------------------
-def _stream_beside_a_long_turn_and_a_new_voice(chroma, long_turn, long_voice) -> tuple[float, float, int]:
-    """(largest gap while the other work runs, median gap, gaps counted) of a live stream's chunks."""
+def _frames_beside_a_long_turn_and_a_new_voice(chroma, long_turn, long_voice) -> dict[str, int]:
+    """Frames a live stream made while another session sent a long turn, registered a long voice, and had its
+    response prefilled: each piece of that work between two of the engine's own events."""
     with Engine(chroma, max_sessions=2, max_context=1024, max_response_frames=400) as eng:
         eng.register_voice("v", long_voice[: 24000 * 2], "hello", sample_rate=24000)
         live, other = eng.create_session("v"), eng.create_session("v")
         live.add_text("Talk for a while.")
-        arrivals: list[float] = []
-        window: list[float] = []
+        made: list[float] = []
+        marks: dict[str, float] = {}
+        first_chunk = threading.Event()
 
         def interfere():
-            time.sleep(0.5)
-            window.append(time.perf_counter())
+            first_chunk.wait(30)
+            marks["append"] = time.perf_counter()
             other.append_audio(long_turn, 16000)
+            marks["voice"] = time.perf_counter()
             eng.register_voice("long", long_voice, "a long reference recording", sample_rate=24000)
-            # Its prefill (the reasoner over the 25 s turn) runs in slices; the window closes when it starts
-            # generating: from then on the two share each step, which is batching, not a stall.
+            marks["respond"] = time.perf_counter()
             response = other.respond(max_frames=5)
             next(ev for ev in response if isinstance(ev, AudioChunk))
-            window.append(response.t_started)
-            response.result()
+            marks["started"] = response.t_started
+            marks["prompt_tokens"] = response.result().usage.prompt_tokens
 
         worker = threading.Thread(target=interfere)
         resp = live.respond(max_frames=400)
         worker.start()
         for ev in resp:
             if isinstance(ev, AudioChunk):
-                arrivals.append(ev.made_at)   # when the engine made it: the consumer's own wake-ups don't count
+                made.append(ev.made_at)   # when the engine made it: the consumer's own wake-ups don't count
+                first_chunk.set()
             elif isinstance(ev, ResponseDone):
                 break
         worker.join()
-    gaps = np.diff(arrivals)
-    median = float(np.median(gaps))
-    during = [g for t, g in zip(arrivals[1:], gaps, strict=True) if window[0] <= t <= window[1]]
-    return (max(during) if during else 0.0), median, len(during)
+    made_arr = np.array(made)
+
+    def between(a: str, b: str) -> int:
+        return int(((made_arr > marks[a]) & (made_arr < marks[b])).sum())
+
+    return {"append": between("append", "voice"), "voice": between("voice", "respond"),
+            "prefill": between("respond", "started"), "prefill_chunks": -(-int(marks["prompt_tokens"]) // 64),
+            "total": len(made)}
 
 
 def test_a_live_stream_keeps_flowing_while_another_user_sends_a_long_turn_and_a_new_voice(tiny_chroma):
-    """Another session's 25 s turn (its audio encoding and prefill) and a 25 s voice registration are done in
-    slices between frames or off the frame loop, so the live stream's largest gap between chunks stays within 2x
-    its median. Wall-clock timing
-    on a shared 2-core machine: up to three attempts, for runs disturbed from outside."""
+    """Another session's 25 s turn (appended in 100 short commands, its windows encoded between frames), a 25 s
+    voice registration (off the frame loop) and that session's prefill (in 64-token slices) never hold the
+    frame loop for their whole cost: the live stream makes frames during each of them. Counted in frames
+    between the engine's own events, so a busy machine slows both sides alike."""
     rng = np.random.default_rng(3)
     long_turn = (rng.standard_normal(16000 * 25) * 0.1).astype(np.float32)
     long_voice = (rng.standard_normal(24000 * 25) * 0.1).astype(np.float32)
-    attempts = []
-    for _ in range(3):
-        largest, median, n = _stream_beside_a_long_turn_and_a_new_voice(tiny_chroma, long_turn, long_voice)
-        assert n > 5, "the interference must overlap the stream"
-        attempts.append((largest, median))
-        if largest <= 2 * median:
-            break
-    assert attempts[-1][0] <= 2 * attempts[-1][1], attempts
+    counts = _frames_beside_a_long_turn_and_a_new_voice(tiny_chroma, long_turn, long_voice)
+    assert counts["total"] == 400, counts   # the stream outlasted the interference
+    # At least one frame per 4 appended pieces (commands get a third of a step's time between frames)...
+    assert counts["append"] >= 100 // 4, counts
+    # ... frames while the voice was encoded in the caller's thread ...
+    assert counts["voice"] >= 1, counts
+    # ... and about one frame per prefill chunk (each chunk is one background slice between two frames).
+    assert counts["prefill"] >= counts["prefill_chunks"] - 2, counts
 
 
 def test_prefills_of_sessions_starting_together_are_batched(tiny_chroma):
@@ -207,15 +215,22 @@ def test_prefills_of_sessions_starting_together_are_batched(tiny_chroma):
             alone.append(s.respond().result())
             s.close()
         calls = []
-        original = eng.stepper.thinker_prefill
-        eng.stepper.thinker_prefill = lambda chunks: calls.append(len(chunks)) or original(chunks)
-        sessions = [eng.create_session("v") for _ in range(3)]
-        for s, text in zip(sessions, ("First question?", "A second, longer question for the model?", "Third."),
-                           strict=True):
-            s.add_text(text)
-        # Three responses asked for in one command: their prefills wait together.
-        responses = eng._call(lambda: [eng._respond(s, None, None, None) for s in sessions])
-        together = [r.result() for r in responses]
+        original = eng.stepper.reasoner_prefill
+        eng.stepper.reasoner_prefill = lambda chunks: calls.append(len(chunks)) or original(chunks)
+        gate = threading.Event()
+
+        async def three_at_once():
+            sessions = [await eng.create_async_session("v") for _ in range(3)]
+            for s, text in zip(sessions, ("First question?", "A second, longer question for the model?", "Third."),
+                               strict=True):
+                await s.add_text(text)
+            # The worker waits on the gate while the three responses are asked for: their prefills run together.
+            eng.submit(gate.wait, 30)
+            asked = [s.respond() for s in sessions]
+            gate.set()
+            return [await a for a in asked]
+
+        together = [r.result() for r in asyncio.run(three_at_once())]
     assert max(calls) == 3
     for a, b in zip(alone, together, strict=True):
         assert a.tokens == b.tokens and torch.equal(a.codes, b.codes)

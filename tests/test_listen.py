@@ -215,3 +215,20 @@ def test_listen_reports_a_taken_port(pairs_file, tmp_path, capsys):
     finally:
         server.shutdown()
         server.store.close()
+
+
+def test_the_page_answers_bad_requests_with_json_errors(pairs_file, tmp_path):
+    server = start_server(read_pairs(pairs_file), tmp_path / "a", seed=0)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            r = client.get("/no/such/page")
+            assert r.status_code == 404 and r.json() == {"error": "not found"}
+            r = client.post("/api/answer", content=b"{" + b" " * 5000 + b"}")
+            assert r.status_code == 413 and r.json() == {"error": "request too large"}
+            assert client.get("/api/next").json() == {"error": "rater is required"}
+            assert client.get("/audio/nope/1").status_code == 404
+            page = client.get("/")
+            assert page.headers["cache-control"] == "no-store" and page.headers["content-type"].startswith("text/html")
+    finally:
+        server.shutdown()
+        server.store.close()

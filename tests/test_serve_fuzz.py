@@ -1,19 +1,27 @@
 """Property-based fuzzing (hypothesis) of every realtime client event and every HTTP body: each input gets an
 ``error`` event or a 4xx (or a proper answer), never a 500, a traceback in the log, a hang or a dead socket.
 
-Bounded to well under a minute: ``OPENCHROMA_FUZZ_EXAMPLES`` (default 1500 realtime events) and
-``OPENCHROMA_FUZZ_HTTP_EXAMPLES`` (default 800 HTTP bodies) raise it.
+Bounded to well under a minute: ``OPENCHROMA_FUZZ_EXAMPLES`` (default 1500 realtime events),
+``OPENCHROMA_FUZZ_HTTP_EXAMPLES`` (default 800 HTTP bodies), ``OPENCHROMA_FUZZ_FLOOD_EXAMPLES`` (default 6
+conversation-item floods) and ``OPENCHROMA_FUZZ_AUDIO_EXAMPLES`` (default 30 chat requests with hostile or long
+audio parts) raise it.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import string
+import time
 
 import httpx
+import numpy as np
 import pytest
-from hardening_helpers import add_voice, captured_logs, connect, probe, recv, wait_until
+import soundfile as sf
+from audio_cases import float_wav, silent_flac, tagless_mp3, tone, without_length
+from hardening_helpers import add_voice, captured_logs, connect, pcm16_b64, probe, recv, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from server_harness import chroma_server
@@ -209,5 +217,148 @@ def test_fuzz_http_bodies(server):
 
         check()
     print(f"\nHTTP fuzz: {stats['inputs']} bodies, {stats['4xx']} answered 4xx, {stats['2xx']} answered 2xx, 0 5xx")
+    assert not logs.errors(), logs.errors()[:5]
+    assert wait_until(lambda: not state.engine.sessions, 10)
+
+
+# ----- conversation-item floods and long-audio parts (issue 18), bounded in count and time ------------------
+FLOOD_EXAMPLES = int(os.environ.get("OPENCHROMA_FUZZ_FLOOD_EXAMPLES", "6"))
+AUDIO_EXAMPLES = int(os.environ.get("OPENCHROMA_FUZZ_AUDIO_EXAMPLES", "30"))
+
+
+@st.composite
+def floods(draw) -> list[str]:
+    """A burst of conversation.item.create events (up to 150 items of up to 150 characters: far past the
+    context, so old turns get dropped; some items carry a second of audio) and then response.create."""
+    n = draw(st.one_of(st.sampled_from([150, 120]), st.integers(min_value=1, max_value=150)))
+    chars = draw(st.one_of(st.sampled_from([150, 100]), st.integers(min_value=1, max_value=150)))
+    audio_every = draw(st.sampled_from([0, 5, 40]))
+    roles = draw(st.lists(st.sampled_from(["user", "assistant", "system"]), min_size=1, max_size=3))
+    second = pcm16_b64(0.1 * np.sin(np.arange(24000) / 7.0))
+    events = []
+    for i in range(n):
+        role = roles[i % len(roles)]
+        text = (f"item{i} " * chars)[:chars]
+        part = {"type": "output_text" if role == "assistant" else "input_text", "text": text}
+        content = [part]
+        if role == "user" and audio_every and i % audio_every == 0:
+            content.append({"type": "input_audio", "audio": second})
+        events.append(json.dumps({"type": "conversation.item.create", "item": {
+            "type": "message", "role": role, "content": content}}))
+    return events + [json.dumps({"type": "response.create"})]
+
+
+def test_fuzz_conversation_item_floods(server):
+    url, state = server
+    stats = {"floods": 0, "items": 0, "errors": 0, "slowest_s": 0.0}
+    with captured_logs() as logs:
+        @settings(max_examples=FLOOD_EXAMPLES, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(floods())
+        def check(events: list[str]) -> None:
+            with connect(url) as ws:
+                recv(ws, "session.created")
+                ws.send(json.dumps({"type": "session.update", "session": {
+                    "type": "realtime", "max_output_tokens": 3, "audio": {"input": {"turn_detection": None}}}}))
+                recv(ws, "session.updated")
+                t0 = time.monotonic()
+                for text in events:
+                    ws.send(text)
+                while (ev := recv(ws, limit=120))["type"] != "response.done":
+                    if ev["type"] == "error":
+                        stats["errors"] += 1
+                        assert ev["error"]["code"] != "internal_error", ev["error"]
+                        assert ev["error"]["type"] != "server_error", ev["error"]
+                probe(ws, "after-flood", limit=60)
+                stats["slowest_s"] = max(stats["slowest_s"], time.monotonic() - t0)
+            stats["floods"] += 1
+            stats["items"] += len(events) - 1
+
+        check()
+    print(f"\nitem floods: {stats['floods']} floods, {stats['items']} items, {stats['errors']} error events, "
+          f"slowest {stats['slowest_s']:.1f} s")
+    assert not logs.errors(), logs.errors()[:5]
+    assert wait_until(lambda: not state.engine.sessions and not state.connections, 10)
+
+
+_AUDIO: dict[str, bytes] = {}
+
+
+def audio_case(name: str) -> bytes:
+    """Hostile and long audio files, made once (by name)."""
+    if name not in _AUDIO:
+        buf = io.BytesIO()
+        sf.write(buf, tone(3.0, 16000), 16000, format="FLAC")
+        make = {
+            "2 h flac": lambda: silent_flac(2 * 3600),
+            "flac without a length": lambda: without_length(silent_flac(600)),
+            "115 s wav": lambda: _wav(tone(115.0, 16000), 16000),
+            "3 s flac": buf.getvalue,
+            "truncated flac": lambda: buf.getvalue()[:200],
+            "nan wav": lambda: float_wav(float("nan")),
+            "huge wav": lambda: float_wav(1e30),
+            "tagless mp3": tagless_mp3,
+            "odd pcm16": lambda: b"\x01\x02\x03",
+            "random bytes": lambda: bytes(range(256)) * 40,
+        }
+        _AUDIO[name] = make[name]()
+    return _AUDIO[name]
+
+
+def _wav(x: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+AUDIO_NAMES = ["2 h flac", "flac without a length", "115 s wav", "3 s flac", "truncated flac", "nan wav", "huge wav",
+               "tagless mp3", "odd pcm16", "random bytes"]
+
+
+@st.composite
+def audio_bodies(draw) -> dict:
+    """A chat request whose audio parts are hostile or long, in every form a part can take."""
+    parts = []
+    for _ in range(draw(st.integers(min_value=1, max_value=2))):
+        data = base64.b64encode(audio_case(draw(st.sampled_from(AUDIO_NAMES)))).decode()
+        form = draw(st.sampled_from(["input_audio", "audio", "audio_url", "data url", "file url", "bare path"]))
+        fmt = draw(st.sampled_from([None, "wav", "mp3", "flac", "pcm16", "ogg"]))
+        if form == "input_audio":
+            parts.append({"type": "input_audio", "input_audio": {"data": data, "format": fmt}})
+        elif form in ("audio", "audio_url"):
+            parts.append({"type": form, form: data})
+        elif form == "data url":
+            parts.append({"type": "audio", "audio": f"data:audio/{fmt or 'wav'};base64,{data}"})
+        else:
+            parts.append({"type": "audio", "audio": ("file:///" if form == "file url" else "/") + "tmp/a.wav"})
+    body: dict = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": parts}]}
+    if draw(st.booleans()):
+        body.update(prompt_audio=base64.b64encode(audio_case(draw(st.sampled_from(AUDIO_NAMES)))).decode(),
+                    prompt_text="Hello there.")
+    return body
+
+
+def test_fuzz_long_and_hostile_audio_parts(server):
+    url, state = server
+    stats = {"bodies": 0, "4xx": 0, "2xx": 0, "slowest_s": 0.0}
+    with captured_logs() as logs, httpx.Client(base_url=url, timeout=120) as client:
+        @settings(max_examples=AUDIO_EXAMPLES, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(audio_bodies())
+        def check(body: dict) -> None:
+            t0 = time.monotonic()
+            r = client.post("/v1/chat/completions", json=body)
+            stats["slowest_s"] = max(stats["slowest_s"], time.monotonic() - t0)
+            stats["bodies"] += 1
+            assert r.status_code < 500, (r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                stats["4xx"] += 1
+                assert len(r.json()["error"]["message"]) < 600, r.text[:700]
+            else:
+                stats["2xx"] += 1
+
+        check()
+    print(f"\naudio parts: {stats['bodies']} bodies, {stats['4xx']} answered 4xx, {stats['2xx']} 2xx, 0 5xx; "
+          f"slowest {stats['slowest_s']:.1f} s")
     assert not logs.errors(), logs.errors()[:5]
     assert wait_until(lambda: not state.engine.sessions, 10)

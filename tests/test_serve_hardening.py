@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import queue
 import threading
 import time
 
@@ -26,7 +25,6 @@ from hardening_helpers import (
 from server_harness import chroma_server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from openchroma.engine import EngineError
 from openchroma.engine.engine import AsyncSession, Engine
 
 MANUAL = {"type": "realtime", "audio": {"input": {"turn_detection": None}, "output": {"voice": "lib"}}}
@@ -118,13 +116,13 @@ def test_a_client_outrunning_the_engine_is_pushed_back_not_buffered(tiny_chroma,
     limit = 2 * 2**20
     with chroma_server(tiny_chroma, tmp_path, max_pending_input_bytes=limit) as (url, state):
         add_voice(url)
-        original = Engine._append_audio
+        original = AsyncSession.append_audio
 
-        def slow_append(self, *args):
-            time.sleep(0.05)   # the engine is busy: appends arrive faster than they are applied
-            return original(self, *args)
+        async def slow_append(self, *args, **kw):
+            await asyncio.sleep(0.05)   # the engine is busy: appends arrive faster than they are applied
+            return await original(self, *args, **kw)
 
-        monkeypatch.setattr(Engine, "_append_audio", slow_append)
+        monkeypatch.setattr(AsyncSession, "append_audio", slow_append)
         chunk = pcm16_b64(np.random.default_rng(0).uniform(-0.1, 0.1, 48000).astype(np.float32))   # 2 s, 192 kB
         peak = [0]
         stop = threading.Event()
@@ -132,8 +130,7 @@ def test_a_client_outrunning_the_engine_is_pushed_back_not_buffered(tiny_chroma,
         def watch():
             while not stop.is_set():
                 for conn in list(state.connections):
-                    queued = sum(getattr(item[1], "nbytes", 0) for item in list(conn.queue._queue))
-                    peak[0] = max(peak[0], queued)
+                    peak[0] = max(peak[0], conn.inbox.pending_bytes)
                 time.sleep(0.005)
 
         watcher = threading.Thread(target=watch, daemon=True)
@@ -150,6 +147,7 @@ def test_a_client_outrunning_the_engine_is_pushed_back_not_buffered(tiny_chroma,
             stop.set()
             watcher.join()
         chunk_bytes = 48000 * 4
+        assert peak[0] > 0, "the watcher saw no audio waiting"
         assert peak[0] <= limit + chunk_bytes, f"{peak[0] / 2**20:.1f} MiB queued behind the engine"
 
 
@@ -370,35 +368,29 @@ def test_idle_sessions_are_closed_and_a_client_cannot_hold_every_slot(tiny_chrom
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]},
                        timeout=30)
         assert r.status_code == 429 and r.json()["error"]["code"] == "client_session_limit_reached"
-        t0 = time.monotonic()
+        probe(a, "last-event")   # a's last event: the idle clock starts once it is answered
+        last = time.monotonic()
         ev = recv(a, "error", limit=10)
         assert ev["error"]["code"] == "idle_timeout"
+        assert time.monotonic() - last >= 1.5 - 0.05, "closed before the idle timeout"
         with pytest.raises(ConnectionClosed) as closed:
             recv(a, limit=5)
         assert closed.value.rcvd.code == 4000
-        assert time.monotonic() - t0 < 5
         b.close()
         a.close()
         assert wait_until(lambda: sessions_free(state) and not state.client_sessions, 5)
-        # An active client is not idle: a response in progress and events keep it open.
+        # An active client is not idle: events keep it open, however long it stays (each is answered, and no
+        # idle_timeout error comes between them).
         with open_manual(url) as ws:
-            for i in range(4):
-                time.sleep(0.6)
+            t0, i = time.monotonic(), 0
+            while time.monotonic() - t0 < 2 * 1.5:
+                with pytest.raises(TimeoutError):   # nothing comes between the client's events: no idle_timeout
+                    ws.recv(timeout=0.3)
                 probe(ws, f"alive{i}")
+                i += 1
 
 
 # ----- faults: the engine worker raising mid-step -----------------------------------------------------------------
-def _fail_pending_commands(engine) -> None:
-    """After the worker died: answer what callers still wait on, so their threads end."""
-    while True:
-        try:
-            item = engine._cmds.get_nowait()
-        except queue.Empty:
-            return
-        if item is not None and not item[2].done():
-            item[2].set_exception(EngineError("the engine's worker stopped"))
-
-
 class WorkerKilled(BaseException):
     """Not an ``Exception``: the engine's worker loop does not catch it, so its thread ends."""
 
@@ -451,19 +443,18 @@ def test_a_fault_mid_step_fails_the_response_and_the_server_keeps_serving(tiny_c
                         break
                 kinds = [e["type"] for e in seen]
                 assert "error" in kinds or "response.done" in kinds, kinds
-            assert wait_until(lambda: not engine._thread.is_alive(), 10)
+            assert wait_until(lambda: "stopped" in (engine.problem() or ""), 10)
             health = httpx.get(f"{url}/health", timeout=30)
             assert health.status_code == 503 and "stopped" in health.json()["error"]
-        finally:
-            wait_until(lambda: (_fail_pending_commands(engine), not state.connections)[1], 15)
-            _fail_pending_commands(engine)
+        finally:   # the engine answers the commands still queued when its worker died: connections end
+            assert wait_until(lambda: not state.connections, 15)
 
 
 def test_health_probe_reports_a_worker_that_does_not_answer(server, monkeypatch):
     url, state = server
     monkeypatch.setattr("openchroma.serving.state.HEALTH_PROBE_SECONDS", 0.5)
     gate = threading.Event()
-    state.engine._submit(lambda: gate.wait(10))   # the worker is stuck on one command
+    state.engine.submit(lambda: gate.wait(10))   # the worker is stuck on one command
     try:
         r = httpx.get(f"{url}/health", timeout=30)
         assert r.status_code == 503 and "did not answer" in r.json()["error"]

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import logging
 import re
 import shutil
 import subprocess
 import time
+import tracemalloc
 
 import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from audio_cases import float_wav, silent_flac, tagless_mp3, without_length
 from openai import APIStatusError, OpenAI
 from server_harness import SPEECH_WAV, chroma_server
 
@@ -133,8 +137,8 @@ def test_published_chroma_request_shape(server, tmp_path):
     n_voices = len(state.engine.voices)
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 200 and len(state.engine.voices) == n_voices
-    # Server-side paths only with --allow-local-audio.
-    body["messages"][1]["content"][0]["audio"] = str(SPEECH_WAV)
+    # Files on the server (file:// URLs) only with --allow-local-audio.
+    body["messages"][1]["content"][0]["audio"] = SPEECH_WAV.as_uri()
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 400 and "allow-local-audio" in r.json()["error"]["message"]
 
@@ -352,3 +356,123 @@ def test_models_and_health_say_when_the_weights_are_random(server, fixture_dir, 
     assert httpx.get(f"{url}/v1/models/chroma-tiny").json()["random_weights"] is True
     assert httpx.get(f"{url}/health").json()["random_weights"] is True
     assert ServerState(ServerConfig(model=str(fixture_dir), data_dir=tmp_path)).random_weights is False
+
+
+# ----- hostile audio: every route that takes audio goes through one intake (same checks, same errors) ---------
+AUDIO_ROUTES = ["chat input_audio", "chat audio part", "chat prompt_audio", "voices", "transcriptions"]
+
+
+def post_audio(url: str, route: str, data: bytes, fmt: str = "wav") -> httpx.Response:
+    b64 = base64.b64encode(data).decode()
+    chat = {"model": "chroma-tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    if route == "chat input_audio":
+        chat["messages"][0]["content"] = [{"type": "input_audio", "input_audio": {"data": b64, "format": fmt}}]
+    elif route == "chat audio part":
+        chat["messages"][0]["content"] = [{"type": "audio", "audio": f"data:audio/{fmt};base64,{b64}"}]
+    elif route == "chat prompt_audio":
+        chat.update(prompt_audio=b64, prompt_text=TRANSCRIPT)
+    elif route == "voices":
+        return httpx.post(f"{url}/v1/voices", files={"file": (f"ref.{fmt}", data)},
+                          data={"name": "hostile", "transcript": TRANSCRIPT}, timeout=60)
+    else:
+        return httpx.post(f"{url}/v1/audio/transcriptions", files={"file": (f"a.{fmt}", data)}, timeout=60)
+    return httpx.post(f"{url}/v1/chat/completions", json=chat, timeout=60)
+
+
+def traced_peak_mb(fn):
+    """(fn's result, peak of Python and numpy allocations meanwhile in MB), the server's threads included."""
+    tracemalloc.start()
+    try:
+        return fn(), tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("route", AUDIO_ROUTES)
+def test_long_audio_is_refused_from_its_header_on_every_route(server, route):
+    """Issue 18: chat input_audio decoded a 2-hour FLAC (364 kB) whole before checking its length (4.1 s and
+    +867 MB); every route now refuses it from the header, allocating next to nothing."""
+    r, peak = traced_peak_mb(lambda: post_audio(server[0], route, silent_flac(2 * 3600), "flac"))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "audio_too_long" and "7200.00 s long" in err["message"], err
+    assert peak < 30, f"{peak:.0f} MB allocated to refuse a 2-hour file"
+
+
+@pytest.mark.parametrize("route", AUDIO_ROUTES)
+def test_audio_without_a_length_is_refused_at_the_limit_on_every_route(server, route):
+    """A FLAC whose header gives no length (streamed FLAC) was a 500 'array is too big' on /v1/voices and chat
+    prompt_audio: it is decoded in blocks and refused once over the route's limit."""
+    r = post_audio(server[0], route, without_length(silent_flac(600)), "flac")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "audio_too_long" and "longer than" in err["message"], err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1e30, 3.3e38], ids=["nan", "huge", "near-float-max"])
+@pytest.mark.parametrize("route", AUDIO_ROUTES)
+def test_non_finite_or_absurd_samples_are_a_400_on_every_route(server, route, bad):
+    """Float WAVs with NaN or huge samples: transcriptions answered garbage (or a 500 from the engine), chat a 500
+    'Out of range float values are not JSON compliant'. Now the same 400 everywhere."""
+    r = post_audio(server[0], route, float_wav(bad))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "invalid_audio" and ("NaN/inf" in err["message"] or "samples reach" in err["message"]), err
+    assert "hostile" not in server[1].engine.voices
+
+
+@pytest.mark.parametrize("route", ["chat input_audio", "chat audio part", "transcriptions"])
+def test_an_mp3_without_an_id3_tag_is_audio_not_a_path(server, route):
+    """Its base64 starts with '/': it was taken for a server path (400 'audio paths on the server are
+    disabled')."""
+    mp3 = tagless_mp3()
+    assert base64.b64encode(mp3).startswith(b"/")
+    r = post_audio(server[0], route, mp3, "mp3")
+    assert r.status_code == 200, r.text
+
+
+@contextlib.contextmanager
+def captured_logs():
+    """Everything the server logs meanwhile (its own loggers and uvicorn's, tracebacks included)."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield out
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+
+
+def test_local_audio_takes_only_file_urls_and_logs_stay_small(tiny_chroma, tmp_path):
+    """With --allow-local-audio a tagless mp3's base64 was a 500 'OSError: File name too long', and the whole
+    base64 went to the log twice. Files on the server are now named by file:// URLs only."""
+    mp3 = tagless_mp3(60.0)
+    b64 = base64.b64encode(mp3).decode()
+    with chroma_server(tiny_chroma, tmp_path, allow_local_audio=True) as (url, _):
+        add_voice(url)
+        with captured_logs() as log:
+            for route in ("chat input_audio", "chat audio part", "chat prompt_audio"):
+                r = post_audio(url, route, mp3, "mp3")
+                assert r.status_code == 200 if route != "chat prompt_audio" else 400, r.text  # prompt: 60 s > 30
+        assert len(log.getvalue()) < 2000, f"{len(log.getvalue())} characters logged for a {len(b64)}-character value"
+
+        def chat(ref: str) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "audio",
+                                                                                          "audio": ref}]}]})
+        assert chat(SPEECH_WAV.as_uri()).status_code == 200
+        r = chat(str(SPEECH_WAV))   # a bare path is not base64, and no longer a path
+        assert r.status_code == 400 and "file:// URL" in r.json()["error"]["message"]
+        long_name = "file:///" + "x" * 5000 + ".wav"
+        with captured_logs() as log:
+            r = chat(long_name)
+        assert r.status_code == 400 and len(r.json()["error"]["message"]) < 300, r.text
+        assert len(log.getvalue()) < 2000
+        for ref, why in [("file://host/a.wav", "not a file:// URL of an absolute path"),
+                         ((tmp_path / "missing.wav").as_uri(), "No such file"),
+                         (tmp_path.as_uri(), "not a file")]:
+            r = chat(ref)
+            assert r.status_code == 400 and why in r.json()["error"]["message"], r.text

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,8 +15,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from audio_cases import float_wav, silent_flac, without_length
 from safetensors.torch import load_file
-from server_harness import SPEECH_WAV, chroma_server
+from server_harness import ROOT, SPEECH_WAV, chroma_server, free_port
 
 from openchroma.engine import AudioChunk, ResponseDone
 
@@ -237,6 +242,9 @@ def _bad_audio():
         ("silence", encode(np.zeros(3 * rate, np.float32), rate), "voice_silent", "dBFS"),
         ("quiet-hum", encode(np.full(3 * rate, 1e-4, np.float32), rate), "voice_silent", "dBFS"),
         ("noise", encode(noise, rate), "voice_silent", "no speech"),
+        # A FLAC whose header gives no length (streamed FLAC) was a 500 'array is too big'.
+        ("no-length", without_length(silent_flac(600)), "audio_too_long", "longer than 30 s"),
+        ("huge-samples", float_wav(1e30), "invalid_audio", "samples reach 1e+30"),
     ]
 
 
@@ -336,3 +344,64 @@ def test_streamed_upload_over_the_body_cap(tiny_chroma, tmp_path):
         assert "content-length" not in r.request.headers
         assert "big" not in state.engine.voices
         error(r, 413, "request_too_large")
+
+
+def _serve(model, data_dir, port: int) -> subprocess.Popen:
+    """``openchroma serve`` in a process of its own (so that it can be killed with SIGKILL)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "openchroma", "serve", "--model", str(model), "--port", str(port),
+                             "--data-dir", str(data_dir), "--max-response-seconds", "1"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, "the server exited at start-up"
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not start")
+
+
+def test_kill_9_during_uploads_leaves_no_half_written_voice(tiny_random_dir, tmp_path):
+    """SIGKILL while voices are being added, twice: after each restart every listed voice is complete (registered,
+    its audio served), whatever the add was doing when the process died."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def uploads(prefix: str, stop: threading.Event) -> None:
+        for i in range(1000):
+            if stop.is_set():
+                return
+            try:
+                upload(url, f"{prefix}{i}")
+            except httpx.HTTPError:
+                return
+
+    for kill in range(2):
+        proc = _serve(tiny_random_dir, tmp_path, port)
+        stop = threading.Event()
+        threads = [threading.Thread(target=uploads, args=(f"k{kill}{t}x", stop)) for t in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0 + 0.7 * kill)   # some uploads finished, some in flight
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join()
+    proc = _serve(tiny_random_dir, tmp_path, port)
+    try:
+        voices = httpx.get(f"{url}/v1/voices").json()["data"]
+        assert voices, "no upload finished before the kills"
+        for v in voices:
+            assert v.get("status") != "unavailable", v
+            assert httpx.get(f"{url}/v1/voices/{v['name']}/audio").content == SPEECH_WAV.read_bytes()
+        stored = {p.name for p in (tmp_path / "voices").iterdir()}
+        for v in voices:   # each listed voice has its three files
+            assert sum(n.startswith(v["name"] + "-") and not n.startswith(".") for n in stored) >= 3, (v, stored)
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,6 +1,7 @@
 """Issue 13 end to end: synth -> prepare -> train --lora -> load the output -> serve answers with it.
 
-And `synth` against OpenAI-compatible endpoints (a stand-in server that fails once, to exercise retries).
+And `synth` against OpenAI-compatible endpoints (a stand-in server on loopback that fails once, to exercise the
+openai SDK's retries).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def test_synth_with_openai_compatible_endpoints(tmp_path, capsys):
     assert rows[0]["response_text"] == "An answer to: Why is the sky blue?"
     assert rows[1]["user_text"] == "What is rain?" and "user_audio" not in rows[1]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["failed"] == 0
+    # Each service failed its first call (503) and the client retried it: two answers and two speeches after it.
+    assert _Endpoints.calls == {"/v1/chat/completions": 3, "/v1/audio/speech": 3}
 
 
 def test_init_random_writes_the_complete_config(tiny_random_dir):

@@ -15,8 +15,8 @@ from openchroma.training.sequence import (
     ResponseExample,
     enable_checkpointing,
     eos_frame,
+    reasoner_response_hidden,
     teacher_forced,
-    thinker_response_hidden,
 )
 from openchroma.voice import VoicePrompt
 
@@ -73,7 +73,7 @@ def test_teacher_forced_logits_equal_reference(tiny_model, with_audio, n_frames,
     assert gen.text_tokens == text[: len(gen.text_tokens)]
 
     with torch.no_grad():
-        hidden = thinker_response_hidden(model, prompt_ids, torch.tensor(text), audio_embeds)
+        hidden = reasoner_response_hidden(model, prompt_ids, torch.tensor(text), audio_embeds)
         out = teacher_forced(model, [ResponseExample(voice.text_ids, voice.codes, hidden, torch.tensor(text),
                                                      codes)])
     assert out.c0.shape[0] == n_frames

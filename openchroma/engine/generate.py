@@ -16,7 +16,7 @@ import torch
 from ..models.chroma import ChromaModel
 from ..voice import VoicePrompt
 from .sampling import SamplingParams
-from .schedule import backbone_budget, reasoner_budget
+from .schedule import DEFAULT_MAX_FRAMES, backbone_budget, reasoner_budget
 from .stepper import StepOutput, Stepper, default_threads, intra_op_threads
 
 
@@ -33,18 +33,18 @@ class GenerationResult:
 class ResponseRunner:
     """A one-slot stepper that runs whole responses; reuse it to keep compiled graphs across calls."""
 
-    def __init__(self, model: ChromaModel, thinker_len: int, backbone_len: int, lookahead: int = 2,
+    def __init__(self, model: ChromaModel, reasoner_len: int, backbone_len: int, lookahead: int = 2,
                  compile: bool = False):
         self.model = model
         self.lookahead = lookahead
-        self.stepper = Stepper(model, 1, thinker_len, backbone_len, lookahead=lookahead, compile=compile)
+        self.stepper = Stepper(model, 1, reasoner_len, backbone_len, lookahead=lookahead, compile=compile)
         if self.stepper.cuda_graphs:  # graphs are captured before any response (capture needs an idle stepper)
             self.stepper.warmup()
 
     def fits(self, prompt_len: int, voice_len: int, max_frames: int) -> bool:
         """Whether a response of these sizes fits this runner's caches."""
         st = self.stepper
-        return (reasoner_budget(prompt_len, max_frames, self.lookahead) <= st.thinker_len
+        return (reasoner_budget(prompt_len, max_frames, self.lookahead) <= st.reasoner_len
                 and backbone_budget(voice_len, max_frames) <= st.backbone_len)
 
     @classmethod
@@ -64,7 +64,7 @@ class ResponseRunner:
         input_ids: torch.Tensor | Sequence[int],
         voice: VoicePrompt,
         input_features: torch.Tensor | None = None,
-        max_new_frames: int = 750,
+        max_new_frames: int = DEFAULT_MAX_FRAMES,
         sampling: SamplingParams | None = None,
         forced_text_tokens: Sequence[int] | None = None,
         audio_embeds: torch.Tensor | None = None,
@@ -87,7 +87,7 @@ class ResponseRunner:
                 forced.append(cfg.im_end_token_id)
 
         # Reasoner prefill, then the voice prompt into the backbone's cache.
-        h_last = st.thinker_prefill([(0, m.thinker.embed(ids, audio_embeds)[0], 0)])[0]
+        h_last = st.reasoner_prefill([(0, m.thinker.embed(ids, audio_embeds)[0], 0)])[0]
         prefill_logits = m.thinker_logits(h_last).float()
         first = forced[0] if forced else int(prefill_logits.argmax(-1))
         voice_embeds = m.voice_prompt_embeds(voice.text_ids.to(dev), voice.codes.to(dev)).to(st.dtype)
@@ -137,7 +137,7 @@ def generate(
     input_ids: torch.Tensor | Sequence[int],
     voice: VoicePrompt,
     input_features: torch.Tensor | None = None,
-    max_new_frames: int = 750,
+    max_new_frames: int = DEFAULT_MAX_FRAMES,
     sampling: SamplingParams | None = None,
     forced_text_tokens: Sequence[int] | None = None,
     decode_audio: bool = True,

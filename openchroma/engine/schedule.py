@@ -16,11 +16,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..constants import FRAME_RATE_HZ
+from ..constants import FRAME_RATE_HZ, FRAME_SECONDS
+
+__all__ = ["DEFAULT_MAX_FRAMES", "FRAME_SECONDS", "FRAMES_PER_TEXT_TOKEN", "frames_for_seconds", "frames_heard",
+           "frames_for_text", "seconds_of_frames"]
+
+#: Frames a response may run by default: 60 s of speech.
+DEFAULT_MAX_FRAMES = 750
+#: Frames per text token: one text pair enters the backbone every second frame.
+FRAMES_PER_TEXT_TOKEN = 2
 
 
 def frames_for_seconds(seconds: float) -> int:
     return int(round(seconds * FRAME_RATE_HZ))
+
+
+def seconds_of_frames(frames: int) -> float:
+    """Seconds of audio in ``frames`` frames (80 ms each)."""
+    return frames * FRAME_SECONDS
+
+
+def frames_heard(audio_ms: float) -> int:
+    """Whole frames played within the first ``audio_ms`` milliseconds."""
+    return max(0, int(audio_ms // (1000 * FRAME_SECONDS)))
+
+
+def frames_for_text(text_tokens: int) -> int:
+    """Frames that carry ``text_tokens`` text tokens into the speech (the schedule feeds one every two frames)."""
+    return FRAMES_PER_TEXT_TOKEN * text_tokens
 
 
 def pair_index_at(step: int) -> int | None:

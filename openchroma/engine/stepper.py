@@ -30,8 +30,9 @@ import torch
 
 from ..models.chroma import ChromaModel
 from ..models.transformer import KVCache
+from .events import ContextFull
 from .sampling import SamplingParams, sample_codes
-from .schedule import backbone_vectors_at, frames_within, pair_index_at
+from .schedule import backbone_vectors_at, frames_for_text, frames_within, pair_index_at
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,6 @@ class RowCache:
         self.batch_size = stop - start
 
 
-class ContextFull(ValueError):
-    """The conversation no longer fits the context the engine was configured with."""
-
-
 @dataclass
 class Row:
     """Host-side state of one response in progress."""
@@ -70,7 +67,7 @@ class Row:
     max_frames: int
     forced: list[int] | None
     prompt_len: int               # reasoner positions before the response
-    thinker_pos: int              # next reasoner position
+    reasoner_pos: int             # next reasoner position
     bb_pos: int                   # next backbone position
     tokens: list[int] = field(default_factory=list)   # every token the reasoner emitted, in order
     fed: int = 0                  # text pairs that entered the backbone
@@ -130,7 +127,7 @@ class Stepper:
         self,
         model: ChromaModel,
         slots: int,
-        thinker_len: int,
+        reasoner_len: int,
         backbone_len: int,
         lookahead: int = 2,
         compile: bool | str = False,
@@ -146,17 +143,17 @@ class Stepper:
         self.K = k = cfg.audio_num_codebooks
         self.lookahead = lookahead
         self.ring_size = lookahead + 2          # tokens emitted but not yet fed never exceed lookahead + 1
-        self.thinker_len = thinker_len
+        self.reasoner_len = reasoner_len
         self.backbone_len = backbone_len
         self.buckets = buckets_for(slots)
         self.compile = compile
         self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         dev, dt = self.device, self.dtype
         # One extra cache slot at the end of each row: the scratch slot padding entries write to.
-        self.thinker_cache = model.thinker.model.new_cache(slots, thinker_len + 1)
+        self.reasoner_cache = model.thinker.model.new_cache(slots, reasoner_len + 1)
         self.backbone_cache = model.backbone.model.new_cache(slots, backbone_len + 1)
         self.decoder_cache = model.decoder.model.new_cache(slots, k)
-        self.thinker_scratch, self.backbone_scratch = thinker_len, backbone_len
+        self.reasoner_scratch, self.backbone_scratch = reasoner_len, backbone_len
         self.codec_state = model.codec_model.stream_state(slots)
         self._codec_views = {b: self.codec_state.rows(b) for b in self.buckets}
         hidden = cfg.thinker.hidden_size
@@ -182,7 +179,7 @@ class Stepper:
         self._ni = self.host_in_i.numpy()
         self._nf = self.host_in_f.numpy()
         self._idle = np.zeros(N_INT, dtype=np.int64)
-        self._idle[THINK_POS] = self.thinker_scratch
+        self._idle[THINK_POS] = self.reasoner_scratch
         self._idle[RING_W] = self.ring_size
         self._idle[BB_SLOT:BB_SLOT + 3] = self.backbone_scratch
         self._ni[:] = self._idle
@@ -288,7 +285,7 @@ class Stepper:
         tm = m.thinker.model
         ii = self.in_i[:b]
         h = tm(tm.embed_tokens(ii[:, THINK_ID])[:, None], ii[:, THINK_POS:THINK_POS + 1],
-               RowCache(self.thinker_cache, 0, b))[:, 0]
+               RowCache(self.reasoner_cache, 0, b))[:, 0]
         tok = m.thinker_logits(h).argmax(-1)
         tok = torch.where(ii[:, FORCE] > 0, ii[:, FORCE_TOK], tok)
         rows = torch.arange(b, device=h.device)
@@ -346,15 +343,15 @@ class Stepper:
 
     # ----- prefills (eager; any length) -------------------------------------------------------------------
     @torch.inference_mode()
-    def thinker_prefill(self, chunks: Sequence[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
+    def reasoner_prefill(self, chunks: Sequence[tuple[int, torch.Tensor, int]]) -> list[torch.Tensor]:
         """Run the reasoner over each ``(slot, embeds [T, H], start)`` at positions ``start..``, batched.
 
         Returns each row's last hidden state ``[H]``."""
         for _slot, embeds, start in chunks:
-            if start + embeds.shape[0] > self.thinker_len:
+            if start + embeds.shape[0] > self.reasoner_len:
                 raise ContextFull(f"the conversation needs {start + embeds.shape[0]} reasoner positions, "
-                                  f"the limit is {self.thinker_len}")
-        out = self._prefill(self.model.thinker.model, self.thinker_cache, self.thinker_scratch, chunks)
+                                  f"the limit is {self.reasoner_len}")
+        out = self._prefill(self.model.thinker.model, self.reasoner_cache, self.reasoner_scratch, chunks)
         return out
 
     @torch.inference_mode()
@@ -395,7 +392,7 @@ class Stepper:
         voice_len: int,
         h_last: torch.Tensor,
         first_token: int,
-        thinker_pos: int,
+        reasoner_pos: int,
         sampling: SamplingParams,
         max_frames: int,
         forced: list[int] | None,
@@ -404,15 +401,15 @@ class Stepper:
         and whose reasoner has just produced ``first_token`` from hidden state ``h_last``."""
         # Never past the caches: the backbone's positions, and one reasoner position per text pair fed (plus the
         # lookahead) — the callers size their requests; this keeps a mistake from writing out of bounds.
-        pairs = self.thinker_len - thinker_pos - self.lookahead
+        pairs = self.reasoner_len - reasoner_pos - self.lookahead
         if pairs < 1:
-            raise ContextFull(f"no reasoner positions left to answer ({thinker_pos} of {self.thinker_len} used)")
-        max_frames = max(1, min(max_frames, frames_within(self.backbone_len, voice_len), 2 * pairs))
+            raise ContextFull(f"no reasoner positions left to answer ({reasoner_pos} of {self.reasoner_len} used)")
+        max_frames = max(1, min(max_frames, frames_within(self.backbone_len, voice_len), frames_for_text(pairs)))
         self.ring_h[slot, 0] = h_last.to(self.dtype)
         self.ring_tok[slot, 0] = first_token
         self.codec_state.reset([slot])
         row = Row(slot=slot, sampling=sampling, seed=sampling.row_seed(), max_frames=max_frames, forced=forced,
-                  prompt_len=thinker_pos, thinker_pos=thinker_pos, bb_pos=voice_len, tokens=[first_token],
+                  prompt_len=reasoner_pos, reasoner_pos=reasoner_pos, bb_pos=voice_len, tokens=[first_token],
                   text_done=first_token == self.cfg.im_end_token_id)
         self.rows[slot] = row
         return row
@@ -427,9 +424,6 @@ class Stepper:
         return bool(self.rows)
 
     # ----- the batched step ------------------------------------------------------------------------------
-    def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
-
     def _send_inputs(self) -> None:
         if self.host_in_i is not self.in_i:
             self.in_i.copy_(self.host_in_i, non_blocking=True)
@@ -445,7 +439,7 @@ class Stepper:
         if not self.rows:
             return outputs
         rows = self.rows
-        b = self.bucket(max(rows) + 1)
+        b = next(b for b in self.buckets if b > max(rows))
         t0 = time.perf_counter()
         think, wide, greedy = self._plan(b)
         self._send_inputs()
@@ -480,7 +474,7 @@ class Stepper:
             r.thinking = think and not r.text_done and r.emitted - r.fed <= self.lookahead
             if r.thinking:
                 ni[s, THINK_ID] = r.tokens[-1]
-                ni[s, THINK_POS] = r.thinker_pos
+                ni[s, THINK_POS] = r.reasoner_pos
                 ni[s, RING_W] = r.emitted % q
                 if r.forced is not None:
                     ni[s, FORCE] = 1
@@ -526,7 +520,7 @@ class Stepper:
             if r.thinking:
                 tok = int(out_i[slot, k + 1])
                 r.tokens.append(tok)
-                r.thinker_pos += 1
+                r.reasoner_pos += 1
                 r.text_done = tok == im_end
             text_token = None
             if r.pair is not None:

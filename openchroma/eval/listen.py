@@ -9,22 +9,23 @@ preference, each with a 95% Wilson score interval.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import mimetypes
 import random
 import secrets
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlparse
+from typing import TYPE_CHECKING, Any
 
 from .testlist import EvalInputError, pipe_rows
+
+if TYPE_CHECKING:
+    from .listen_app import ListeningServer
 
 STATIC = Path(__file__).with_name("static")
 QUESTIONS = {
@@ -241,87 +242,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class ListeningServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], store: AnswerStore, rng: random.Random):
-        super().__init__(address, _Handler)
-        self.store = store
-        self.rng = rng
-        self.rng_lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ListeningServer
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet: the terminal shows the URL and progress
-        pass
-
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json")
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        url = urlparse(self.path)
-        parts = [p for p in url.path.split("/") if p]
-        if url.path in ("/", "/index.html"):
-            return self._static("listen.html")
-        if len(parts) == 1 and parts[0] in ("listen.js", "listen.css"):
-            return self._static(parts[0])
-        if url.path == "/api/next":
-            rater = (parse_qs(url.query).get("rater") or [""])[0].strip()
-            if not rater:
-                return self._json(HTTPStatus.BAD_REQUEST, {"error": "rater is required"})
-            with self.server.rng_lock:
-                trial = self.server.store.present(rater, self.server.rng)
-            done, total = self.server.store.progress(rater)
-            if trial is None:
-                return self._json(HTTPStatus.OK, {"finished": True, "done": done, "total": total})
-            t = trial["token"]
-            return self._json(HTTPStatus.OK, {
-                "finished": False, "token": t, "question": trial["question"],
-                "prompt": QUESTIONS.get(trial["question"], trial["question"]), "done": done, "total": total,
-                "reference": f"/audio/{t}/ref", "clips": [f"/audio/{t}/1", f"/audio/{t}/2"]})
-        if len(parts) == 3 and parts[0] == "audio":
-            path = self.server.store.audio_path(parts[1], parts[2])
-            if path is None or not path.is_file():
-                return self._json(HTTPStatus.NOT_FOUND, {"error": "no such clip"})
-            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            return self._send(HTTPStatus.OK, path.read_bytes(), kind)
-        self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-
-    def do_POST(self) -> None:  # noqa: N802
-        if urlparse(self.path).path != "/api/answer":
-            return self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > 4096:
-                return self._json(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "request too large"})
-            body = json.loads(self.rfile.read(length) or b"{}")
-            self.server.store.record(str(body.get("token", "")), str(body.get("choice", "")))
-        except KeyError:
-            return self._json(HTTPStatus.NOT_FOUND, {"error": "unknown trial token"})
-        except (ValueError, AttributeError) as e:
-            return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-        self._json(HTTPStatus.OK, {"ok": True})
-
-    def _static(self, name: str) -> None:
-        kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}[name.rsplit(".", 1)[1]]
-        self._send(HTTPStatus.OK, (STATIC / name).read_bytes(), kind + "; charset=utf-8")
-
-
 def start_server(pairs: list[Pair], out_dir: Path, questions: list[str] | None = None, host: str = "127.0.0.1",
                  port: int = 0, seed: int | None = None) -> ListeningServer:
     """Create the answers database and serve the page from a background thread; ``shutdown()`` to stop."""
@@ -331,9 +251,13 @@ def start_server(pairs: list[Pair], out_dir: Path, questions: list[str] | None =
         raise EvalInputError(f"unknown question(s) {', '.join(unknown)}: expected {', '.join(QUESTIONS)}")
     store = AnswerStore(Path(out_dir) / DB_NAME)
     store.add_trials(pairs, questions)
-    server = ListeningServer((host, port), store, random.Random(seed))
-    threading.Thread(target=server.serve_forever, name="openchroma-listen", daemon=True).start()
-    return server
+    from .listen_app import ListeningServer
+
+    try:
+        return ListeningServer((host, port), store, random.Random(seed), QUESTIONS, STATIC)
+    except BaseException:
+        store.close()
+        raise
 
 
 def serve(pairs: list[Pair], out_dir: Path, questions: list[str] | None = None, host: str = "127.0.0.1",
@@ -350,3 +274,41 @@ def serve(pairs: list[Pair], out_dir: Path, questions: list[str] | None = None, 
     finally:
         server.shutdown()
         server.store.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Serve a listening page: each trial plays a reference clip and two systems' clips in random "
+                     "order, without names, and asks which sounds more natural (NCMOS) or more like the reference "
+                     "speaker (SCMOS). Answers go to DIR/answers.sqlite. --summary DIR prints preference percentages "
+                     "with 95% confidence intervals (Wilson).")
+    p.epilog = ("Pairs format (paths relative to the file; '#' comments): "
+                "item|reference_wav|system_a|wav_a|system_b|wav_b")
+    p.add_argument("--pairs", default=None, metavar="FILE", help="the trials to run")
+    p.add_argument("--out", default=None, metavar="DIR", help="where answers.sqlite goes")
+    p.add_argument("--questions", default="ncmos,scmos",
+                   help="comma-separated: ncmos (naturalness), scmos (speaker similarity) (default: both)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765; 0 picks a free one)")
+    p.add_argument("--seed", type=int, default=None, help="seed for the clip order (default: random)")
+    p.add_argument("--summary", default=None, metavar="DIR",
+                   help="print the preferences recorded in DIR/answers.sqlite and exit")
+    p.add_argument("--json", action="store_true", help="with --summary: print JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli_args import UsageError
+
+    if args.summary:
+        summary = summarize_answers(Path(args.summary))
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary).rstrip("\n"))
+        return 0
+    if not args.pairs or not args.out:
+        raise UsageError("give --pairs FILE --out DIR to run a test, or --summary DIR")
+    pairs = read_pairs(args.pairs)  # checked before the server starts
+    questions = [q.strip() for q in args.questions.split(",") if q.strip()]
+    try:
+        serve(pairs, Path(args.out), questions=questions, host=args.host, port=args.port, seed=args.seed)
+    except OSError as e:  # the port is taken, the address is not this machine's, ...
+        print(f"openchroma listen: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    return 0

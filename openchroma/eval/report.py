@@ -3,26 +3,25 @@
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from ..reporting import finite, fmt, markdown_table, mean, percentile, plot_cdf, pyplot, save_figure
 
 # FlashLabs Chroma 1.0 (arXiv 2601.11141), as the paper reports them.
 PAPER = {"sim": 0.817, "sim_human_baseline": 0.73, "ttft_ms": 146.87, "reasoner_ms": 119.12, "rtf": 0.43}
 
 
 def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return finite(r.get(key) for r in rows)
 
 
 def _mean(xs: list[float]) -> float | None:
-    return float(np.mean(xs)) if xs else None
+    return mean(xs, empty=None)
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    return float(np.percentile(xs, q)) if xs else None
+    return percentile(xs, q, empty=None)
 
 
 def summarize(rows: list[dict[str, Any]], settings, sim_model: str, asr_model: str,
@@ -74,11 +73,7 @@ def summarize(rows: list[dict[str, Any]], settings, sim_model: str, asr_model: s
 
 def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
     """sim_hist.png, wer_per_utt.png and ttft_cdf.png (each only when there is something to plot)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ok = [r for r in rows if "error" not in r]
     written: dict[str, str] = {}
     sims = _values(ok, "sim")
@@ -90,7 +85,7 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
                    label=f"paper: human {PAPER['sim_human_baseline']}")
         ax.set(xlabel="speaker similarity (cosine)", ylabel="utterances", title="SIM")
         ax.legend(fontsize=8)
-        written["sim_hist"] = _save(fig, out_dir / "sim_hist.png")
+        written["sim_hist"] = save_figure(fig, out_dir / "sim_hist.png")
     wer_rows = [r for r in ok if r.get("wer") is not None]
     if wer_rows:
         fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(wer_rows)), 3.5))
@@ -98,29 +93,20 @@ def write_plots(rows: list[dict[str, Any]], out_dir: Path) -> dict[str, str]:
         if len(wer_rows) <= 40:
             ax.set_xticks(range(len(wer_rows)), [r["utt"] for r in wer_rows], rotation=90, fontsize=7)
         ax.set(ylabel="WER", title="WER per utterance")
-        written["wer_per_utt"] = _save(fig, out_dir / "wer_per_utt.png")
-    ttft = sorted(_values(ok, "ttft_ms"))
+        written["wer_per_utt"] = save_figure(fig, out_dir / "wer_per_utt.png")
+    ttft = _values(ok, "ttft_ms")
     if ttft:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.step(ttft, np.arange(1, len(ttft) + 1) / len(ttft), where="post", color="#4477aa", label="this run")
+        plot_cdf(ax, ttft, color="#4477aa", label="this run")
         ax.axvline(PAPER["ttft_ms"], color="#cc3311", ls="--", label=f"paper: {PAPER['ttft_ms']} ms")
         ax.set(xlabel="time to first audio (ms)", ylabel="fraction of responses", title="TTFT CDF", ylim=(0, 1.02))
         ax.legend(fontsize=8)
-        written["ttft_cdf"] = _save(fig, out_dir / "ttft_cdf.png")
+        written["ttft_cdf"] = save_figure(fig, out_dir / "ttft_cdf.png")
     return written
 
 
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path.name
-
-
 def _fmt(x: float | None, digits: int = 3, unit: str = "") -> str:
-    return "—" if x is None else f"{x:.{digits}f}{unit}"
+    return fmt(x, digits, unit=unit)
 
 
 def write_report_md(results: dict[str, Any], plots: dict[str, str], path: Path) -> None:
@@ -149,20 +135,19 @@ def write_report_md(results: dict[str, Any], plots: dict[str, str], path: Path) 
         "SIM and WER depend on the scoring models: compare numbers only when both runs name the same ones. "
         "A random-weight checkpoint speaks noise, so its SIM and WER are meaningless.",
         "",
-        "| metric | this run | paper (Chroma 1.0) |",
-        "| --- | --- | --- |",
-        f"| SIM (mean cosine) | {_fmt(s['sim_mean'])} | {PAPER['sim']} "
-        f"(human baseline {PAPER['sim_human_baseline']}) |",
-        f"| WER (mean per utterance) | {_fmt(s['wer_mean'])} | — |",
-        f"| WER (corpus) | {_fmt(s['wer_corpus'])} | — |",
-        f"| TTFT p50 | {_fmt(s['ttft_ms_p50'], 1, ' ms')} | {PAPER['ttft_ms']} ms |",
-        f"| TTFT p90 | {_fmt(s['ttft_ms_p90'], 1, ' ms')} | — |",
-        f"| reasoner (prefill to first text token) | {_stage(b['reasoner_ms_mean'])} | {PAPER['reasoner_ms']} ms |",
-        f"| backbone first frame | {_stage(b['backbone_ms_mean'])} | — |",
-        f"| decoder | {_stage(b['decoder_ms_mean'])} | — |",
-        f"| codec | {_stage(b['codec_ms_mean'])} | — |",
-        f"| RTF (mean) | {_fmt(s['rtf_mean'])} | {PAPER['rtf']} |",
-        "",
+        markdown_table(["metric", "this run", "paper (Chroma 1.0)"], [
+            ["SIM (mean cosine)", _fmt(s["sim_mean"]),
+             f"{PAPER['sim']} (human baseline {PAPER['sim_human_baseline']})"],
+            ["WER (mean per utterance)", _fmt(s["wer_mean"]), "—"],
+            ["WER (corpus)", _fmt(s["wer_corpus"]), "—"],
+            ["TTFT p50", _fmt(s["ttft_ms_p50"], 1, " ms"), f"{PAPER['ttft_ms']} ms"],
+            ["TTFT p90", _fmt(s["ttft_ms_p90"], 1, " ms"), "—"],
+            ["reasoner (prefill to first text token)", _stage(b["reasoner_ms_mean"]), f"{PAPER['reasoner_ms']} ms"],
+            ["backbone first frame", _stage(b["backbone_ms_mean"]), "—"],
+            ["decoder", _stage(b["decoder_ms_mean"]), "—"],
+            ["codec", _stage(b["codec_ms_mean"]), "—"],
+            ["RTF (mean)", _fmt(s["rtf_mean"]), PAPER["rtf"]],
+        ]),
     ]
     for key, title in (("sim_hist", "SIM histogram"), ("wer_per_utt", "WER per utterance"),
                        ("ttft_cdf", "TTFT CDF")):
@@ -170,16 +155,11 @@ def write_report_md(results: dict[str, Any], plots: dict[str, str], path: Path) 
             lines += [f"![{title}]({plots[key]})", ""]
     failed = [r for r in results["utterances"] if "error" in r]
     if failed:
-        lines += ["## Failed utterances", "", "| utt | error |", "| --- | --- |"]
-        lines += [f"| {r['utt']} | {r['error'].replace('|', '/')} |" for r in failed]
-        lines.append("")
-    lines += ["## Utterances", "", "| utt | SIM | WER | TTFT ms | RTF | transcript |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for r in results["utterances"]:
-        if "error" in r:
-            continue
-        transcript = (r.get("transcript") or "").replace("|", "/")
-        lines.append(f"| {r['utt']} | {_fmt(r.get('sim'))} | {_fmt(r.get('wer'))} | {_fmt(r.get('ttft_ms'), 1)} | "
-                     f"{_fmt(r.get('rtf'))} | {transcript[:80]} |")
+        rows = [[r["utt"], r["error"]] for r in failed]
+        lines += ["## Failed utterances", "", markdown_table(["utt", "error"], rows)]
+    lines += ["## Utterances", "", markdown_table(
+        ["utt", "SIM", "WER", "TTFT ms", "RTF", "transcript"],
+        [[r["utt"], _fmt(r.get("sim")), _fmt(r.get("wer")), _fmt(r.get("ttft_ms"), 1), _fmt(r.get("rtf")),
+          (r.get("transcript") or "")[:80]] for r in results["utterances"] if "error" not in r])]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

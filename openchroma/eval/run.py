@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
+import shlex
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -12,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ..cli_args import MODEL_HELP, UsageError, add_max_frames_argument, add_model_arguments, check_max_frames
 from ..constants import REASONER_SAMPLE_RATE
+from ..engine.schedule import DEFAULT_MAX_FRAMES
+from ..reporting import fmt
 from .asr import ASR_RATE, WerScorer, load_recognizer
 from .report import summarize, write_plots, write_report_md
 from .speaker import SIM_RATE, cosine_similarity, load_speaker_model
@@ -33,7 +40,7 @@ class EvalSettings:
     dtype: str = "float32"
     sim_model: str = "auto"
     asr_model: str = "auto"
-    max_frames: int = 750
+    max_frames: int | None = None      # None: 750 (60 s), or 50 (4 s) for an init-random checkpoint
     warmup: int = 1
     progress: bool = True
 
@@ -63,6 +70,13 @@ def stage_breakdown(timings: dict[str, float]) -> dict[str, float | None]:
     return out
 
 
+def max_frames_for(settings: EvalSettings) -> int:
+    """The frame limit per utterance: ``settings.max_frames``, else 60 s, or 4 s for a random checkpoint."""
+    from ..config import response_frame_limit
+
+    return response_frame_limit(settings.model, settings.max_frames, DEFAULT_MAX_FRAMES)
+
+
 def _finite(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -74,11 +88,11 @@ class Synthesizer:
         from ..engine import Engine
         from ..pipeline import Chroma
 
+        self.max_frames = max_frames_for(settings)
         chroma = Chroma.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
-                                        progress=settings.progress)
-        self.engine = Engine(chroma, max_sessions=1, max_response_frames=settings.max_frames)
+                                        progress=settings.progress, max_frames=self.max_frames)
+        self.engine = Engine(chroma, max_sessions=1, max_response_frames=self.max_frames)
         self.sample_rate = self.engine.sample_rate
-        self.max_frames = settings.max_frames
         self.task = settings.task
         self._voices: dict[tuple[Path, str], str] = {}
 
@@ -138,7 +152,7 @@ def _warm_up(synth: Synthesizer, items: list[TestItem], settings: EvalSettings) 
         if done >= settings.warmup:
             break
         try:
-            synth.speak(item, max_frames=min(settings.max_frames, 5))
+            synth.speak(item, max_frames=min(synth.max_frames, 5))
             done += 1
         except Exception:
             continue
@@ -171,6 +185,8 @@ def evaluate(items: list[TestItem], out_dir: str | Path, settings: EvalSettings,
     recognizer = load_recognizer(settings.asr_model, score_device)
     wer = WerScorer(recognizer.spelling)
     synth = Synthesizer(settings) if settings.audio_dir is None else None
+    if synth is not None:
+        settings = dataclasses.replace(settings, max_frames=synth.max_frames)   # the limit applied, reported
     audio_out = out_dir / "audio"
     if synth is not None:
         audio_out.mkdir(exist_ok=True)
@@ -226,3 +242,62 @@ def evaluate(items: list[TestItem], out_dir: str | Path, settings: EvalSettings,
     plots = write_plots(rows, out_dir)
     write_report_md(results, plots, out_dir / "report.md")
     return results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Speak every utterance of a seed-tts-eval test list in the voice of its prompt through the "
+                     "streaming engine (--model), or take existing audio files named <utt>.wav (--audio-dir), and "
+                     "score them: SIM (speaker-verification cosine similarity of output and prompt), WER (speech "
+                     "recognition of the output against the text), TTFT and RTF as a client of the engine sees them. "
+                     "Writes results.json, report.md (with the paper's figures) and PNG plots to --out. A "
+                     "random-weight checkpoint speaks noise: its SIM and WER mean nothing.")
+    p.epilog = ("List format (paths relative to the list; '#' comments): tts: utt|prompt_text|prompt_wav|target_text; "
+                "dialogue: utt|prompt_text|prompt_wav|user_wav.")
+    add_model_arguments(p, required=False, model_help=MODEL_HELP + "; omit with --audio-dir")
+    p.add_argument("--list", required=True, metavar="FILE", help="the test list (see the format below)")
+    p.add_argument("--task", default="tts", choices=["tts", "dialogue"],
+                   help="tts: speak target_text (forced text); dialogue: answer user_wav, whose answer text is "
+                        "the WER reference (default: tts)")
+    p.add_argument("--audio-dir", default=None, metavar="DIR",
+                   help="score existing audio <utt>.wav (.flac/.ogg/.mp3) instead of synthesising; for dialogue, "
+                        "<utt>.txt holds the answer's text")
+    p.add_argument("--out", required=True, metavar="DIR", help="where results.json, report.md, plots and audio go")
+    p.add_argument("--sim-model", default="auto", metavar="NAME",
+                   help="auto (WavLM speaker verification if its weights load, else resemblyzer), wavlm, "
+                        "resemblyzer (offline), or a transformers x-vector model id/directory (default: auto)")
+    p.add_argument("--asr-model", default="auto", metavar="NAME",
+                   help="auto (Whisper-large-v3 if its weights load, else pocketsphinx), whisper, pocketsphinx "
+                        "(offline), or a transformers Whisper model id/directory (default: auto)")
+    add_max_frames_argument(p, "utterance")
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up responses before timing (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .models import ScoringModelUnavailable
+    from .testlist import read_test_list
+
+    if bool(args.model) == bool(args.audio_dir):
+        raise UsageError("give either --model (synthesise the list) or --audio-dir (score existing audio)")
+    check_max_frames(args.max_frames)
+    items = read_test_list(args.list, args.task)  # every problem in the list is found before any model loads
+    audio_dir = Path(args.audio_dir) if args.audio_dir else None
+    settings = EvalSettings(task=args.task, model=args.model, audio_dir=audio_dir,
+                            device=args.device, dtype=args.dtype, sim_model=args.sim_model, asr_model=args.asr_model,
+                            max_frames=args.max_frames, warmup=args.warmup, progress=not args.no_progress)
+    argv = ["openchroma", "eval", "--list", str(args.list), "--task", args.task, "--out", str(args.out),
+            "--sim-model", args.sim_model, "--asr-model", args.asr_model]
+    argv += ["--model", str(args.model)] + (["--max-frames", str(args.max_frames)] if args.max_frames else []) \
+        if args.model else ["--audio-dir", str(args.audio_dir)]
+    try:
+        results = evaluate(items, args.out, settings, command=shlex.join(argv))
+    except ScoringModelUnavailable as e:
+        print(f"openchroma eval: error: {e}", file=sys.stderr)
+        return 1
+    s = results["summary"]
+    print(f"SIM {fmt(s['sim_mean'], 3)}  WER {fmt(s['wer_mean'], 3)}  TTFT p50 {fmt(s['ttft_ms_p50'], 1)} ms  "
+          f"p90 {fmt(s['ttft_ms_p90'], 1)} ms  RTF {fmt(s['rtf_mean'], 3)}  "
+          f"({s['utterances']} utterances, {s['failed']} failed)")
+    print(f"SIM model: {s['sim_model']}\nASR model: {s['asr_model']}")
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'report.md'}")
+    return 0

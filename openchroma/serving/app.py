@@ -1,8 +1,9 @@
 """The HTTP/WebSocket server: one FastAPI app around one engine.
 
 This module only assembles the application: the routes live in their own modules (``realtime``, ``openai_http``,
-``transcriptions``, ``voices``), what they share in ``state`` (configuration, the engine, the voice library) and
-``errors``, and the checks every request passes in ``guards``.
+``transcriptions``, ``voices``), what they share in ``state`` (configuration, the engine, the voice library),
+``errors`` and ``sessions``, the checks every request passes in ``guards``, and how it runs (uvicorn settings,
+the shutdown drain) in ``server``.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
 from . import openai_http, realtime, transcriptions, voices
-from .errors import APIError, EngineTimeout, clip, pydantic_problem, shorten
-from .guards import BodyLimit, CheckOrigin, RequireKey, install_log_redaction
+from .errors import APIError, EngineTimeout, clip, pydantic_problem, shorten, wire_error
+from .guards import BodyLimit, CheckOrigin, RefuseWhileDraining, RequireKey, install_log_redaction
+from .server import run_server, uvicorn_options
 from .state import ServerConfig, ServerState
 
-__all__ = ["ServerConfig", "create_app", "uvicorn_options"]
+__all__ = ["ServerConfig", "create_app", "run_server", "uvicorn_options"]
 
 log = logging.getLogger("openchroma.serve")
 
@@ -49,6 +51,29 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
                   description="Real-time spoken dialogue with voice cloning (Chroma 1.0): OpenAI-compatible "
                               "Realtime, chat completions and speech APIs, and a voice library.")
     app.state.oc = state
+    _add_error_handlers(app, state)
+    _add_info_routes(app, state)
+    app.include_router(voices.router)
+    app.include_router(openai_http.router)
+    app.include_router(realtime.router)
+    app.include_router(transcriptions.router)
+    if STATIC_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="client")
+    else:
+        @app.get("/")
+        async def no_client():
+            return PlainTextResponse("OpenChroma server (the browser client's files are not installed)")
+
+    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
+    app.add_middleware(CheckOrigin, state=state)
+    app.add_middleware(RequireKey, state=state)
+    app.add_middleware(RefuseWhileDraining, state=state)   # outermost: nothing new starts once shutdown begins
+    install_log_redaction()
+    return app
+
+
+def _add_error_handlers(app: FastAPI, state: ServerState) -> None:
+    """Every error in OpenAI's shape, counted by type; no traceback ever reaches a client."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -80,10 +105,16 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     async def internal_error(request: Request, exc: Exception):
         # Any failure without a better answer: OpenAI's error shape, no traceback sent to the client.
         log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        status, code = (504, "engine_timeout") if isinstance(exc, EngineTimeout) else (500, "internal_error")
-        err = APIError(status, f"internal error: {type(exc).__name__}: {shorten(str(exc))}", "server_error", code)
+        err = wire_error(exc) if isinstance(exc, EngineTimeout) else None
+        err = err or APIError(500, f"internal error: {type(exc).__name__}: {shorten(str(exc))}", "server_error",
+                              "internal_error")
         state.metrics.errors.labels(err.type).inc()
-        return JSONResponse(err.body(), status_code=status)
+        return JSONResponse(err.body(), status_code=err.status)
+
+
+def _add_info_routes(app: FastAPI, state: ServerState) -> None:
+    """``/health``, ``/metrics`` and ``/v1/models``."""
+    config = state.config
 
     @app.get("/health")
     async def health():
@@ -118,28 +149,3 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
             raise APIError(404, f"unknown model {clip(model_id)}; this server serves {config.model_id!r}",
                            code="model_not_found", param="model")
         return model_card()
-
-    app.include_router(voices.router)
-    app.include_router(openai_http.router)
-    app.include_router(realtime.router)
-    app.include_router(transcriptions.router)
-    if STATIC_DIR.is_dir():
-        app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="client")
-    else:
-        @app.get("/")
-        async def no_client():
-            return PlainTextResponse("OpenChroma server (the browser client's files are not installed)")
-
-    app.add_middleware(BodyLimit, limit=config.max_upload_bytes)
-    app.add_middleware(CheckOrigin, state=state)
-    app.add_middleware(RequireKey, state=state)   # outermost: nothing runs for a request without the key
-    install_log_redaction()
-    return app
-
-
-def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
-    """What ``uvicorn.run``/``uvicorn.Config`` need besides host and port: the sans-I/O WebSocket implementation
-    (it reads one message at a time, so a connection that stops reading pushes back on its client, and its sends
-    wait while the client does not read) and the protocol's message cap (twice the event cap: events between
-    the two get an ``error`` event, larger messages close the connection with 1009)."""
-    return {"ws": "websockets-sansio", "ws_max_size": config.ws_protocol_max_bytes}

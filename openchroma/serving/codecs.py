@@ -1,5 +1,6 @@
-"""Audio wire formats for the server: PCM16, G.711 μ-law / A-law, streaming resampling, WAV headers and the
-``/v1/audio/speech`` response formats (mp3, opus, aac, flac, wav, pcm).
+"""Audio wire formats for the server: PCM16, G.711 μ-law / A-law, streaming resampling, WAV headers, the
+``/v1/audio/speech`` response formats (mp3, opus, aac, flac, wav, pcm), and ``client_audio``: the audio intake as
+the HTTP routes answer it.
 
 Float audio is float32 nominally in [-1, 1]; 16-bit PCM maps ``x`` to ``round(x * 32768)`` clipped to the int16
 range, so ``pcm16_to_float`` followed by ``float_to_pcm16`` gives back the same bytes.
@@ -15,8 +16,19 @@ import struct
 import warnings
 
 import numpy as np
+import torch
 
-from openchroma.audio import StreamResampler, float_to_pcm16, pcm16_to_float
+from openchroma.audio import (
+    AudioError,
+    AudioTooLong,
+    StreamResampler,
+    decode_client_audio,
+    float_to_pcm16,
+    pcm16_to_float,
+)
+from openchroma.constants import REASONER_SAMPLE_RATE
+
+from .errors import APIError
 
 with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standard library; 3.13+ has audioop-lts
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -24,6 +36,7 @@ with warnings.catch_warnings():  # 3.11/3.12 warn that audioop leaves the standa
 
 __all__ = [
     "FORMAT_RATES",
+    "client_audio",
     "INPUT_FORMATS",
     "InputDecoder",
     "OutputEncoder",
@@ -46,6 +59,23 @@ FORMAT_RATES = {"audio/pcm": 24000, "audio/pcmu": 8000, "audio/pcma": 8000}
 INPUT_FORMATS = tuple(FORMAT_RATES)
 
 _STREAMING_SIZE = 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Client audio (HTTP routes)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def client_audio(data: bytes, where: str, rate: int, max_seconds: float, fmt: str | None = None) -> torch.Tensor:
+    """Audio a request carries, through the one audio intake (``openchroma.audio.decode_client_audio``), mono at
+    ``rate``; its refusals are 400s naming ``where``. ``fmt`` 'pcm16' (or 'pcm') is raw 16-bit mono PCM at 16 kHz
+    (the chat routes' form); anything else is an encoded file. Blocking: run it off the event loop."""
+    try:
+        return decode_client_audio(data, rate, max_seconds=max_seconds, name=where,
+                                   pcm16_rate=REASONER_SAMPLE_RATE if fmt in ("pcm16", "pcm") else None)
+    except AudioError as e:
+        raise APIError(400, str(e), code="audio_too_long" if isinstance(e, AudioTooLong) else "invalid_audio",
+                       param=where) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,8 +1,17 @@
-"""Errors the server's routes share: OpenAI-shaped API errors, and the engine not answering in time."""
+"""Errors the server's routes share: OpenAI-shaped API errors, the engine not answering in time, and the one mapping
+from the engine's refusals to wire errors (``wire_error``) that every route uses."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from .. import engine as _engine
+from ..audio import AudioError
+from ..engine import ContextFull, EngineError, SessionLimit
+from .voice_library import VoiceError
+
+# Raised by engines that cap a conversation's items (``Engine(max_conversation_items=...)``); older engines lack it.
+ConversationLimit: type[Exception] | None = getattr(_engine, "ConversationLimit", None)
 
 
 class EngineTimeout(RuntimeError):
@@ -61,3 +70,32 @@ def _is_branch(part: str) -> bool:
     """pydantic's names for a union's branch or a validator wrapping a field, not a field of the payload."""
     return any(c in part for c in "[]-'/") or part in ("str", "int", "float", "bool", "list", "dict", "none") or \
         part[:1].isupper()
+
+
+VOICE_STATUS = {"invalid": 400, "not_found": 404, "exists": 409, "unavailable": 503, "storage": 500}
+
+
+def wire_error(e: BaseException, param: str | None = None) -> APIError | None:
+    """The API error a client gets for ``e``: the engine's refusals (a full context or conversation, no free
+    session, a bad request or bad audio), its time-outs and the voice library's refusals; None for anything else
+    (an internal error). Every route maps errors through here."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, VoiceError):   # the voice library's refusals carry their own kind and code
+        status = VOICE_STATUS[e.kind]
+        return APIError(status, e.message, "server_error" if status >= 500 else "invalid_request_error", e.code,
+                        e.param or param)
+    message = shorten(str(e), 300)
+    if isinstance(e, EngineTimeout):
+        return APIError(504, message, "server_error", "engine_timeout", param)
+    if isinstance(e, SessionLimit):
+        return APIError(503, message, "server_error", "session_limit_reached", param)
+    if ConversationLimit is not None and isinstance(e, ConversationLimit):
+        return APIError(400, message, code="conversation_item_limit_reached", param=param)
+    if isinstance(e, ContextFull):
+        return APIError(400, message, code="context_full", param=param)
+    if isinstance(e, AudioError):
+        return APIError(400, message, code="invalid_audio", param=param)
+    if isinstance(e, EngineError):
+        return APIError(400, message, param=param)
+    return None

@@ -193,3 +193,19 @@ async def _too_large(limit: int, send) -> None:
     err = APIError(413, f"the request body is larger than the server's limit of {_human_bytes(limit)}",
                    code="request_too_large")
     await JSONResponse(err.body(), status_code=413)({"type": "http"}, None, send)
+
+
+class RefuseWhileDraining:
+    """ASGI middleware: once the server is shutting down, new HTTP requests get 503 (and the connection closes);
+    what already runs finishes within the grace. WebSockets are told by the realtime route."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.state.drain.draining:
+            err = APIError(503, "the server is shutting down; retry on another server or once it is back",
+                           "server_error", "server_shutting_down")
+            return await JSONResponse(err.body(), status_code=503, headers={"Connection": "close"})(scope, receive,
+                                                                                                   send)
+        return await self.app(scope, receive, send)

@@ -13,8 +13,8 @@ import binascii
 import contextlib
 import hashlib
 import io
-import json
 import re
+import stat
 import time
 import urllib.parse
 from collections import OrderedDict
@@ -28,22 +28,27 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..audio import AudioError, load_audio
+from ..audio import AudioError
 from ..constants import REASONER_SAMPLE_RATE
 from ..engine import (
     DEFAULT_SYSTEM_PROMPT,
+    FRAMES_PER_TEXT_TOKEN,
     AudioChunk,
     ContextFull,
     Engine,
     EngineError,
     ResponseDone,
     SamplingParams,
-    SessionLimit,
     TextDelta,
+    frames_for_text,
+    seconds_of_frames,
 )
-from .codecs import SPEECH_FORMATS, SpeechEncoder, encode_wav, float_to_pcm16, pcm16_to_float
-from .errors import APIError, clip, shorten
+from ..voice import MAX_VOICE_SECONDS
+from .codecs import SPEECH_FORMATS, SpeechEncoder, client_audio, encode_wav, float_to_pcm16
+from .errors import APIError, clip, shorten, wire_error
 from .guards import client_id
+from .sessions import close_session, open_session
+from .sse import DONE, sse, until_drained
 from .state import OPENAI_STOCK_VOICES, ServerState, engine_await, engine_call, get_state, response_events
 
 router = APIRouter()
@@ -136,39 +141,53 @@ class SpeechRequest(BaseModel):
 
 # ----- audio inputs -------------------------------------------------------------------------------------
 DATA_URL = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?:;[\w=.-]+)*;base64,(?P<data>.*)$", re.S)
+FILE_URL = "file://"
 
 
 def decode_audio_ref(ref: Any, where: str, state: ServerState) -> bytes:
-    """Audio given as a data URL, plain base64, a ``file://`` URL or (with --allow-local-audio) a server path."""
+    """Audio given as base64 or a base64 data URL, or (with --allow-local-audio) a ``file://`` URL naming a file
+    on the server. Base64's alphabet has no ':', so base64 is never taken for a URL (an mp3 without an ID3 tag
+    starts with 0xFF: its base64 starts with '/')."""
     if not isinstance(ref, str) or not ref:
-        raise APIError(400, f"{where}: expected audio as a data URL, base64 or a path", param=where)
+        raise APIError(400, f"{where}: expected audio as base64 or a data URL", param=where)
+    if ref.startswith(FILE_URL):
+        return read_local_audio(ref, where, state)
     m = DATA_URL.match(ref)
-    if m:
-        ref = m.group("data")
-    elif ref.startswith("file://") or ref.startswith("/") or (len(ref) < 1024 and Path(ref).suffix.lower() in
-                                                               (".wav", ".flac", ".mp3", ".ogg", ".m4a", ".opus")):
-        path = Path(urllib.parse.unquote(ref[7:]) if ref.startswith("file://") else ref)
-        if not state.config.allow_local_audio:
-            raise APIError(400, f"{where}: audio paths on the server are disabled; send the audio as base64 or a "
-                                "data URL (or start the server with --allow-local-audio)", param=where)
-        if not path.is_file():
-            raise APIError(400, f"{where}: no audio file at {clip(str(path))} on the server", param=where)
-        return path.read_bytes()
     try:
-        return base64.b64decode(ref, validate=True)
+        return base64.b64decode(m.group("data") if m else ref, validate=True)
     except (binascii.Error, ValueError):
-        raise APIError(400, f"{where}: not valid base64 audio (nor a data URL or a path)", param=where) from None
+        raise APIError(400, f"{where}: not valid base64 audio (send base64 or a data URL; a file on the server is "
+                            "named by a file:// URL, with --allow-local-audio)", param=where) from None
 
 
-def read_audio(data: bytes, where: str, fmt: str | None = None, rate: int = REASONER_SAMPLE_RATE) -> np.ndarray:
-    if not data:
-        raise APIError(400, f"{where}: the audio is empty", param=where)
+def read_local_audio(url: str, where: str, state: ServerState) -> bytes:
+    """The file a ``file://`` URL names on the server (only with --allow-local-audio), as large as a request
+    body may be at most. Errors quote the path clipped, never whole."""
+    if not state.config.allow_local_audio:
+        raise APIError(400, f"{where}: audio files on the server (file:// URLs) are disabled; send the audio as "
+                            "base64 or a data URL (or start the server with --allow-local-audio)", param=where)
     try:
-        if fmt in ("pcm16", "pcm"):
-            return pcm16_to_float(data)
-        return load_audio(data, rate).numpy()
-    except (AudioError, ValueError) as e:
-        raise APIError(400, f"{where}: {e}", code="invalid_audio", param=where) from None
+        parts = urllib.parse.urlsplit(url)
+        path = Path(urllib.parse.unquote(parts.path))
+        if parts.netloc not in ("", "localhost") or not path.is_absolute():
+            raise APIError(400, f"{where}: {clip(url, 80)} is not a file:// URL of an absolute path on the server "
+                                "(write file:///path/to/audio.wav)", param=where)
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise APIError(400, f"{where}: {clip(str(path), 80)} is not a file on the server", param=where)
+        if info.st_size > state.config.max_upload_bytes:
+            raise APIError(400, f"{where}: {clip(str(path), 80)} is {info.st_size} bytes, over the limit of "
+                                f"{state.config.max_upload_bytes}", param=where)
+        return path.read_bytes()
+    except (OSError, ValueError) as e:
+        why = getattr(e, "strerror", None) or type(e).__name__
+        raise APIError(400, f"{where}: cannot read {clip(url, 80)} on the server ({why})", param=where) from None
+
+
+def read_part_audio(ref: Any, where: str, state: ServerState, fmt: str | None = None) -> np.ndarray:
+    """A chat message's audio part -> 16 kHz mono float32 (blocking: run it off the event loop)."""
+    data = decode_audio_ref(ref, where, state)
+    return client_audio(data, where, REASONER_SAMPLE_RATE, state.config.max_input_audio_seconds, fmt).numpy()
 
 
 # ----- voices ---------------------------------------------------------------------------------------------
@@ -185,10 +204,14 @@ class AdhocVoices:
             if name in engine.voices:
                 self.names.move_to_end(name)
                 return name
+            wav = await engine_call(state.config, client_audio, audio, "prompt_audio", engine.sample_rate,
+                                    MAX_VOICE_SECONDS)
             try:
-                await engine_call(state.config, engine.register_voice, name, audio, transcript)
+                await engine_call(state.config, engine.register_voice, name, wav, transcript, engine.sample_rate)
             except (AudioError, EngineError) as e:
-                raise APIError(400, f"prompt_audio: {e}", code="invalid_audio", param="prompt_audio") from None
+                err = wire_error(e, "prompt_audio")
+                raise APIError(400, f"prompt_audio: {err.message}", code=err.code or "invalid_audio",
+                               param="prompt_audio") from None
             self.names[name] = None
             while len(self.names) > MAX_ADHOC_VOICES:
                 await engine_call(state.config, engine.remove_voice, self.names.popitem(last=False)[0])
@@ -202,45 +225,13 @@ def adhoc(state: ServerState) -> AdhocVoices:
 
 
 # ----- sessions -------------------------------------------------------------------------------------------
-async def open_session(state: ServerState, route: str, voice: str, system_prompt: str | None, request: Request):
-    engine = state.require_engine()
-    client = client_id(request.scope)
-    if not state.claim_client_session(client):
-        raise state.client_limit_error()
-    try:
-        session = await engine_await(state.config, engine.create_async_session(voice, system_prompt))
-    except SessionLimit as e:
-        state.release_client_session(client)
-        state.metrics.sessions_rejected.inc()
-        raise APIError(503, str(e), "server_error", "session_limit_reached") from None
-    except BaseException:
-        state.release_client_session(client)
-        raise
-    state.http_session_clients[session] = client
-    state.metrics.sessions_total.labels(route).inc()
-    state.metrics.sessions_active.labels(route).inc()
-    return session
-
-
-async def close_session(state: ServerState, route: str, session) -> None:
-    client = state.http_session_clients.pop(session, None)
-    if client is None:   # closed already
-        return
-    try:
-        await engine_await(state.config, session.close())
-    finally:
-        state.release_client_session(client)
-        state.metrics.sessions_active.labels(route).dec()
-
-
 async def call(state: ServerState, command, *args):
     """Await ``command(*args)``, an ``AsyncSession`` method: the engine's refusals (``EngineError``, ``ValueError``,
     raised by its argument checks or by the worker) become 400s."""
     try:
         return await engine_await(state.config, command(*args))
     except (EngineError, ContextFull, AudioError) as e:
-        raise APIError(400, shorten(str(e), 300), code="context_full" if isinstance(e, ContextFull) else None) \
-            from None
+        raise wire_error(e) from None
 
 
 async def respond(state: ServerState, route: str, session, *args):
@@ -248,7 +239,7 @@ async def respond(state: ServerState, route: str, session, *args):
     try:
         return await call(state, session.respond, *args)
     except BaseException:
-        await close_session(state, route, session)
+        await close_session(state, session)
         raise
 
 
@@ -257,7 +248,7 @@ async def end(state: ServerState, route: str, session, resp) -> None:
     if resp.done is None:
         with contextlib.suppress(Exception):
             resp.cancel()
-    await asyncio.shield(close_session(state, route, session))
+    await asyncio.shield(close_session(state, session))
 
 
 def sampling_from(req: ChatRequest | SpeechRequest) -> SamplingParams | None:
@@ -294,14 +285,11 @@ async def feed_messages(state: ServerState, session, messages: list[ChatMessage]
                     raise APIError(400, f"{pw}: empty text", param=pw)
                 await call(state, session.add_text, p.text)
                 continue
-            if isinstance(p, InputAudioPart):
-                raw = decode_audio_ref(p.input_audio.data, pw + ".input_audio.data", state)
-                wav = await engine_call(state.config, read_audio, raw, pw, p.input_audio.format)   # off the loop
+            if isinstance(p, InputAudioPart):   # decoded off the event loop
+                wav = await engine_call(state.config, read_part_audio, p.input_audio.data, pw, state,
+                                        p.input_audio.format)
             else:
-                wav = await engine_call(state.config, read_audio, decode_audio_ref(p.ref(), pw, state), pw)
-            if len(wav) / REASONER_SAMPLE_RATE > state.config.max_input_audio_seconds:
-                raise APIError(400, f"{pw}: {len(wav) / REASONER_SAMPLE_RATE:.1f} s of audio is over the limit of "
-                                    f"{state.config.max_input_audio_seconds:.0f} s", param=pw)
+                wav = await engine_call(state.config, read_part_audio, p.ref(), pw, state)
             await call(state, session.append_audio, wav, REASONER_SAMPLE_RATE)
             await call(state, session.commit_audio)
 
@@ -356,7 +344,7 @@ async def chat_completions(req: ChatRequest, request: Request):
     if req.prompt_audio is not None:
         if not req.prompt_text.strip():
             raise APIError(400, "prompt_text is empty", param="prompt_text")
-        ref = decode_audio_ref(req.prompt_audio, "prompt_audio", state)
+        ref = await engine_call(state.config, decode_audio_ref, req.prompt_audio, "prompt_audio", state)
         voice = await adhoc(state).get(state, engine, ref, req.prompt_text)
     else:
         voice = state.resolve_voice(audio_opts.voice or req.voice)
@@ -366,13 +354,15 @@ async def chat_completions(req: ChatRequest, request: Request):
     limit = req.max_completion_tokens or req.max_tokens
     if limit is not None and limit < 1:
         raise APIError(400, "max_tokens must be at least 1", param="max_tokens")
-    max_frames = engine.max_response_frames if limit is None else min(engine.max_response_frames, 2 * limit)
+    max_frames = engine.max_response_frames
+    if limit is not None:
+        max_frames = min(max_frames, frames_for_text(limit))
 
-    session = await open_session(state, "chat", voice, system, request)
+    session = await open_session(state, "chat", client_id(request.scope), voice, system)
     try:
         await feed_messages(state, session, req.messages)
     except BaseException:
-        await close_session(state, "chat", session)
+        await close_session(state, session)
         raise
     resp = await respond(state, "chat", session, max_frames, None, sampling)
     cid = "chatcmpl-" + hashlib.sha1(f"{time.time_ns()}{id(resp)}".encode()).hexdigest()[:24]
@@ -380,8 +370,9 @@ async def chat_completions(req: ChatRequest, request: Request):
     model = req.model or state.config.model_id
     if req.stream:
         include_usage = bool((req.stream_options or {}).get("include_usage"))
-        return StreamingResponse(stream_chat(state, session, resp, cid, created, model, want_audio, include_usage),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        chunks = stream_chat(state, session, resp, cid, created, model, want_audio, include_usage)
+        return StreamingResponse(until_drained(state, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     try:
         text, audio, done = "", [], None
         async for ev in response_events(state.config, resp):
@@ -425,10 +416,6 @@ def encode_audio(pcm: np.ndarray, fmt: str, rate: int) -> bytes:
     return encode_wav(pcm, rate)
 
 
-def sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-
 async def stream_chat(state: ServerState, session, resp, cid: str, created: int, model: str, want_audio: bool,
                       include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -457,7 +444,7 @@ async def stream_chat(state: ServerState, session, resp, cid: str, created: int,
             if include_usage:
                 yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [], "usage": usage(resp, done)})
-        yield b"data: [DONE]\n\n"
+        yield DONE
     finally:  # also when the client disconnects
         await end(state, "chat", session, resp)
 
@@ -484,14 +471,15 @@ async def audio_speech(req: SpeechRequest, request: Request):
     if len(text) > MAX_SPEECH_CHARS:
         raise APIError(400, f"input is {len(text)} characters; the limit is {MAX_SPEECH_CHARS}", param="input")
     n_tokens = len(engine.tokenizer.encode(text))
-    if 2 * n_tokens + 8 > engine.max_response_frames:
-        raise APIError(400, f"input is {n_tokens} tokens; at 2 audio frames per token it needs more than the server's "
-                            f"{engine.max_response_frames * 0.08:.0f} s per response: split it", param="input")
+    if frames_for_text(n_tokens) + 8 > engine.max_response_frames:
+        raise APIError(400, f"input is {n_tokens} tokens; at {FRAMES_PER_TEXT_TOKEN} audio frames per token it needs "
+                            f"more than the server's {seconds_of_frames(engine.max_response_frames):.0f} s per "
+                            "response: split it", param="input")
     voice = state.resolve_voice(req.voice)
     sampling = sampling_from(req)
     rate = engine.sample_rate
     encoder = None if req.stream_format == "sse" else SpeechEncoder(fmt, rate, streaming=req.stream)
-    session = await open_session(state, "speech", voice, req.instructions, request)
+    session = await open_session(state, "speech", client_id(request.scope), voice, req.instructions)
     resp = await respond(state, "speech", session, None, text, sampling)
     if encoder is None:
         return StreamingResponse(stream_speech_sse(state, session, resp, n_tokens), media_type="text/event-stream",

@@ -3,7 +3,8 @@
 Shapes follow OpenAI's GA Realtime API, with the flat fields of the beta API as aliases (older clients still send
 ``voice`` or ``input_audio_format`` at the top of ``session``). Fields a client may send that do not apply here
 (tools, noise reduction, tracing, speed, ...) are accepted and ignored. A bad event becomes one ``RealtimeError``
-that names the field (``session.audio.input.turn_detection.threshold``) and what was wrong with it.
+that names the field (``session.audio.input.turn_detection.threshold``) and what was wrong with it. The events the
+server sends have their typed builders beside these, in ``realtime_server_events``.
 """
 
 from __future__ import annotations

@@ -5,20 +5,19 @@ engine with a time limit."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 
 from ..config import RANDOM_WEIGHTS_KEY, is_random_checkpoint
-from ..constants import FRAME_RATE_HZ
 from ..engine import Engine
-from . import default_data_dir
+from .config import ServerConfig, flag  # noqa: F401  (re-exported: routes and tests import them from here)
 from .errors import APIError, EngineTimeout, clip
 from .metrics import Metrics
 from .voice_library import VoiceLibrary
@@ -26,43 +25,11 @@ from .voice_library import VoiceLibrary
 log = logging.getLogger("openchroma.serve")
 
 
-@dataclass
-class ServerConfig:
-    model: str = ""
-    device: str | None = None
-    dtype: str | None = None
-    api_key: str | None = None
-    data_dir: Path = field(default_factory=default_data_dir)
-    max_sessions: int = 8
-    max_context: int = 4096
-    max_response_seconds: float = 60.0
-    max_upload_bytes: int = 25 * 1024 * 1024      # HTTP bodies: voice uploads, chat requests with audio
-    max_ws_message_bytes: int = 8 * 1024 * 1024    # one realtime event
-    max_input_audio_seconds: float = 120.0         # one user turn
-    default_voice: str | None = None
-    allow_local_audio: bool = False                # let chat requests name audio files on the server's disk
-    model_id: str = "chroma-4b"
-    compile: bool = False                          # torch.compile the frame step at load
-    cuda_graphs: bool | None = None                # capture the frame step as CUDA graphs (default: on CUDA)
-    threads: int | None = None                     # the frame loop's intra-op CPU threads (default: by model size)
-    # Abuse and fault limits: one client must never hurt another.
-    allow_origins: tuple[str, ...] = ()            # browser origins besides the server's own ("*": any)
-    idle_timeout: float = 300.0                    # close a realtime session idle this long (0: never)
-    max_sessions_per_client: int = 0               # sessions one client address may hold at once (0: no cap)
-    send_timeout: float = 15.0                     # a client that reads nothing for this long is dropped
-    engine_timeout: float = 120.0                  # an engine call that takes longer fails with an error
-    max_text_chars: int = 16000                    # one text item, message, instructions or speech input
-    max_pending_input_bytes: int = 16 * 2**20      # decoded audio a realtime connection may queue unprocessed
-    max_messages: int = 256                        # messages in one chat request
-
-    @property
-    def max_response_frames(self) -> int:
-        return max(1, int(self.max_response_seconds * FRAME_RATE_HZ))
-
-    @property
-    def ws_protocol_max_bytes(self) -> int:
-        """Messages up to this size are read and answered with an error event; larger ones close with 1009."""
-        return 2 * self.max_ws_message_bytes
+def engine_limits(config: ServerConfig) -> dict[str, Any]:
+    """The server's limits that the engine enforces too, for engines that take them (``max_conversation_items``
+    arrived with issue 18: an older engine does without, and the realtime route still caps its items)."""
+    accepted = inspect.signature(Engine.__init__).parameters
+    return {k: v for k, v in {"max_conversation_items": config.max_conversation_items}.items() if k in accepted}
 
 
 def _guard(fn, *args):
@@ -114,6 +81,27 @@ async def response_events(config: ServerConfig, resp) -> Any:
         yield ev
 
 
+class Drain:
+    """The shutdown drain: once begun, new requests are refused, live work may finish until ``deadline``, then
+    ``expired`` is set and what still runs is ended (realtime sessions with close 1001, SSE streams with an error
+    event and ``[DONE]``)."""
+
+    def __init__(self) -> None:
+        self.begun = asyncio.Event()
+        self.expired = asyncio.Event()
+        self.deadline = float("inf")   # time.monotonic() when the grace ends
+        self.streams = 0               # SSE streams still open
+
+    def begin(self, grace: float) -> None:
+        if not self.begun.is_set():
+            self.deadline = time.monotonic() + max(0.0, grace)
+            self.begun.set()
+
+    @property
+    def draining(self) -> bool:
+        return self.begun.is_set()
+
+
 class ServerState:
     """What the routes share: config, engine (once loaded), voice library, metrics."""
 
@@ -127,7 +115,8 @@ class ServerState:
         self.started = time.time()
         self.connections: set = set()   # open realtime connections
         self.client_sessions: Counter[str] = Counter()   # sessions held per client address
-        self.http_session_clients: dict = {}   # an HTTP route's engine session -> the client address holding it
+        self.session_clients: dict = {}   # an engine session -> (client address, route) holding it
+        self.drain = Drain()
         self.voices = VoiceLibrary(Path(config.data_dir), self.metrics)
         if engine is not None:
             self._attach(engine)
@@ -144,7 +133,7 @@ class ServerState:
                 self.config.model, device=self.config.device, dtype=self.config.dtype, progress=True,
                 max_sessions=self.config.max_sessions, max_context=self.config.max_context,
                 max_response_frames=self.config.max_response_frames, compile=self.config.compile,
-                cuda_graphs=self.config.cuda_graphs, threads=self.config.threads)
+                cuda_graphs=self.config.cuda_graphs, threads=self.config.threads, **engine_limits(self.config))
             self._attach(engine)
             log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
         except BaseException as e:  # reported by /health and every route

@@ -3,18 +3,18 @@ transcribes well when asked), in the engine's background slices so that it never
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from ..audio import AudioError, load_audio
+from ..audio import AudioError
 from ..constants import REASONER_SAMPLE_RATE
 from ..engine import ContextFull, EngineError, TextDelta
-from .errors import APIError
+from .codecs import client_audio
+from .errors import APIError, wire_error
+from .sse import DONE, sse, until_drained
 from .state import engine_call, get_state, response_events
 
 router = APIRouter()
@@ -43,20 +43,15 @@ async def transcriptions(request: Request, file: Annotated[UploadFile | None, Fi
     if not data:
         raise APIError(400, "file: the audio is empty", code="invalid_audio", param="file")
     limit = state.config.max_input_audio_seconds
-    try:
-        decode = functools.partial(load_audio, data, REASONER_SAMPLE_RATE, max_seconds=limit)
-        wav = await engine_call(state.config, decode)
-    except (AudioError, ValueError) as e:
-        raise APIError(400, f"file: {e}", code="invalid_audio", param="file") from None
+    wav = await engine_call(state.config, client_audio, data, "file", REASONER_SAMPLE_RATE, limit)
     seconds = wav.shape[0] / REASONER_SAMPLE_RATE
     try:
         job = await engine_call(state.config, engine.transcribe, wav, REASONER_SAMPLE_RATE)
-    except (EngineError, ContextFull) as e:
-        raise APIError(400, str(e), code="context_full" if isinstance(e, ContextFull) else None,
-                       param="file") from None
+    except (EngineError, ContextFull, AudioError) as e:   # AudioError: samples the engine cannot take (NaN, huge)
+        raise wire_error(e, "file") from None
     usage = {"type": "duration", "seconds": round(seconds, 3)}
     if stream:
-        return StreamingResponse(_stream(state, job, usage), media_type="text/event-stream")
+        return StreamingResponse(until_drained(state, _stream(state, job, usage)), media_type="text/event-stream")
     done = None
     async for ev in response_events(state.config, job):
         if not isinstance(ev, TextDelta):
@@ -77,14 +72,10 @@ async def _stream(state, job, usage: dict) -> AsyncIterator[bytes]:
     async for ev in response_events(state.config, job):
         if isinstance(ev, TextDelta):
             if ev.text:
-                yield _sse({"type": "transcript.text.delta", "delta": ev.text})
+                yield sse({"type": "transcript.text.delta", "delta": ev.text})
         elif ev.error:
-            yield _sse({"type": "error", "error": {"type": "server_error", "code": "transcription_failed",
-                                                   "message": ev.error}})
+            yield sse({"type": "error", "error": {"type": "server_error", "code": "transcription_failed",
+                                                  "message": ev.error}})
         else:
-            yield _sse({"type": "transcript.text.done", "text": ev.text.strip(), "usage": usage})
-    yield b"data: [DONE]\n\n"
-
-
-def _sse(obj: dict) -> bytes:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n".encode()
+            yield sse({"type": "transcript.text.done", "text": ev.text.strip(), "usage": usage})
+    yield DONE

@@ -27,6 +27,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,9 +35,9 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..audio import AudioError, load_audio, resample
+from ..audio import AudioError, AudioTooLong, decode_client_audio, resample
 from ..engine import EngineError
-from ..voice import MAX_VOICE_SECONDS, VoicePrompt
+from ..voice import MAX_TRANSCRIPT_TOKENS, MAX_VOICE_SECONDS, VoicePrompt
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -49,7 +50,6 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 RESERVED_PREFIX = "_adhoc_"        # the chat routes' per-request voices live in the engine under this prefix
 MIN_VOICE_SECONDS = 1.0
 MAX_TRANSCRIPT_CHARS = 1000
-MAX_TRANSCRIPT_TOKENS = 256        # what the engine reserves for a voice's transcript in its caches
 SILENCE_DBFS = -50.0               # a reference quieter than this (RMS over the clip) is refused
 MIN_SPEECH_SECONDS = 0.3           # speech that silero-vad must find in the reference
 VAD_RATE = 16000
@@ -91,6 +91,27 @@ class VoiceError(Exception):
     def __init__(self, kind: str, message: str, code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.kind, self.message, self.code, self.param = kind, message, code, param
+
+
+@dataclass(frozen=True)
+class _NewVoice:
+    """A checked, encoded voice on its way into the library: what its files and its row hold."""
+
+    name: str
+    transcript: str
+    audio: bytes                     # as uploaded
+    wav: torch.Tensor                # decoded, at the engine's rate
+    sample_rate: int
+    prompt: VoicePrompt
+    duration: float
+    speech: float | None
+    audio_file: str
+    media_type: str
+    wav_file: str
+    codes_file: str
+    filename: str | None
+    content_type: str | None
+    source_rate: int | None
 
 
 class VoiceLibrary:
@@ -309,100 +330,79 @@ class VoiceLibrary:
 
     def _add(self, engine: Engine, name: str, audio: bytes | None, transcript: str | None, filename: str | None,
              content_type: str | None) -> dict[str, Any]:
-        transcript = check_transcript(transcript)
-        n_tokens = len(engine.tokenizer.encode(transcript))
-        if n_tokens > MAX_TRANSCRIPT_TOKENS:
-            raise VoiceError("invalid", f"the transcript is {n_tokens} tokens long; the limit is "
-                             f"{MAX_TRANSCRIPT_TOKENS} (use a shorter reference and what it says)",
-                             code="transcript_too_long", param="transcript")
+        transcript = _check_transcript_tokens(engine, transcript)
         audio = bytes(audio or b"")
-        if not audio:
-            raise VoiceError("invalid", "the audio file is empty", code="audio_empty", param="file")
-        sr = engine.sample_rate
-        fmt, source_rate, probed = _probe(audio)
-        if probed is not None and probed > MAX_VOICE_SECONDS + 0.01:
-            raise _duration_error(probed)
-        try:  # a generous cap bounds the memory of files whose header gives no length; the real check follows
-            wav = load_audio(audio, sr, max_seconds=2 * MAX_VOICE_SECONDS)
-        except AudioError as e:
-            raise VoiceError("invalid", f"the audio file cannot be used: {_audio_message(e, audio, filename)}",
-                           code="invalid_audio", param="file") from None
-        duration = wav.numel() / sr
-        if not MIN_VOICE_SECONDS <= duration <= MAX_VOICE_SECONDS + 0.01:
-            raise _duration_error(duration)
-        wav = wav[: int(MAX_VOICE_SECONDS * sr)]  # a resampling rounding over the limit
-        duration = wav.numel() / sr
-        rms = float(wav.double().pow(2).mean().sqrt())
-        level = 20 * math.log10(max(rms, 1e-10))
-        if level < SILENCE_DBFS:
-            raise VoiceError("invalid", f"the reference audio is silent (its level is {level:.0f} dBFS, below "
-                                f"{SILENCE_DBFS:.0f} dBFS): record a few seconds of clear speech",
-                           code="voice_silent", param="file")
-        speech = speech_seconds(wav, sr)
-        if speech is not None and speech < MIN_SPEECH_SECONDS:
-            raise VoiceError("invalid", f"no speech found in the reference audio ({speech:.1f} s detected, at least "
-                                f"{MIN_SPEECH_SECONDS:g} s needed): record a few seconds of clear speech",
-                           code="voice_silent", param="file")
-        try:
-            prompt = engine.encode_voice(wav, transcript, sample_rate=sr)
-        except AudioError as e:
-            raise VoiceError("invalid", f"the audio file cannot be used: {_audio_message(e, audio, filename)}",
-                           code="invalid_audio", param="file") from None
-        except EngineError as e:
-            if engine.closed:
-                raise VoiceError("unavailable", "the server is shutting down", code="engine_closed") from None
-            raise VoiceError("invalid", str(e), code="invalid_voice") from None
-
+        wav, duration, speech = _reference_audio(audio, engine.sample_rate, filename)
+        prompt = _encode(engine, wav, transcript)
+        fmt, source_rate = _probe(audio)
         ext, media_type = _FORMATS.get(fmt or "", (".bin", None))
         if media_type is None:
             ct = (content_type or "").split(";")[0].strip().lower()
             media_type = ct if ct.startswith("audio/") else "application/octet-stream"
         stem = f"{name}-{secrets.token_hex(4)}"
-        audio_file, wav_file, codes_file = stem + ext, stem + ".24k.wav", stem + ".safetensors"
-        written: list[Path] = []
-        registered = False
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.dir / audio_file, lambda p: p.write_bytes(audio), written)
-            _atomic_write(self.dir / wav_file,
-                          lambda p: sf.write(str(p), wav.numpy(), sr, format="WAV", subtype="PCM_16"), written)
-            _atomic_write(self.dir / codes_file, lambda p: save_file(
-                {"codes": prompt.codes.to(torch.long).contiguous(),
-                 "text_ids": prompt.text_ids.to(torch.long).contiguous()}, str(p),
-                metadata={"format": "openchroma-voice/1", "name": name, "sample_rate": str(sr)}), written)
-            _fsync_dir(self.dir)
-            engine.add_voice(name, prompt, transcript)
-            registered = True
-            now = time.time()
-            with self._lock:
-                conn = self._connect(True)
-                with conn:
-                    conn.execute(
-                        "INSERT INTO voices (name, transcript, created_at, duration_s, sample_rate, audio_file, "
-                        "audio_content_type, wav_file, codes_file, original_filename, original_content_type, "
-                        "source_sample_rate, speech_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (name, transcript, now, duration, sr, audio_file, media_type, wav_file, codes_file,
-                         filename, content_type, source_rate, speech))
-                row = conn.execute("SELECT * FROM voices WHERE name = ?", (name,)).fetchone()
-        except BaseException as e:
-            if registered:
-                engine.remove_voice(name)
-            for p in written:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            if isinstance(e, sqlite3.IntegrityError):  # another process took the name meanwhile
-                raise VoiceError("exists", f"a voice named {name!r} already exists", code="voice_exists",
-                               param="name") from None
-            if isinstance(e, (OSError, sqlite3.Error)):
-                raise _storage_error("write", self.dir, e) from None
-            if isinstance(e, EngineError):
-                raise VoiceError("unavailable", f"the engine cannot take the voice: {e}",
-                                 code="engine_error") from None
-            raise
+        voice = _NewVoice(name, transcript, audio, wav, engine.sample_rate, prompt, duration, speech,
+                          stem + ext, media_type, stem + ".24k.wav", stem + ".safetensors", filename, content_type,
+                          source_rate)
+        row = self._store(engine, voice)
         log.info("voice %r added: %.2f s of audio (%.2f s of speech), %d frames", name, duration,
                  speech if speech is not None else float("nan"), prompt.codes.shape[0])
         self._update_gauge()
         return self._record(row)
+
+    def _store(self, engine: Engine, voice: _NewVoice) -> sqlite3.Row:
+        """Write the voice's files, register it, then insert its row: all of it, or (on any failure) none."""
+        written: list[Path] = []
+        registered = False
+        try:
+            self._write_files(voice, written)
+            engine.add_voice(voice.name, voice.prompt, voice.transcript)
+            registered = True
+            return self._insert(voice)
+        except BaseException as e:
+            if registered:
+                engine.remove_voice(voice.name)
+            for p in written:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            refusal = self._store_refusal(e, voice.name)
+            if refusal is None:
+                raise
+            raise refusal from None
+
+    def _write_files(self, voice: _NewVoice, written: list[Path]) -> None:
+        """The uploaded file, its 24 kHz decoding and the codes, each written atomically (``written`` lists them)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.dir / voice.audio_file, lambda p: p.write_bytes(voice.audio), written)
+        _atomic_write(self.dir / voice.wav_file, lambda p: sf.write(str(p), voice.wav.numpy(), voice.sample_rate,
+                                                                    format="WAV", subtype="PCM_16"), written)
+        tensors = {"codes": voice.prompt.codes.to(torch.long).contiguous(),
+                   "text_ids": voice.prompt.text_ids.to(torch.long).contiguous()}
+        meta = {"format": "openchroma-voice/1", "name": voice.name, "sample_rate": str(voice.sample_rate)}
+        _atomic_write(self.dir / voice.codes_file, lambda p: save_file(tensors, str(p), metadata=meta), written)
+        _fsync_dir(self.dir)
+
+    def _insert(self, voice: _NewVoice) -> sqlite3.Row:
+        with self._lock:
+            conn = self._connect(True)
+            with conn:
+                conn.execute(
+                    "INSERT INTO voices (name, transcript, created_at, duration_s, sample_rate, audio_file, "
+                    "audio_content_type, wav_file, codes_file, original_filename, original_content_type, "
+                    "source_sample_rate, speech_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (voice.name, voice.transcript, time.time(), voice.duration, voice.sample_rate, voice.audio_file,
+                     voice.media_type, voice.wav_file, voice.codes_file, voice.filename, voice.content_type,
+                     voice.source_rate, voice.speech))
+            return conn.execute("SELECT * FROM voices WHERE name = ?", (voice.name,)).fetchone()
+
+    def _store_refusal(self, e: BaseException, name: str) -> VoiceError | None:
+        """What a failure while storing a voice answers (None: not ours to map, re-raise it)."""
+        if isinstance(e, sqlite3.IntegrityError):  # another process took the name meanwhile
+            return VoiceError("exists", f"a voice named {name!r} already exists", code="voice_exists", param="name")
+        if isinstance(e, (OSError, sqlite3.Error)):
+            return _storage_error("write", self.dir, e)
+        if isinstance(e, EngineError):
+            return VoiceError("unavailable", f"the engine cannot take the voice: {e}", code="engine_error")
+        return None
 
     # ----- deleting -------------------------------------------------------------------------------------
     def delete(self, name: str) -> None:
@@ -455,10 +455,67 @@ def check_transcript(transcript: str | None) -> str:
     return transcript
 
 
-def _duration_error(seconds: float) -> VoiceError:
-    code = "audio_too_short" if seconds < MIN_VOICE_SECONDS else "audio_too_long"
-    return VoiceError("invalid", f"the reference audio is {seconds:.2f} s long; a voice needs between "
-                         f"{MIN_VOICE_SECONDS:g} and {MAX_VOICE_SECONDS:g} s of audio", code=code, param="file")
+def _check_transcript_tokens(engine: Engine, transcript: str | None) -> str:
+    transcript = check_transcript(transcript)
+    n_tokens = len(engine.tokenizer.encode(transcript))
+    if n_tokens > MAX_TRANSCRIPT_TOKENS:
+        raise VoiceError("invalid", f"the transcript is {n_tokens} tokens long; the limit is "
+                         f"{MAX_TRANSCRIPT_TOKENS} (use a shorter reference and what it says)",
+                         code="transcript_too_long", param="transcript")
+    return transcript
+
+
+def _reference_audio(audio: bytes, sr: int, filename: str | None) -> tuple[torch.Tensor, float, float | None]:
+    """The upload decoded through the server's audio intake and checked as a voice reference (length, level,
+    speech) -> (24 kHz mono audio, its seconds, seconds of speech found)."""
+    if not audio:
+        raise VoiceError("invalid", "the audio file is empty", code="audio_empty", param="file")
+    try:
+        wav = decode_client_audio(audio, sr, max_seconds=MAX_VOICE_SECONDS + 0.01, name=filename or "the audio")
+    except AudioTooLong as e:
+        raise _duration_error(e.seconds) from None
+    except AudioError as e:
+        raise _invalid_audio(e) from None
+    duration = wav.numel() / sr
+    if duration < MIN_VOICE_SECONDS:
+        raise _duration_error(duration)
+    wav = wav[: int(MAX_VOICE_SECONDS * sr)]  # a resampling rounding over the limit
+    duration = wav.numel() / sr
+    rms = float(wav.double().pow(2).mean().sqrt())
+    level = 20 * math.log10(max(rms, 1e-10))
+    if level < SILENCE_DBFS:
+        raise VoiceError("invalid", f"the reference audio is silent (its level is {level:.0f} dBFS, below "
+                                    f"{SILENCE_DBFS:.0f} dBFS): record a few seconds of clear speech",
+                         code="voice_silent", param="file")
+    speech = speech_seconds(wav, sr)
+    if speech is not None and speech < MIN_SPEECH_SECONDS:
+        raise VoiceError("invalid", f"no speech found in the reference audio ({speech:.1f} s detected, at least "
+                                    f"{MIN_SPEECH_SECONDS:g} s needed): record a few seconds of clear speech",
+                         code="voice_silent", param="file")
+    return wav, duration, speech
+
+
+def _encode(engine: Engine, wav: torch.Tensor, transcript: str) -> VoicePrompt:
+    """The engine's Mimi encoding of the reference (blocks while it runs)."""
+    try:
+        return engine.encode_voice(wav, transcript, sample_rate=engine.sample_rate)
+    except AudioError as e:
+        raise _invalid_audio(e) from None
+    except EngineError as e:
+        if engine.closed:
+            raise VoiceError("unavailable", "the server is shutting down", code="engine_closed") from None
+        raise VoiceError("invalid", str(e), code="invalid_voice") from None
+
+
+def _invalid_audio(e: AudioError) -> VoiceError:
+    return VoiceError("invalid", f"the audio file cannot be used: {e}", code="invalid_audio", param="file")
+
+
+def _duration_error(seconds: float | None) -> VoiceError:
+    code = "audio_too_short" if seconds is not None and seconds < MIN_VOICE_SECONDS else "audio_too_long"
+    said = f"{seconds:.2f} s long" if seconds is not None else f"longer than {MAX_VOICE_SECONDS:g} s"
+    return VoiceError("invalid", f"the reference audio is {said}; a voice needs between "
+                                 f"{MIN_VOICE_SECONDS:g} and {MAX_VOICE_SECONDS:g} s of audio", code=code, param="file")
 
 
 def _not_found(name: str) -> VoiceError:
@@ -471,23 +528,13 @@ def _storage_error(what: str, where: Path, e: BaseException) -> VoiceError:
                     "storage_error")
 
 
-def _probe(audio: bytes) -> tuple[str | None, int | None, float | None]:
-    """(libsndfile format, sample rate, duration in seconds) from the file's header; Nones when unreadable."""
+def _probe(audio: bytes) -> tuple[str | None, int | None]:
+    """(libsndfile format, sample rate) from the file's header; Nones when unreadable."""
     try:
         with sf.SoundFile(io.BytesIO(audio)) as f:
-            rate, frames = int(f.samplerate), int(f.frames)
-            duration = frames / rate if rate > 0 and 0 < frames < 2**62 else None
-            return f.format, rate, duration
+            return f.format, int(f.samplerate)
     except Exception:
-        return None, None, None
-
-
-def _audio_message(e: AudioError, audio: bytes, filename: str | None) -> str:
-    msg = str(e)
-    prefix = f"<{len(audio)} bytes of encoded audio>: "
-    if msg.startswith(prefix):
-        msg = msg[len(prefix):]
-    return f"{filename}: {msg}" if filename else msg
+        return None, None
 
 
 _vad_lock = threading.Lock()

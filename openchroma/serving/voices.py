@@ -11,11 +11,9 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from .errors import APIError
+from .errors import APIError, wire_error
 from .state import get_state
 from .voice_library import VoiceError
-
-HTTP_STATUS = {"invalid": 400, "not_found": 404, "exists": 409, "unavailable": 503, "storage": 500}
 
 
 async def library_call(fn, *args):
@@ -23,9 +21,7 @@ async def library_call(fn, *args):
     try:
         return await run_in_threadpool(fn, *args)
     except VoiceError as e:
-        status = HTTP_STATUS[e.kind]
-        raise APIError(status, e.message, "server_error" if status >= 500 else "invalid_request_error", e.code,
-                       e.param) from None
+        raise wire_error(e) from None
 
 
 router = APIRouter()

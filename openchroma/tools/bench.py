@@ -20,24 +20,35 @@ the difference in frames, so loading, prefill and compilation cancel out; eager 
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
-import json
 import os
 import platform
+import shlex
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..constants import REASONER_SAMPLE_RATE
+from ..cli_args import UsageError, add_compile_argument, add_model_arguments, int_list
+from ..constants import FRAME_SECONDS, REASONER_SAMPLE_RATE
 from ..engine import AudioChunk, Engine, ResponseDone
 from ..engine.generate import ResponseRunner
 from ..models.audio_encoder import audio_token_count
 from ..pipeline import Chroma
+from ..reporting import NAN, distribution, require
+from ..tokenizer import system_message
 from ..voice import VoicePrompt, encode_voice
+from .bench_report import write_report
+
+#: Where reports go unless --out says otherwise: a folder git ignores (the recorded runs live in
+#: benchmarks/recorded/, where a run cannot overwrite them).
+DEFAULT_OUT = "openchroma-bench"
 
 USER_RATE = REASONER_SAMPLE_RATE
 CHUNK_SECONDS = 0.1
@@ -99,20 +110,6 @@ def machine_info(device: torch.device | str) -> dict[str, Any]:
         info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(idx).total_memory / 2**30, 1)
         info["cuda"] = torch.version.cuda
     return info
-
-
-# ----- statistics --------------------------------------------------------------------------------------
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else float("nan")
-
-
-def _summary(values: list[float], quantiles=(50, 90, 99)) -> dict[str, float]:
-    v = [x for x in values if x == x]  # drop NaN (a response that produced no audio)
-    out = {f"p{q}": _pct(v, q) for q in quantiles}
-    out["mean"] = float(np.mean(v)) if v else float("nan")
-    out["min"] = float(min(v)) if v else float("nan")
-    out["max"] = float(max(v)) if v else float("nan")
-    return out
 
 
 # ----- measurement -------------------------------------------------------------------------------------
@@ -184,79 +181,114 @@ def run_bench(
     seed: int = 0,
     progress: bool = True,
     compile: bool = False,
+    on_level: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure TTFT, RTF and frames/s at each concurrency level in ``sessions``; a JSON-ready dict."""
+    """Measure TTFT, RTF and frames/s at each concurrency level in ``sessions``; a JSON-ready dict.
+
+    ``on_level`` gets the results so far after each level (``bench`` writes its reports then)."""
     sessions = sorted({int(n) for n in sessions})
     if not sessions or sessions[0] < 1:
         raise ValueError("--sessions needs positive integers, e.g. 1,2,4")
     if frames < 1 or turns < 1 or warmup < 0 or user_seconds <= 0:
         raise ValueError("frames and turns must be >= 1, warmup >= 0 and user seconds > 0")
     cfg = chroma.config
-    frame_seconds = cfg.audio_frame_freq / cfg.sample_rate
+    frame_seconds = FRAME_SECONDS
     max_context = max(2048, _context_needed(cfg, frames, user_seconds, turns + warmup))
-    # One engine sized for the largest level, as a server would be (idle slots still cost Mimi work per step).
-    engine = Engine(chroma, max_sessions=max(sessions), max_context=max_context, max_response_frames=frames,
-                    compile=compile)
-    levels: list[dict[str, Any]] = []
-    try:
-        voice_wav = synthetic_audio(VOICE_SECONDS, cfg.sample_rate, seed=seed + 10_000)
-        engine.register_voice("bench", voice_wav, VOICE_TRANSCRIPT, sample_rate=cfg.sample_rate)
-        total_rounds = len(sessions) * (warmup + turns)
-        with _progress(progress) as bar:
-            task = bar.add_task("bench", total=total_rounds)
-            for n in sessions:
-                if warmup:
-                    warm = [engine.create_session("bench") for _ in range(n)]
-                    for w in range(warmup):
-                        bar.update(task, description=f"{n} session(s): warm-up {w + 1}/{warmup}")
-                        _round(engine, warm, frames, user_seconds, seed=seed + 1000 * n + 500 + 10 * w)
-                        bar.advance(task)
-                    for s in warm:
-                        s.close()
-                live = [engine.create_session("bench") for _ in range(n)]
-                engine.stepper.timings = {}
-                records: list[dict] = []
-                round_stats: list[dict] = []
-                for turn in range(turns):
-                    bar.update(task, description=f"{n} session(s): turn {turn + 1}/{turns}")
-                    frames_before = engine.frames_generated
-                    outs = _round(engine, live, frames, user_seconds, seed=seed + 1000 * n + 10 * turn)
-                    start = min(o["t0"] for o in outs)
-                    end = max(o["t_done"] for o in outs)
-                    round_frames = sum(o["chunks"] for o in outs)
-                    round_stats.append({"turn": turn + 1, "wall_seconds": end - start, "frames": round_frames,
-                                        "engine_frames": engine.frames_generated - frames_before,
-                                        "frames_per_second": round_frames / (end - start)})
-                    for i, o in enumerate(outs):
-                        done: ResponseDone = o["done"]
-                        audio_s = o["chunks"] * frame_seconds
-                        gaps = np.diff(o["chunk_times"]) * 1000 if o["chunks"] > 1 else np.zeros(0)
-                        records.append({
-                            "turn": turn + 1, "session": i,
-                            "ttft_ms": (o["t_first"] - o["t0"]) * 1000 if o["t_first"] else float("nan"),
-                            "seconds": o["t_done"] - o["t0"],
-                            "audio_seconds": audio_s,
-                            "rtf": (o["t_done"] - o["t0"]) / audio_s if audio_s else float("nan"),
-                            "frames": o["chunks"],
-                            "stop_reason": done.stop_reason if done else "none",
-                            "engine_ttft_ms": done.timings.get("ttft_ms", float("nan")) if done else float("nan"),
-                            "chunk_gap_ms_max": float(gaps.max()) if gaps.size else float("nan"),
-                            "chunk_gap_ms_mean": float(gaps.mean()) if gaps.size else float("nan"),
-                        })
-                    bar.advance(task)
-                for s in live:
-                    s.close()
-                levels.append(_level_summary(n, records, round_stats, frame_seconds))
-                levels[-1]["stages_ms"] = _per_step(engine.stepper.timings)
-                engine.stepper.timings = None
-    finally:
-        engine.close()
-    return {
+    results: dict[str, Any] = {
         "settings": {"sessions": sessions, "frames": frames, "user_seconds": user_seconds, "turns": turns,
                      "warmup": warmup, "seed": seed, "frame_seconds": frame_seconds, "max_context": max_context,
                      "max_sessions": max(sessions),
                      "user_chunk_seconds": CHUNK_SECONDS, "voice_seconds": VOICE_SECONDS},
-        "levels": levels,
+        "levels": [],
+    }
+    if progress and compile:
+        print(f"compiling the frame step for 1 to {max(sessions)} sessions (minutes on a cold compile cache) ...",
+              flush=True)
+    # One engine sized for the largest level, as a server would be (idle slots still cost Mimi work per step).
+    engine = Engine(chroma, max_sessions=max(sessions), max_context=max_context, max_response_frames=frames,
+                    compile=compile, progress=progress)
+    try:
+        voice_wav = synthetic_audio(VOICE_SECONDS, cfg.sample_rate, seed=seed + 10_000)
+        engine.register_voice("bench", voice_wav, VOICE_TRANSCRIPT, sample_rate=cfg.sample_rate)
+        plan = _Plan(frames, user_seconds, turns, warmup, seed, frame_seconds)
+        with _progress(progress) as bar:
+            task = bar.add_task("bench", total=len(sessions) * (warmup + turns))
+            for n in sessions:
+                results["levels"].append(_measure_level(engine, n, plan, lambda d: _tick(bar, task, d)))
+                if on_level is not None:
+                    on_level(results)
+    finally:
+        engine.close()
+    return results
+
+
+@dataclass(frozen=True)
+class _Plan:
+    frames: int
+    user_seconds: float
+    turns: int
+    warmup: int
+    seed: int
+    frame_seconds: float
+
+
+def _tick(bar, task, description: str | None) -> None:
+    """Name the round now running, or (``None``) count one as done."""
+    if description is None:
+        bar.advance(task)
+    else:
+        bar.update(task, description=description)
+
+
+def _measure_level(engine: Engine, n: int, plan: _Plan, tick: Callable[[str | None], None]) -> dict[str, Any]:
+    """Warm-up rounds, then ``plan.turns`` measured rounds of ``n`` concurrent responses; the level's summary."""
+    if plan.warmup:
+        warm = [engine.create_session("bench") for _ in range(n)]
+        for w in range(plan.warmup):
+            tick(f"{n} session(s): warm-up {w + 1}/{plan.warmup}")
+            _round(engine, warm, plan.frames, plan.user_seconds, seed=plan.seed + 1000 * n + 500 + 10 * w)
+            tick(None)
+        for s in warm:
+            s.close()
+    live = [engine.create_session("bench") for _ in range(n)]
+    engine.stepper.timings = {}
+    records: list[dict] = []
+    round_stats: list[dict] = []
+    for turn in range(plan.turns):
+        tick(f"{n} session(s): turn {turn + 1}/{plan.turns}")
+        frames_before = engine.frames_generated
+        outs = _round(engine, live, plan.frames, plan.user_seconds, seed=plan.seed + 1000 * n + 10 * turn)
+        start = min(o["t0"] for o in outs)
+        end = max(o["t_done"] for o in outs)
+        round_frames = sum(o["chunks"] for o in outs)
+        round_stats.append({"turn": turn + 1, "wall_seconds": end - start, "frames": round_frames,
+                            "engine_frames": engine.frames_generated - frames_before,
+                            "frames_per_second": round_frames / (end - start)})
+        records += [_response_record(o, turn + 1, i, plan.frame_seconds) for i, o in enumerate(outs)]
+        tick(None)
+    for s in live:
+        s.close()
+    level = _level_summary(n, records, round_stats, plan.frame_seconds)
+    level["stages_ms"] = _per_step(engine.stepper.timings)
+    engine.stepper.timings = None
+    return level
+
+
+def _response_record(o: dict, turn: int, session: int, frame_seconds: float) -> dict[str, Any]:
+    done: ResponseDone | None = o["done"]
+    audio_s = o["chunks"] * frame_seconds
+    gaps = np.diff(o["chunk_times"]) * 1000 if o["chunks"] > 1 else np.zeros(0)
+    return {
+        "turn": turn, "session": session,
+        "ttft_ms": (o["t_first"] - o["t0"]) * 1000 if o["t_first"] else NAN,
+        "seconds": o["t_done"] - o["t0"],
+        "audio_seconds": audio_s,
+        "rtf": (o["t_done"] - o["t0"]) / audio_s if audio_s else NAN,
+        "frames": o["chunks"],
+        "stop_reason": done.stop_reason if done else "none",
+        "engine_ttft_ms": done.timings.get("ttft_ms", NAN) if done else NAN,
+        "chunk_gap_ms_max": float(gaps.max()) if gaps.size else NAN,
+        "chunk_gap_ms_mean": float(gaps.mean()) if gaps.size else NAN,
     }
 
 
@@ -266,7 +298,7 @@ def _per_step(timings: dict[str, float]) -> dict[str, float]:
 
 
 def per_frame(chroma: Chroma, short: int = 24, long: int = 200, compile: bool = False, seed: int = 0,
-              warmup: bool = True) -> dict[str, Any]:
+              warmup: bool = True, progress: bool = False) -> dict[str, Any]:
     """Milliseconds per frame of one greedy response through the one-slot stepper (``long`` minus ``short``).
 
     Also returns the per-stage breakdown of the long run (stages inside the frame are timed in eager mode).
@@ -279,14 +311,13 @@ def per_frame(chroma: Chroma, short: int = 24, long: int = 200, compile: bool = 
         voice: VoicePrompt = encode_voice(chroma.model, torch.from_numpy(voice_wav),
                                           chroma.tokenizer.encode(VOICE_TRANSCRIPT))
     feats = chroma.user_features(synthetic_audio(2.0, USER_RATE, seed), USER_RATE)
-    messages = [{"role": "system", "content": [{"type": "text", "text": "You are a helpful voice assistant."}]},
-                {"role": "user", "content": [{"type": "audio"}]}]
+    messages = [system_message("You are a helpful voice assistant."), {"role": "user", "content": [{"type": "audio"}]}]
     ids = chroma.prompt_ids(messages, [feats])
     runner = ResponseRunner.for_call(chroma.model, len(ids), voice.backbone_length, long, compile=compile)
     feats = feats.to(chroma.lm.device)
     t0 = time.perf_counter()
     if compile:  # every variant a greedy response uses, compiled before anything is timed
-        runner.stepper.warmup(keys=[k for k in runner.stepper.variants() if k[0] == "think" or k[3]])
+        runner.stepper.warmup(progress=progress, keys=[k for k in runner.stepper.variants() if k[0] == "think" or k[3]])
     if warmup:  # warms caches and allocators; not timed
         runner.run(ids, voice, feats, max_new_frames=short, decode_audio=False)
     compile_s = time.perf_counter() - t0
@@ -314,21 +345,21 @@ def _level_summary(n: int, records: list[dict], rounds: list[dict], frame_second
     stops: dict[str, int] = {}
     for r in records:
         stops[r["stop_reason"]] = stops.get(r["stop_reason"], 0) + 1
-    rtf = _summary(rtfs, quantiles=(50, 90))
+    rtf = distribution(rtfs, (50, 90))
     return {
         "sessions": n,
         "responses": len(records),
-        "ttft_ms": _summary([r["ttft_ms"] for r in records]),
+        "ttft_ms": distribution([r["ttft_ms"] for r in records]),
         "rtf": rtf,
-        "frames_per_second": total_frames / total_wall if total_wall else float("nan"),
-        "audio_seconds_per_second": total_frames * frame_seconds / total_wall if total_wall else float("nan"),
+        "frames_per_second": total_frames / total_wall if total_wall else NAN,
+        "audio_seconds_per_second": total_frames * frame_seconds / total_wall if total_wall else NAN,
         "frames": total_frames,
         "faster_than_real_time": sum(1 for x in rtfs if x == x and x < 1.0),
         "all_faster_than_real_time": bool(rtfs) and all(x == x and x < 1.0 for x in rtfs),
         "stop_reasons": stops,
-        "engine_ttft_ms": _summary([r["engine_ttft_ms"] for r in records]),
-        "chunk_interval_ms": _summary([r["chunk_gap_ms_mean"] for r in records], quantiles=(50, 90)),
-        "max_chunk_gap_ms": _summary([r["chunk_gap_ms_max"] for r in records], quantiles=(50, 90)),
+        "engine_ttft_ms": distribution([r["engine_ttft_ms"] for r in records]),
+        "chunk_interval_ms": distribution([r["chunk_gap_ms_mean"] for r in records], (50, 90)),
+        "max_chunk_gap_ms": distribution([r["chunk_gap_ms_max"] for r in records], (50, 90)),
         "rounds": rounds,
         "per_response": records,
     }
@@ -359,140 +390,6 @@ def _progress(enabled: bool):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-# ----- reports -----------------------------------------------------------------------------------------
-def _fmt(x: float, digits: int = 1) -> str:
-    return "n/a" if x != x else f"{x:.{digits}f}"
-
-
-STAGES = ("reasoner", "backbone", "decoder", "codec", "frame", "host")
-
-
-def stage_table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    """Per-stage milliseconds per step; ``frame`` is the compiled frame function when stages are not split."""
-    shown = [s for s in STAGES if any(r.get(s) for _, r in rows)]
-    lines = ["| run | " + " | ".join(shown) + " | total |", "|---" * (len(shown) + 2) + "|"]
-    for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(_fmt(r.get(s, 0.0), 2) for s in shown)
-                     + f" | {_fmt(sum(r.get(s, 0.0) for s in shown), 2)} |")
-    return "\n".join(lines) + "\n"
-
-
-def per_frame_table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| mode | frames (short, long) | seconds (short, long) | ms per frame |", "|---|---|---|---:|"]
-    for r in runs:
-        lines.append(f"| {'compiled' if r['compile'] else 'eager'} | {r['short_frames']}, {r['long_frames']} "
-                     f"| {r['short_seconds']:.2f}, {r['long_seconds']:.2f} | {r['ms_per_frame']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def markdown_table(results: dict[str, Any]) -> str:
-    lines = ["| sessions | TTFT p50 (ms) | TTFT p90 (ms) | RTF mean | RTF max | frames/s "
-             "| all faster than real time? |",
-             "|---:|---:|---:|---:|---:|---:|:---|"]
-    for lv in results.get("levels", []):
-        ok = "yes" if lv["all_faster_than_real_time"] else (
-            f"no ({lv['faster_than_real_time']} of {lv['responses']} responses)")
-        lines.append(f"| {lv['sessions']} | {_fmt(lv['ttft_ms']['p50'])} | {_fmt(lv['ttft_ms']['p90'])} "
-                     f"| {_fmt(lv['rtf']['mean'], 2)} | {_fmt(lv['rtf']['max'], 2)} "
-                     f"| {_fmt(lv['frames_per_second'])} | {ok} |")
-    return "\n".join(lines) + "\n"
-
-
-def _title(results: dict[str, Any]) -> str:
-    m = results.get("machine", {})
-    where = m.get("gpu") or f"{m.get('cpu', '?')} ({m.get('cpu_cores', '?')} cores)"
-    model = Path(str(results.get("model", {}).get("path", "model"))).name
-    return f"{model}, {results.get('device', '?')} {results.get('dtype', '')}, {where}"
-
-
-def _jsonable(x):
-    """NaN (a response with no audio) as null, tuples as lists, anything else odd as its string."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float):
-        return x if x == x and abs(x) != float("inf") else None
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    return str(x)
-
-
-def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``bench.json``, ``bench.md`` and ``bench.png`` into ``out_dir``; their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
-    paths["json"].write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
-    s = results.get("settings")
-    md = [f"# openchroma bench: {_title(results)}", "",
-          f"- date: {results.get('date', '?')}",
-          f"- command: `{results.get('command', '?')}`"]
-    if s:
-        md.append(f"- {s['frames']} frames ({s['frames'] * s['frame_seconds']:.2f} s of audio) per response, "
-                  f"{s['user_seconds']} s of user audio per turn, {s['turns']} measured turn(s) after "
-                  f"{s['warmup']} warm-up round(s); frame step {'compiled' if results.get('compile') else 'eager'}")
-    md.append("")
-    if results.get("levels"):
-        md += [markdown_table(results), "Where a step's time goes (ms per step):", "",
-               stage_table([(f"{lv['sessions']} session(s)", lv.get("stages_ms", {})) for lv in results["levels"]])]
-    if results.get("per_frame"):
-        md += ["One response alone (the one-slot stepper, as `openchroma conformance` runs it):", "",
-               per_frame_table(results["per_frame"]), "Stages of the long run (ms per frame):", "",
-               stage_table([("compiled" if r["compile"] else "eager", r["stages_ms_long_run"])
-                            for r in results["per_frame"]])]
-    paths["md"].write_text("\n".join(md))
-    plot(results, paths["png"])
-    return paths
-
-
-def plot(results: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    levels = results.get("levels", [])
-    n = [lv["sessions"] for lv in levels]
-    if levels:
-        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.2))
-    else:  # only the one-response runs: the stage breakdown alone
-        fig, ax3 = plt.subplots(1, 1, figsize=(6, 4.2))
-    bars = [(f"{lv['sessions']} sess.", lv.get("stages_ms", {})) for lv in levels]
-    bars += [("1 alone, " + ("compiled" if r["compile"] else "eager"), r["stages_ms_long_run"])
-             for r in results.get("per_frame", [])]
-    bottom = np.zeros(len(bars))
-    for stage in STAGES:
-        vals = np.array([b.get(stage, 0.0) for _, b in bars])
-        if vals.any():
-            ax3.bar(range(len(bars)), vals, bottom=bottom, label=stage)
-            bottom += vals
-    ax3.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=20, fontsize=8)
-    ax3.set_ylabel("ms per frame step")
-    ax3.set_title("Where a step's time goes")
-    ax3.legend(fontsize=8)
-    if levels:
-        for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
-            ax1.plot(n, [lv["ttft_ms"][q] for lv in levels], style, label=f"TTFT {q}")
-        ax1.set_xlabel("concurrent sessions")
-        ax1.set_ylabel("time to first audio (ms)")
-        ax1.set_title("TTFT")
-        ax1.set_ylim(bottom=0)
-        ax2.plot(n, [lv["rtf"]["mean"] for lv in levels], "o-", label="RTF mean")
-        ax2.plot(n, [lv["rtf"]["max"] for lv in levels], "s--", label="RTF max")
-        ax2.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="real time (RTF = 1)")
-        ax2.set_xlabel("concurrent sessions")
-        ax2.set_ylabel("generation time / audio time")
-        ax2.set_title("Real-time factor (below 1 = faster than real time)")
-        ax2.set_ylim(bottom=0)
-        for ax in (ax1, ax2):
-            ax.set_xticks(n)
-            ax.grid(alpha=0.3)
-            ax.legend()
-    fig.suptitle(_title(results), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def bench(
@@ -504,22 +401,25 @@ def bench(
     user_seconds: float = 2.0,
     turns: int = 2,
     warmup: int = 1,
-    out_dir: str | Path = "bench-results",
+    out_dir: str | Path = DEFAULT_OUT,
     command: str = "",
     progress: bool = True,
     compile: bool = False,
     per_frame_lengths: tuple[int, int] | None = None,
     quantize: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Load ``model``, run the benchmark, write the reports; (results, report paths).
+    """Load ``model``, run the benchmark, write the reports (after every level and per-frame run, so a stopped
+    run keeps what it measured); (results, report paths).
 
     ``compile``: the engine's frame step compiled (``per_frame_lengths`` then measures eager and compiled);
     ``quantize``: int8, int4 or fp8 weights (recorded in ``bench.json``)."""
+    require(["matplotlib"], "bench", "bench")   # before anything slow: the plot is the last thing written
     t0 = time.perf_counter()
-    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress, quantize=quantize)
-    load_s = time.perf_counter() - t0
+    # Every response's length is --frames (a random checkpoint's 4 s default does not apply).
+    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress, max_frames=frames,
+                                    quantize=quantize)
     lm = chroma.lm
-    header = {
+    results: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": command,
         "machine": machine_info(lm.device),
@@ -527,23 +427,78 @@ def bench(
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
         "quantize": lm.quantize,
-        "model": {"path": str(lm.path), "parameters": lm.num_parameters, "load_seconds": round(load_s, 2)},
+        "model": {"path": str(lm.path), "parameters": lm.num_parameters,
+                  "load_seconds": round(time.perf_counter() - t0, 2)},
+        "compile": bool(compile),
+        "finished": False,
     }
-    results = dict(header)
     if per_frame_lengths:
-        runs = []
+        results["per_frame"] = []
         for c in ([False, True] if compile else [False]):
             if progress:
                 print(f"per-frame time, one response, {'compiled' if c else 'eager'}: "
                       f"{per_frame_lengths[0]} and {per_frame_lengths[1]} frames ...", flush=True)
-            runs.append(per_frame(chroma, *per_frame_lengths, compile=c))
-        results["per_frame"] = runs
+            results["per_frame"].append(per_frame(chroma, *per_frame_lengths, compile=c, progress=progress))
+            write_report(results, out_dir)
     if sessions:
-        results.update(run_bench(chroma, sessions=sessions, frames=frames, user_seconds=user_seconds, turns=turns,
-                                 warmup=warmup, progress=progress, compile=compile))
-    results["compile"] = bool(compile)
+        def save(partial: dict[str, Any]) -> None:
+            results.update(partial)
+            write_report(results, out_dir)
+
+        run_bench(chroma, sessions=sessions, frames=frames, user_seconds=user_seconds, turns=turns, warmup=warmup,
+                  progress=progress, compile=compile, on_level=save)
+    results["finished"] = True
     return results, write_report(results, out_dir)
 
 
-__all__ = ["bench", "run_bench", "per_frame", "write_report", "markdown_table", "plot", "machine_info",
-           "synthetic_audio"]
+def _sessions_list(text: str) -> list[int]:
+    return [] if text.strip() == "0" else int_list(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Benchmark the streaming engine. For each concurrency level N, N sessions each stream a turn of "
+                     "synthetic user audio (100 ms chunks), then all N ask for a response at the same moment. Reports "
+                     "TTFT (respond() to first audio chunk), RTF (generation time / audio time; < 1 is faster than "
+                     "real time) and aggregate frames/s, and writes bench.json, bench.md and bench.png to --out "
+                     "after every level. Works with random-weight checkpoints from init-random (they speak noise).")
+    add_model_arguments(p)
+    p.add_argument("--sessions", type=_sessions_list, default=[1, 2, 4], metavar="N,N,...",
+                   help="concurrency levels to measure, comma-separated (default: 1,2,4)")
+    p.add_argument("--frames", type=int, default=50, metavar="F",
+                   help="80 ms frames per response; each response runs to F frames unless the model stops "
+                        "(default: 50 = 4 s)")
+    p.add_argument("--user-seconds", type=float, default=2.0, metavar="S",
+                   help="seconds of synthetic 16 kHz user audio per turn (default: 2)")
+    p.add_argument("--turns", type=int, default=2, metavar="T",
+                   help="measured rounds (conversation turns) per concurrency level (default: 2)")
+    p.add_argument("--warmup", type=int, default=1, metavar="W",
+                   help="warm-up rounds per level, not recorded (default: 1)")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"directory for bench.json, bench.md and bench.png (default: {DEFAULT_OUT})")
+    p.add_argument("--per-frame", type=int_list, default=None, metavar="SHORT,LONG",
+                   help="also time one response alone at SHORT and LONG frames (e.g. 24,200) and report ms per "
+                        "frame as their difference (loading and prefill cancel out); eager, and compiled too "
+                        "with --compile. --sessions 0 skips the concurrency levels")
+    add_compile_argument(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    if len(args.per_frame or [1, 2]) != 2 or (args.per_frame and args.per_frame[0] >= args.per_frame[1]):
+        raise UsageError("--per-frame takes two frame counts, short then long (e.g. 24,200)")
+    command = ["openchroma", "bench", "--model", str(args.model)] + (["--device", args.device] if args.device else [])
+    command += ["--dtype", args.dtype, "--sessions", ",".join(map(str, args.sessions)) or "0",
+                "--frames", str(args.frames), "--user-seconds", f"{args.user_seconds:g}", "--turns", str(args.turns),
+                "--warmup", str(args.warmup), "--out", str(args.out)]
+    command += ["--compile"] if args.compile else []
+    command += ["--per-frame", ",".join(map(str, args.per_frame))] if args.per_frame else []
+    results, paths = bench(args.model, device=args.device, dtype=args.dtype, sessions=args.sessions,
+                           frames=args.frames, user_seconds=args.user_seconds, turns=args.turns,
+                           warmup=args.warmup, out_dir=args.out, command=shlex.join(command), compile=args.compile,
+                           per_frame_lengths=tuple(args.per_frame) if args.per_frame else None)
+    print()
+    print(paths["md"].read_text(), end="")
+    print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")
+    return 0
+
+
+__all__ = ["bench", "run_bench", "per_frame", "machine_info", "synthetic_audio", "add_arguments", "run"]

@@ -5,12 +5,15 @@ Users run this to check a converted or quantized checkpoint; the test suite runs
 
 from __future__ import annotations
 
+import argparse
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from ..cli_args import add_compile_argument, add_model_arguments
 from ..engine.generate import ResponseRunner
 from ..loading import LoadedModel
 from ..voice import VoicePrompt, encode_voice
@@ -138,3 +141,32 @@ def run_case(lm: LoadedModel, path: str | Path, runner: ResponseRunner | None = 
         audio_max_rel_diff=audio_diff / scale, n_frames=len(codes), expected_frames=len(exp_codes),
         stop_reason=result.stop_reason,
     )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Run reference cases (case_*.safetensors) and compare tokens, codes, logits and audio. "
+                     "Exit status 0 only when everything matches.")
+    add_model_arguments(p)
+    p.add_argument("--case", required=True, action="append", help="case file (repeat for several)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_compile_argument(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loading import load
+
+    for c in args.case:  # a missing or broken case file is reported before the model loads
+        load_case(c)
+    lm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    runner = case_runner(lm, args.case, compile=args.compile)
+    if runner.stepper.compile:  # the variants greedy cases use, compiled before the first case
+        greedy = [k for k in runner.stepper.variants() if k[0] == "think" or k[3]]
+        runner.stepper.warmup(progress=not args.json, keys=greedy)
+    reports = [run_case(lm, c, runner) for c in args.case]
+    if args.json:
+        out = [r.to_dict() for r in reports]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        for r in reports:
+            print(r.summary())
+    return 0 if all(r.passed for r in reports) else 1

@@ -8,6 +8,7 @@ special tokens at their published ids.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 from collections.abc import Mapping
@@ -92,7 +93,7 @@ def preset_config(preset: str) -> dict:
     backbone["model_type"] = "chroma_backbone"
     decoder["model_type"] = "chroma_decoder"
     h = text["hidden"]
-    thinker = {
+    reasoner = {
         "model_type": "qwen2_5_omni_thinker",
         "audio_token_index": 151646, "audio_start_token_id": 151647, "audio_end_token_id": 151648,
         "image_token_index": 151655, "video_token_index": 151656, "user_token_id": 872,
@@ -117,14 +118,14 @@ def preset_config(preset: str) -> dict:
     }
     return {
         "architectures": ["ChromaForConditionalGeneration"], "model_type": "chroma",
-        "thinker_config": thinker, "backbone_config": backbone, "decoder_config": decoder,
+        "thinker_config": reasoner, "backbone_config": backbone, "decoder_config": decoder,
         "codec_config": codec, "dtype": "bfloat16" if preset == "chroma-4b" else "float32",
         "tie_word_embeddings": True, **copy.deepcopy(_SPECIAL),
     }
 
 
 # ----- complete configs: every key the published configuration writes -------------------------------------
-# The published code builds the thinker's vision tower from ``thinker_config.vision_config`` and reads the
+# The published code builds the Reasoner's vision tower from ``thinker_config.vision_config`` and reads the
 # vision token ids, although no Chroma path uses them; a config without them does not run there.
 _VISION_TOKEN_IDS = {"vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654}
 _PRETRAINED_DEFAULTS = {
@@ -139,7 +140,7 @@ _PRETRAINED_DEFAULTS = {
 
 
 def _vision_config(text_hidden: int, published: bool) -> dict:
-    """Qwen2.5-Omni's vision encoder config: the 3B thinker's sizes, or a 1-layer stand-in at test sizes."""
+    """Qwen2.5-Omni's vision encoder config: the 3B Reasoner's sizes, or a 1-layer stand-in at test sizes."""
     if published:
         sizes = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                      fullatt_block_indexes=[7, 15, 23, 31])
@@ -516,3 +517,24 @@ def write_test_tokenizer(out_dir: str | Path, *, vocab_size: int = 768) -> Path:
         json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
     return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Write a complete random-weight checkpoint directory in the published layout. Its speech is "
+                     "noise: it exists to run every command without the real weights.")
+    sizes = p.add_mutually_exclusive_group(required=True)
+    sizes.add_argument("--preset", choices=["tiny", "small", "chroma-4b"],
+                       help="sizes: tiny (tests), small (CPU demos), chroma-4b (the published sizes)")
+    sizes.add_argument("--config", metavar="FILE",
+                       help="sizes from a config.json in the published layout (e.g. ../shared/perf/chroma-mid/"
+                            "config.json: the published widths with few layers)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = read_config_file(args.config) if args.config else None
+    out = write_random_checkpoint(args.preset, args.out, seed=args.seed, config=config)
+    sizes = f"'{args.preset}'" if args.preset else f"{args.config}-sized"
+    print(f"wrote a random-weight {sizes} checkpoint to {out} (it speaks noise: for tests and benchmarks)")
+    return 0

@@ -9,7 +9,9 @@ the answer) and sometimes it drops the connection mid-answer and reconnects.
 
 Reported, as JSON, markdown and PNG: TTFT from the end of the user's speech (the commit) to the first audio,
 gaps between consecutive audio deltas, underruns and stall time, cancel latency, responses by status, errors
-by code, refused sessions and disconnects.
+by code, refused sessions and disconnects. With ``abuse`` set, the clients first run alone, then again beside
+abusive clients (``abuse.py``: item floods, oversized appends, long chat audio), and both runs' figures are
+reported side by side.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ from typing import Any
 import numpy as np
 
 from openchroma.audio import float_to_pcm16
+from openchroma.constants import FRAME_SECONDS
+from openchroma.reporting import distribution, fmt, markdown_table, pyplot, save_figure
+
+from . import abuse as abusers
+from .abuse import AbuseConfig, AbuseStats
 
 RATE = 24000
 APPEND_SECONDS = 0.1
-FRAME_SECONDS = 0.08
 
 
 @dataclass
@@ -49,6 +55,7 @@ class LoadConfig:
     disconnect: float = 0.05          # chance a turn ends with the client dropping the connection
     jitter_ms: float = 100.0          # playback starts this long after the first audio delta
     seed: int = 0
+    abuse: AbuseConfig | None = None  # also run abusive clients, after a clean run of the same length (abuse.py)
 
 
 @dataclass
@@ -238,10 +245,6 @@ def _register_voice(cfg: LoadConfig) -> None:
     cfg.voice = name
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
 def summarize(cfg: LoadConfig, per_client: list[ClientStats], wall: float) -> dict[str, Any]:
     ttft = [x for s in per_client for x in s.ttft_ms]
     gaps = [x for s in per_client for x in s.gaps_ms]
@@ -257,8 +260,7 @@ def summarize(cfg: LoadConfig, per_client: list[ClientStats], wall: float) -> di
         return dict(sorted(out.items()))
 
     def dist(xs: list[float]) -> dict[str, float | None]:
-        return {"n": len(xs), "p50": _pct(xs, 50), "p90": _pct(xs, 90), "p99": _pct(xs, 99),
-                "max": max(xs) if xs else None}
+        return {"n": len(xs), **distribution(xs, (50, 90, 99), stats=("max",), empty=None)}
 
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "api_key"},
@@ -284,7 +286,7 @@ def summarize(cfg: LoadConfig, per_client: list[ClientStats], wall: float) -> di
 
 
 def _fmt(x: float | None, digits: int = 0) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+    return fmt(x, digits, missing="–")
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -296,14 +298,10 @@ def markdown(summary: dict[str, Any]) -> str:
         f"{c['response_tokens']} tokens per answer, barge-in {c['barge_in']:.0%}, disconnect {c['disconnect']:.0%}, "
         f"{c['jitter_ms']:g} ms jitter buffer)",
         "",
-        "| metric | n | p50 | p90 | p99 | max |",
-        "|---|---|---|---|---|---|",
-        f"| TTFT, end of speech → first audio (ms) | {t['n']} | {_fmt(t['p50'])} | {_fmt(t['p90'])} | "
-        f"{_fmt(t['p99'])} | {_fmt(t['max'])} |",
-        f"| gap between audio deltas (ms) | {g['n']} | {_fmt(g['p50'])} | {_fmt(g['p90'])} | {_fmt(g['p99'])} | "
-        f"{_fmt(g['max'])} |",
-        f"| cancel → response.done (ms) | {k['n']} | {_fmt(k['p50'])} | {_fmt(k['p90'])} | {_fmt(k['p99'])} | "
-        f"{_fmt(k['max'])} |",
+        markdown_table(["metric", "n", "p50", "p90", "p99", "max"], [
+            [name, d["n"], *(_fmt(d[q]) for q in ("p50", "p90", "p99", "max"))]
+            for name, d in (("TTFT, end of speech → first audio (ms)", t), ("gap between audio deltas (ms)", g),
+                            ("cancel → response.done (ms)", k))]).rstrip("\n"),
         "",
         f"- turns: {summary['turns']}; audio received: {summary['audio_seconds']:.1f} s; responses: "
         + (", ".join(f"{k} {v}" for k, v in summary["responses"].items()) or "none"),
@@ -318,11 +316,7 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ttft = sorted(summary["raw"]["ttft_ms"])
     if ttft:
@@ -337,16 +331,18 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     per = summary["per_client"]
     axes[2].bar(range(len(per)), [p["underruns"] for p in per])
     axes[2].set(title="playback underruns per client", xlabel="client", ylabel="underruns")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
-async def _run(cfg: LoadConfig) -> tuple[list[ClientStats], float]:
+async def _run(cfg: LoadConfig, abuse: AbuseStats | None = None) -> tuple[list[ClientStats], float]:
+    """The well-behaved clients' stats (and the wall time); with ``abuse`` (and ``cfg.abuse``) abusive clients
+    run beside them, counted there."""
     stats = [ClientStats() for _ in range(cfg.clients)]
     start = time.monotonic()
     deadline = start + cfg.duration
     tasks = [asyncio.create_task(_client(i, cfg, deadline, stats[i])) for i in range(cfg.clients)]
+    if abuse is not None and cfg.abuse is not None:
+        tasks += abusers.tasks(cfg.server, _ws_url(cfg.server), cfg.api_key, cfg.abuse, deadline, abuse)
     # Clients finish the turn in progress; one that cannot within a grace period is stopped.
     done, pending = await asyncio.wait(tasks, timeout=cfg.duration + 120)
     for task in pending:
@@ -362,12 +358,20 @@ def loadtest(cfg: LoadConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run the load test; write ``loadtest.json``, ``loadtest.md`` and ``loadtest.png`` under ``cfg.out``."""
     if cfg.voice_audio is not None:
         _register_voice(cfg)
-    per_client, wall = asyncio.run(_run(cfg))
+    clean = None
+    if cfg.abuse is not None:   # the same clients alone first: the figures the abusers are measured against
+        clean = summarize(cfg, *asyncio.run(_run(cfg)))
+    stats = AbuseStats()
+    per_client, wall = asyncio.run(_run(cfg, stats))
     summary = summarize(cfg, per_client, wall)
+    text = markdown(summary)
+    if clean is not None:
+        summary["abuse"] = abusers.compare(clean, summary, stats, cfg.abuse)
+        text += abusers.markdown(summary["abuse"])
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "loadtest.json", "md": out / "loadtest.md", "png": out / "loadtest.png"}
     paths["json"].write_text(json.dumps(summary, indent=1))
-    paths["md"].write_text(markdown(summary))
+    paths["md"].write_text(text)
     plot(summary, paths["png"])
     return summary, paths

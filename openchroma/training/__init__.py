@@ -4,6 +4,7 @@
   differentiable full-sequence forwards;
 * :mod:`.data` — the JSONL manifest and the prepared (safetensors-sharded) dataset;
 * :mod:`.prepare` — ``openchroma prepare``: Mimi codes and reasoner features, once;
-* :mod:`.train` — ``openchroma train``: LoRA or full fine-tuning, one process or many (DDP);
+* :mod:`.train` — LoRA or full fine-tuning, one process or many (DDP, FSDP); ``openchroma train`` is
+  :mod:`.train_cli`, training checkpoints and the output checkpoint :mod:`.checkpoints`;
 * :mod:`.synth` — ``openchroma synth``: the paper's two-stage synthetic-data pipeline.
 """

@@ -8,6 +8,7 @@ shard is written whole or not at all, so an interrupted run resumes at the first
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable
@@ -19,11 +20,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..audio import AudioError, load_audio, log_mel_features
+from ..cli_args import add_model_arguments
 from ..constants import CODEC_SAMPLE_RATE, REASONER_SAMPLE_RATE
 from ..engine.schedule import backbone_budget, max_text_pairs
 from ..loading import LoadedModel, load
 from ..models.audio_encoder import audio_token_count
-from ..tokenizer import ChatTokenizer, build_chat_prompt
+from ..tokenizer import ChatTokenizer, build_chat_prompt, system_message
 from ..voice import encode_voice
 from .data import (
     PREPARED_FORMAT,
@@ -33,12 +35,8 @@ from .data import (
     decode_line,
     read_manifest_lines,
 )
-from .sequence import thinker_response_hidden
+from .sequence import reasoner_response_hidden
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of perceiving "
-    "auditory and visual inputs, as well as generating text and speech."
-)
 MAX_VOICE_SECONDS = 30.0
 MAX_USER_SECONDS = 30.0
 
@@ -68,8 +66,7 @@ class Preparer:
             content.append({"type": "audio"})
         if row.user_text:
             content.append({"type": "text", "text": row.user_text})
-        messages = [{"role": "system", "content": [{"type": "text", "text": row.system or DEFAULT_SYSTEM_PROMPT}]},
-                    {"role": "user", "content": content}]
+        messages = [system_message(row.system or None), {"role": "user", "content": content}]
         return build_chat_prompt(self.tokenizer, messages, [] if n_audio_tokens is None else [n_audio_tokens])
 
     def _audio(self, row: ManifestRow, key: str, rate: int, limit: float) -> torch.Tensor:
@@ -113,7 +110,7 @@ class Preparer:
         if len(prompt) + n_text > cfg.thinker.max_position_embeddings:
             raise ManifestError(row.where, f"question + response are {len(prompt) + n_text} reasoner tokens, more "
                                            f"than its context of {cfg.thinker.max_position_embeddings}")
-        hidden = thinker_response_hidden(m, torch.tensor(prompt), torch.tensor(response_ids), audio_embeds)
+        hidden = reasoner_response_hidden(m, torch.tensor(prompt), torch.tensor(response_ids), audio_embeds)
         return {
             "voice_text_ids": voice.text_ids.to(torch.int64).cpu().contiguous(),
             "voice_codes": voice.codes.to(torch.int64).cpu().contiguous(),
@@ -148,53 +145,22 @@ def prepare(
     preparer = Preparer(lm, tokenizer, limits)
     out.mkdir(parents=True, exist_ok=True)
     index_path = out / PREPARED_INDEX
-    meta = {"format": PREPARED_FORMAT, "model": str(lm.path), "manifest": str(manifest),
-            "hidden_size": lm.config.thinker.hidden_size, "shard_size": shard_size, "rows": len(lines),
-            "complete": False, "shards": []}
-    if index_path.is_file():
-        old = json.loads(index_path.read_text())
-        same = (old.get("format") == PREPARED_FORMAT and old.get("manifest") == str(manifest)
-                and old.get("shard_size") == shard_size and old.get("rows") == len(lines)
-                and old.get("hidden_size") == meta["hidden_size"])
-        if not same:
-            raise ValueError(f"{out}: holds a preparation of another manifest or model/shard settings; "
-                             "use an empty --out directory")
-        meta["shards"] = [s for s in old["shards"] if (out / s["file"]).is_file()]
+    meta = _resume_meta(index_path, {
+        "format": PREPARED_FORMAT, "model": str(lm.path), "manifest": str(manifest),
+        "hidden_size": lm.config.thinker.hidden_size, "shard_size": shard_size, "rows": len(lines),
+        "complete": False, "shards": []})
     done = {s["index"] for s in meta["shards"]}
     n_shards = (len(lines) + shard_size - 1) // shard_size
-    bar = tqdm(total=len(lines), desc="Preparing", unit="example", disable=not progress)
-    bar.update(sum(len(s["examples"]) + len(s["skipped"]) for s in meta["shards"]))
-    for k in range(n_shards):
-        if k in done:
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        examples: list[dict] = []
-        skipped: list[dict] = []
-        for line, text in lines[k * shard_size:(k + 1) * shard_size]:
-            try:
-                row = decode_line(manifest, line, text)
-                ex = preparer.example(row)
-            except ManifestError as e:
-                if not skip_bad:
-                    bar.close()
-                    raise
-                skipped.append({"line": line, "error": str(e)})
-                bar.update()
+    with tqdm(total=len(lines), desc="Preparing", unit="example", disable=not progress) as bar:
+        bar.update(sum(len(s["examples"]) + len(s["skipped"]) for s in meta["shards"]))
+        for k in range(n_shards):
+            if k in done:
                 continue
-            j = len(examples)
-            for key, t in ex.items():
-                tensors[f"{j}.{key}"] = t
-            examples.append({"line": line, "n_text": int(ex["text_ids"].numel()), "n_frames": int(ex["codes"].shape[0]),
-                             "voice_frames": int(ex["voice_codes"].shape[0])})
-            bar.update()
-        file = f"shard-{k:05d}.safetensors"
-        tmp = out / (file + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": PREPARED_FORMAT})
-        tmp.replace(out / file)
-        meta["shards"].append({"index": k, "file": file, "examples": examples, "skipped": skipped})
-        meta["shards"].sort(key=lambda s: s["index"])
-        _write_json(index_path, meta)
-    bar.close()
+            shard = _write_shard(preparer, manifest, lines[k * shard_size:(k + 1) * shard_size], out, k, skip_bad,
+                                 bar.update)
+            meta["shards"].append(shard)
+            meta["shards"].sort(key=lambda s: s["index"])
+            _write_json(index_path, meta)
     meta["complete"] = True
     meta["examples"] = sum(len(s["examples"]) for s in meta["shards"])
     meta["skipped"] = sum(len(s["skipped"]) for s in meta["shards"])
@@ -209,7 +175,78 @@ def prepare(
     return meta
 
 
+def _resume_meta(index_path: Path, meta: dict) -> dict:
+    """``meta`` with the shards an earlier run of the same preparation left in ``index_path``'s folder."""
+    if not index_path.is_file():
+        return meta
+    old = json.loads(index_path.read_text())
+    same = all(old.get(k) == meta[k] for k in ("format", "manifest", "shard_size", "rows", "hidden_size"))
+    if not same:
+        raise ValueError(f"{index_path.parent}: holds a preparation of another manifest or model/shard settings; "
+                         "use an empty --out directory")
+    meta["shards"] = [s for s in old["shards"] if (index_path.parent / s["file"]).is_file()]
+    return meta
+
+
+def _write_shard(preparer: Preparer, manifest: Path, lines: list, out: Path, k: int, skip_bad: bool,
+                 advance: Callable[[], object]) -> dict:
+    """Prepare ``lines`` into shard ``k`` (written whole, or not at all); the shard's index entry."""
+    tensors: dict[str, torch.Tensor] = {}
+    examples: list[dict] = []
+    skipped: list[dict] = []
+    for line, text in lines:
+        try:
+            ex = preparer.example(decode_line(manifest, line, text))
+        except ManifestError as e:
+            if not skip_bad:
+                raise
+            skipped.append({"line": line, "error": str(e)})
+            advance()
+            continue
+        j = len(examples)
+        for key, t in ex.items():
+            tensors[f"{j}.{key}"] = t
+        examples.append({"line": line, "n_text": int(ex["text_ids"].numel()), "n_frames": int(ex["codes"].shape[0]),
+                         "voice_frames": int(ex["voice_codes"].shape[0])})
+        advance()
+    file = f"shard-{k:05d}.safetensors"
+    tmp = out / (file + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": PREPARED_FORMAT})
+    tmp.replace(out / file)
+    return {"index": k, "file": file, "examples": examples, "skipped": skipped}
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """What ``prepare`` and ``train`` (which prepares a manifest first) share."""
+    p.add_argument("--max-response-seconds", type=float, default=60.0,
+                   help="longest response audio accepted; longer rows are bad rows (default 60)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Read a JSONL manifest (one example a line: voice_audio, voice_text, user_audio and/or "
+                     "user_text, response_text, response_audio; paths relative to the manifest) and store, per "
+                     "example, the Mimi codes of the voice and the response, and the reasoner's hidden states and "
+                     "token ids of the response given the question (teacher-forced on response_text), as "
+                     "safetensors shards in --out. Resumable: run it again to continue. A bad row (missing or "
+                     "unreadable audio, empty text, audio too long, response text longer than the audio carries at "
+                     "one token per two frames) stops with an error naming the row, unless --skip-bad.")
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="the manifest (.jsonl)")
+    p.add_argument("--out", required=True, help="directory for the prepared shards")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad rows (and report how many) instead of stopping")
+    p.add_argument("--shard-size", type=int, default=256, help="examples per shard (default 256)")
+    add_prepare_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    meta = prepare(args.model, args.data, args.out, skip_bad=args.skip_bad, shard_size=args.shard_size,
+                   device=args.device, dtype=args.dtype,
+                   limits=PrepareLimits(max_response_seconds=args.max_response_seconds))
+    print(json.dumps({"out": args.out, "examples": meta["examples"], "skipped": meta["skipped"]}))
+    return 0

@@ -184,7 +184,7 @@ def teacher_forced(
     return ForwardOutput(c0, rest, codes, decoder_frames, [int(p.shape[0]) for p in preds])
 
 
-def thinker_response_hidden(
+def reasoner_response_hidden(
     model: ChromaModel,
     prompt_ids: torch.Tensor,
     response_ids: torch.Tensor,

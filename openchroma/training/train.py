@@ -22,28 +22,35 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..loading import INDEX_FILE, SINGLE_FILE, LoadedModel, checkpoint_files, load
+from ..loading import LoadedModel, load
 from ..models.chroma import ChromaModel
+from .checkpoints import (
+    config_dict,
+    gather_model_state,
+    gather_trainable,
+    latest_checkpoint,
+    optimizer_state,
+    restore_checkpoint,
+    save_training_checkpoint,
+    write_checkpoint,
+)
 from .data import PREPARED_INDEX, PreparedDataset
 from .sequence import ResponseExample, enable_checkpointing, eos_frame, teacher_forced
 
 TRAINABLE_PARTS = ("backbone", "decoder")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass
@@ -282,102 +289,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------
-
-def _trainable_state(model: ChromaModel) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def gather_trainable(model: ChromaModel, trainee: nn.Module, fsdp: bool) -> dict[str, torch.Tensor]:
-    """The trained tensors by name; with FSDP a collective (every process calls it, the first gets them)."""
-    if not fsdp:
-        return _trainable_state(model)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in gather_model_state(trainee).items() if k in names}
-
-
-def gather_model_state(trainee: nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) state dict of an FSDP-sharded trainee on the first process, published names."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(trainee, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("model."): v.contiguous() for k, v in full.items()}
-
-
-def optimizer_state(trainee: nn.Module, opt, fsdp: bool) -> dict:
-    if not fsdp:
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(trainee, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_training_checkpoint(out: Path, step: int, weights: dict[str, torch.Tensor], opt_state: dict, sched,
-                             cfg: TrainConfig) -> Path:
-    ck = out / "checkpoints" / f"step-{step:07d}"
-    tmp = ck.with_name(ck.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": opt_state, "scheduler": sched.state_dict(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "optimizer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=1))
-    shutil.rmtree(ck, ignore_errors=True)
-    tmp.replace(ck)
-    kept = sorted((out / "checkpoints").glob("step-???????"))
-    for old in kept[:-max(1, cfg.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return ck
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-???????") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
-
-
-def _jsonable(cfg: TrainConfig) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The result: a checkpoint in the published layout
-# ----------------------------------------------------------------------------------------------------------
-
-WEIGHT_SUFFIXES = (".safetensors",)
-
-
-def write_checkpoint(base: Path, state: dict[str, torch.Tensor], out: Path, trained_prefixes: tuple[str, ...]) -> None:
-    """``out`` = ``base`` with every tensor under ``trained_prefixes`` replaced by ``state``'s (same files,
-    same names, same ties and index), plus the base's tokenizer and other files; a complete config."""
-    from ..tools.init_random import complete_config
-
-    out.mkdir(parents=True, exist_ok=True)
-    files = checkpoint_files(base)
-    for file in sorted(set(files.values())):
-        tensors = {}
-        with safe_open(str(file), "pt", device="cpu") as f:
-            meta = f.metadata()
-            for k in f.keys():
-                t = f.get_tensor(k)
-                if k.startswith(trained_prefixes) and k in state:
-                    t = state[k].detach().to(device="cpu", dtype=t.dtype).contiguous()
-                tensors[k] = t
-        save_file(tensors, str(out / file.name), metadata=meta or {"format": "pt"})
-    for extra in base.iterdir():
-        if extra.is_file() and not extra.name.endswith(WEIGHT_SUFFIXES) and extra.name not in (
-                "config.json", "README.md") and not (out / extra.name).exists():
-            shutil.copy2(extra, out / extra.name)
-    if (base / INDEX_FILE).is_file():
-        shutil.copy2(base / INDEX_FILE, out / INDEX_FILE)
-    else:
-        (out / INDEX_FILE).unlink(missing_ok=True)
-    assert (out / SINGLE_FILE).is_file() or (out / INDEX_FILE).is_file()
-    config = json.loads((base / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(complete_config(config), indent=2))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------
 
@@ -396,9 +307,32 @@ def _resolve_data(cfg: TrainConfig, lm: LoadedModel, d: Dist) -> Path:
     raise ValueError(f"--data {data}: neither a manifest (.jsonl) nor a prepared directory")
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Run training; returns a summary (final step, last losses, examples/s)."""
-    cfg.check()
+@dataclass
+class _Run:
+    """What the training loop works with, once set up."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    out: Path
+    lm: LoadedModel
+    ds: PreparedDataset
+    trainee: Trainee
+    wrapped: nn.Module
+    params: list[nn.Parameter]
+    trainable: list[str]
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    per_micro: int
+
+    @property
+    def model(self) -> ChromaModel:
+        return self.lm.model
+
+
+def _setup(cfg: TrainConfig) -> _Run:
+    """Processes, the model (reasoner dropped, trained parts on the device, wrapped for DDP/FSDP), the prepared
+    data, the optimizer and its schedule."""
     d, device = init_distributed(cfg.device)
     out = Path(cfg.out)
     if d.main:
@@ -408,7 +342,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if per_micro * d.world * cfg.grad_accum != cfg.batch_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of processes x --grad-accum "
                          f"({d.world} x {cfg.grad_accum})")
-
     # Load on the CPU: the reasoner's layers are only needed to prepare a manifest, then leave before the
     # trained parts move to the device (the 3B reasoner never occupies GPU memory with prepared data).
     needs_prepare = not (Path(cfg.data) / PREPARED_INDEX).is_file()
@@ -430,7 +363,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
         for part in cfg.train:
             enable_checkpointing(getattr(model, part).model)
     trainee = Trainee(model)
-    wrapped: nn.Module = trainee
+    wrapped = _wrap(trainee, model, cfg, d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    return _Run(cfg, d, device, out, lm, ds, trainee, wrapped, params, trainable, opt, sched, per_micro)
+
+
+def _wrap(trainee: Trainee, model: ChromaModel, cfg: TrainConfig, d: Dist) -> nn.Module:
+    """The trainee sharded by FSDP2, replicated by DDP, or as it is in one process."""
     if cfg.fsdp:
         if d.world < 2:
             raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N (N > 1)")
@@ -441,123 +382,117 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
             for layer in getattr(model, part).model.layers:
                 fully_shard(layer)
         fully_shard(trainee)
-    elif d.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(trainee)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        return trainee
+    if d.world > 1:
+        return nn.parallel.DistributedDataParallel(trainee)
+    return trainee
 
+
+def _step(r: _Run, step: int, train_ids: list[int], eos: torch.Tensor, autocast) -> dict:
+    """One optimizer step over the global batch of ``step`` (micro-batches, gradient sync, clipping); its
+    losses, learning rate and gradient norm."""
+    cfg, d, device = r.cfg, r.d, r.device
+    batch = step_examples(train_ids, step, cfg.batch_size, cfg.seed)
+    frames = [r.ds.frames(i) for i in batch]
+    subsets = decoder_subset(frames, cfg.decoder_fraction, cfg.seed, step, 0)
+    n_c0 = sum(frames)
+    n_rest = sum(len(s) for s in subsets) * (r.model.cfg.audio_num_codebooks - 1)
+    r.opt.zero_grad(set_to_none=True)
+    sums = [0.0, 0.0]
+    for micro in range(cfg.grad_accum):
+        lo = (micro * d.world + d.rank) * r.per_micro
+        mine = list(range(lo, lo + r.per_micro))
+        exs = [r.ds.example(batch[i], eos, device) for i in mine]
+        sel = _rebase([frames[i] for i in mine], [subsets[i] for i in mine]).to(device)
+        skip_sync = d.world > 1 and micro < cfg.grad_accum - 1
+        if cfg.fsdp:
+            r.trainee.set_requires_gradient_sync(not skip_sync)
+        no_sync = r.wrapped.no_sync() if skip_sync and not cfg.fsdp else contextlib.nullcontext()
+        with no_sync, autocast:
+            sum_c0, sum_rest = r.wrapped(exs, sel)
+            # Normalise by the global batch's counts; DDP averages gradients over processes, so scale back.
+            loss = (sum_c0 / n_c0 + cfg.decoder_loss_weight * sum_rest / n_rest) * d.world
+        loss.backward()
+        sums[0] += float(sum_c0.detach())
+        sums[1] += float(sum_rest.detach())
+    grad_norm = float("nan")
+    if cfg.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(r.params, cfg.max_grad_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    lr = r.sched.get_last_lr()[0]
+    r.opt.step()
+    r.sched.step()
+    sums = d.all_sum(sums, device if device.type == "cuda" else torch.device("cpu"))
+    loss_c0, loss_rest = sums[0] / n_c0, sums[1] / n_rest
+    return {"step": step + 1, "loss": loss_c0 + cfg.decoder_loss_weight * loss_rest, "loss_c0": loss_c0,
+            "loss_c1_7": loss_rest, "lr": lr, "grad_norm": grad_norm, "frames": n_c0}
+
+
+def _log_record(record: dict, metrics_path: Path, writer, cfg: TrainConfig) -> None:
+    done = record["step"]
+    if done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in record:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v == v:
+                    writer.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, done)
+
+
+def _save(r: _Run, step: int) -> None:
+    """A training checkpoint at ``step`` (a collective under FSDP; the first process writes it)."""
+    weights = gather_trainable(r.model, r.trainee, r.cfg.fsdp)
+    opt_state = optimizer_state(r.trainee, r.opt, r.cfg.fsdp)
+    if r.d.main:
+        save_training_checkpoint(r.out, step, weights, opt_state, r.sched, r.cfg)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
+    """Run training; returns a summary (final step, last losses, examples/s)."""
+    cfg.check()
+    r = _setup(cfg)
+    d, device, out = r.d, r.device, r.out
     start = 0
     metrics_path = out / "metrics.jsonl"
     ck = latest_checkpoint(out) if cfg.resume else None
     if ck is not None:
-        state = json.loads((ck / STATE_FILE).read_text())
-        weights = load_file(str(ck / "trainable.safetensors"))
-        missing = set(trainable) - set(weights)
-        if missing:
-            raise ValueError(f"{ck}: checkpoint lacks {sorted(missing)[0]!r}: it was made with other --lora/--train "
-                             "settings (use another --out or --no-resume)")
-        extra = torch.load(ck / "optimizer.pt", weights_only=False)
-        if cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
-            full = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(trainee, {f"model.{k}": v.to(device) for k, v in weights.items()}, options=full)
-            set_optimizer_state_dict(trainee, opt, extra["optimizer"], options=full)
-        else:
-            with torch.no_grad():
-                named = dict(model.named_parameters())
-                for k, v in weights.items():
-                    named[k].copy_(v)
-            opt.load_state_dict(extra["optimizer"])
-        sched.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["torch_rng"])
-        random.setstate(extra["python_rng"])
-        start = int(state["step"])
+        start = restore_checkpoint(ck, r.trainee, r.model, r.opt, r.sched, r.trainable, cfg.fsdp, device)
         if d.main:
             log(f"resuming from {ck} (step {start})")
     if d.main:
         _truncate_metrics(metrics_path, start)
-        (out / "train_config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
+        (out / "train_config.json").write_text(json.dumps(config_dict(cfg), indent=1))
     d.barrier()
 
-    train_ids, eval_ids = split_holdout(len(ds), cfg.holdout, cfg.seed)
-    eos = eos_frame(model, device)
+    train_ids, eval_ids = split_holdout(len(r.ds), cfg.holdout, cfg.seed)
+    eos = eos_frame(r.model, device)
     writer = _tensorboard(out / "tb", cfg) if d.main else None
     bar = tqdm(total=cfg.steps, initial=start, desc="Training", unit="step", disable=not (cfg.progress and d.main))
     summary: dict = {"step": start}
     t_start, cpu_start = time.perf_counter(), time.process_time()
-    examples_done = 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (device.type == "cuda" and cfg.bf16) \
         else contextlib.nullcontext()
     for step in range(start, cfg.steps):
-        batch = step_examples(train_ids, step, cfg.batch_size, cfg.seed)
-        frames = [ds.frames(i) for i in batch]
-        subsets = decoder_subset(frames, cfg.decoder_fraction, cfg.seed, step, 0)
-        n_c0 = sum(frames)
-        n_rest = sum(len(s) for s in subsets) * (model.cfg.audio_num_codebooks - 1)
-        opt.zero_grad(set_to_none=True)
-        sums = [0.0, 0.0]
-        for micro in range(cfg.grad_accum):
-            lo = (micro * d.world + d.rank) * per_micro
-            mine = list(range(lo, lo + per_micro))
-            exs = [ds.example(batch[i], eos, device) for i in mine]
-            sel = _rebase([frames[i] for i in mine], [subsets[i] for i in mine]).to(device)
-            skip_sync = d.world > 1 and micro < cfg.grad_accum - 1
-            if cfg.fsdp:
-                trainee.set_requires_gradient_sync(not skip_sync)
-            no_sync = wrapped.no_sync() if skip_sync and not cfg.fsdp else contextlib.nullcontext()
-            with no_sync, autocast:
-                sum_c0, sum_rest = wrapped(exs, sel)
-                # Normalise by the global batch's counts; DDP averages gradients over processes, so scale back.
-                loss = (sum_c0 / n_c0 + cfg.decoder_loss_weight * sum_rest / n_rest) * d.world
-            loss.backward()
-            sums[0] += float(sum_c0.detach())
-            sums[1] += float(sum_rest.detach())
-        grad_norm = float("nan")
-        if cfg.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        sums = d.all_sum(sums, device if device.type == "cuda" else torch.device("cpu"))
-        examples_done += cfg.batch_size
-        loss_c0 = sums[0] / n_c0
-        loss_rest = sums[1] / n_rest
+        record = summary = _step(r, step, train_ids, eos, autocast)
         done = step + 1
-        record = {"step": done, "loss": loss_c0 + cfg.decoder_loss_weight * loss_rest, "loss_c0": loss_c0,
-                  "loss_c1_7": loss_rest, "lr": lr, "grad_norm": grad_norm, "frames": n_c0}
         if cfg.eval_every and eval_ids and (done % cfg.eval_every == 0 or done == cfg.steps):
-            record.update(evaluate(trainee, ds, eval_ids, eos, device, cfg))
+            record.update(evaluate(r.trainee, r.ds, eval_ids, eos, device, cfg))
         elapsed = time.perf_counter() - t_start
-        record["examples_per_s"] = examples_done / elapsed if elapsed > 0 else None
+        record["examples_per_s"] = (done - start) * cfg.batch_size / elapsed if elapsed > 0 else None
         record["elapsed_s"] = elapsed
         record["cpu_s"] = time.process_time() - cpu_start  # this process's CPU time (for shared machines)
         if device.type == "cuda":
             record["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        summary = record
         if d.main:
-            if done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in record:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for k, v in record.items():
-                        if k != "step" and isinstance(v, (int, float)) and v == v:
-                            writer.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, done)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", c0=f"{loss_c0:.3f}", c1_7=f"{loss_rest:.3f}")
+            _log_record(record, metrics_path, writer, cfg)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", c0=f"{record['loss_c0']:.3f}",
+                            c1_7=f"{record['loss_c1_7']:.3f}")
             bar.update()
         stopping = cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps
         if done < cfg.steps and (stopping or cfg.save_every and done % cfg.save_every == 0):
-            weights, opt_state = gather_trainable(model, trainee, cfg.fsdp), optimizer_state(trainee, opt, cfg.fsdp)
-            if d.main:
-                save_training_checkpoint(out, done, weights, opt_state, sched, cfg)
+            _save(r, done)
         d.barrier()
-        if cfg.stop_after is not None and done >= cfg.stop_after and done < cfg.steps:
+        if stopping:
             bar.close()
             if d.main:
                 log(f"stopped after step {done} as asked (--stop-after); run again with the same --out to resume")
@@ -568,21 +503,24 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
     if writer is not None:
         writer.close()
     if start < cfg.steps:
-        weights, opt_state = gather_trainable(model, trainee, cfg.fsdp), optimizer_state(trainee, opt, cfg.fsdp)
-        if d.main:
-            save_training_checkpoint(out, cfg.steps, weights, opt_state, sched, cfg)
-    final = gather_model_state(trainee) if cfg.fsdp else None
-    if d.main:
-        if cfg.lora:
-            if cfg.save_adapter:
-                save_adapter(model, out / "adapter")
-            merge_lora(model)
-        write_checkpoint(lm.path, final if final is not None else model.state_dict(), out,
-                         tuple(f"{p}." for p in TRAINABLE_PARTS))
-        summary["output"] = str(out)
+        _save(r, cfg.steps)
+    _write_result(r, summary)
     d.barrier()
     _finish(d)
     return summary
+
+
+def _write_result(r: _Run, summary: dict) -> None:
+    """The fine-tuned checkpoint in the published layout (LoRA merged; the adapter too if asked)."""
+    final = gather_model_state(r.trainee) if r.cfg.fsdp else None
+    if r.d.main:
+        if r.cfg.lora:
+            if r.cfg.save_adapter:
+                save_adapter(r.model, r.out / "adapter")
+            merge_lora(r.model)
+        write_checkpoint(r.lm.path, final if final is not None else r.model.state_dict(), r.out,
+                         tuple(f"{p}." for p in TRAINABLE_PARTS))
+        summary["output"] = str(r.out)
 
 
 def _finish(d: Dist) -> None:
