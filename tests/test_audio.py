@@ -158,6 +158,7 @@ def test_log_mel_rejects_bad_input():
         log_mel_features(torch.zeros(100, dtype=torch.int16))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_log_mel_cuda_matches_cpu():
     audio = torch.from_numpy(_noise(16000 * 5 + 3, seed=4))

@@ -68,6 +68,7 @@ def test_bench_writes_json_markdown_and_plot(tiny_random_dir, tmp_path, capsys):
     assert "Where a step's time goes" in md
 
 
+@pytest.mark.slow   # compile
 def test_bench_per_frame_alone_eager_and_compiled(tiny_random_dir, tmp_path):
     """The one-response per-frame time (long minus short), eager and traced through dynamo (no codegen here:
     the inductor path is covered by the compiled conformance test)."""

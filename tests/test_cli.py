@@ -54,6 +54,7 @@ def test_info_prints_parameters(tiny_random_dir, capsys):
     assert info["parameters"] > 0 and info["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow   # writes and loads a 230 MB checkpoint
 def test_random_small_checkpoint_passes_its_own_loader(tmp_path):
     from openchroma.loading import load
     from openchroma.tokenizer import ChatTokenizer

@@ -32,6 +32,8 @@ pytest.importorskip("livekit.plugins.openai.realtime", reason="livekit-plugins-o
 
 from livekit.agents import llm  # noqa: E402
 
+pytestmark = pytest.mark.clients
+
 quiet_framework_logs()
 
 USER_TEXT = "Hello there! What will the weather be like tomorrow?"

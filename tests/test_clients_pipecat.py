@@ -40,6 +40,8 @@ from pipecat.frames.frames import (  # noqa: E402
 from pipecat.processors.aggregators.llm_context import LLMContext  # noqa: E402
 from pipecat.services.openai.realtime import events  # noqa: E402
 
+pytestmark = pytest.mark.clients
+
 quiet_framework_logs()
 
 USER_TEXT = "Hello there! What will the weather be like tomorrow?"

@@ -174,6 +174,7 @@ def test_matches_transformers(window: int):
             assert rel_err(got, ref_audio) <= 1e-5
 
 
+@pytest.mark.slow   # three more codec configurations
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -232,6 +233,7 @@ def test_streaming_matches_decode():
         codec.decode_step(codes[:, :, :5], codec.stream_state(2))
 
 
+@pytest.mark.slow   # streaming twice over
 def test_streaming_reset_rows():
     codec = random_pair(codec_config(sliding_window=8), seed=5)[1]
     torch.manual_seed(6)

@@ -12,7 +12,7 @@ from openchroma.models.transformer import Transformer
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("n_window", [50, 7])
+@pytest.mark.parametrize("n_window", [50, pytest.param(7, marks=pytest.mark.slow)])   # 7: many windows, slow
 def test_audio_encoder_matches_qwen2_5_omni(n_window):
     from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniAudioEncoderConfig
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder

@@ -39,6 +39,7 @@ def embedder():
     return load_speaker_model("resemblyzer")
 
 
+@pytest.mark.slow   # speaker embeddings of a whole test set
 @needs_espeak
 def test_sim_same_espeak_voice_beats_other_voices(embedder):
     """Two different sentences by the same voice are more similar than the same sentences by any other voice."""
@@ -69,6 +70,7 @@ def espeak_set(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow   # speech recognition of a whole test set
 @needs_espeak
 def test_audio_dir_scoring_wer_own_text_far_below_other_text(espeak_set, tmp_path, capsys):
     out = tmp_path / "out"
@@ -101,6 +103,7 @@ def write_list(path: Path, lines: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow   # eval end to end
 def test_eval_end_to_end_on_random_model(tiny_random_dir, tmp_path):
     shutil.copy(SPEECH_WAV, tmp_path / "prompt.wav")
     (tmp_path / "corrupt.wav").write_bytes(b"this is not audio")
@@ -135,6 +138,7 @@ def test_eval_end_to_end_on_random_model(tiny_random_dir, tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow   # eval end to end
 def test_eval_dialogue_task_uses_the_answer_text(tiny_random_dir, tmp_path):
     shutil.copy(SPEECH_WAV, tmp_path / "prompt.wav")
     shutil.copy(SPEECH_WAV, tmp_path / "user.wav")
@@ -222,6 +226,7 @@ def test_auto_models_fall_back_offline_and_the_report_names_them(tmp_path, monke
     assert s["sim_mean"] > 0.8
 
 
+@pytest.mark.slow   # speech recognition
 @needs_espeak
 def test_dialogue_audio_dir_takes_the_answer_text_from_a_txt_file(tmp_path):
     shutil.copy(SPEECH_WAV, tmp_path / "prompt.wav")
@@ -288,6 +293,7 @@ def tiny_random_whisper(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow   # a Whisper model over espeak speech
 @needs_espeak
 def test_whisper_recognizer_code_path(tmp_path, capsys):
     """The default ASR backend (transformers Whisper) from a local directory, on a tiny random model since the

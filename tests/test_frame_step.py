@@ -106,6 +106,7 @@ def test_seeded_session_gives_the_same_audio_alone_or_beside_others(tiny_chroma)
 
 
 # ----- compiled -------------------------------------------------------------------------------------------
+@pytest.mark.slow   # inductor compiles the frame step
 def test_compiled_step_equals_eager_on_a_reference_case(fixture_dir, capsys):
     """torch.compile (inductor) of the frame step reproduces the published code's tokens and codes exactly."""
     case = fixture_dir / "case_speech_turn.safetensors"
@@ -116,6 +117,7 @@ def test_compiled_step_equals_eager_on_a_reference_case(fixture_dir, capsys):
     assert report["tokens_match"] and report["codes_match"]
 
 
+@pytest.mark.slow   # compile (dynamo), 200 steps
 def test_no_graph_breaks_and_no_recompiles_while_sessions_join_and_leave(tiny_chroma):
     """Every variant traces as one graph (fullgraph), and 200 steps of sessions coming and going, greedy and
     sampled, with and without text pairs, reuse the graphs built at load."""
@@ -186,6 +188,7 @@ def _frames_beside_a_long_turn_and_a_new_voice(chroma, long_turn, long_voice) ->
             "total": len(made)}
 
 
+@pytest.mark.slow   # 25 s turns, wall-clock timing
 def test_a_live_stream_keeps_flowing_while_another_user_sends_a_long_turn_and_a_new_voice(tiny_chroma):
     """Another session's 25 s turn (appended in 100 short commands, its windows encoded between frames), a 25 s
     voice registration (off the frame loop) and that session's prefill (in 64-token slices) never hold the

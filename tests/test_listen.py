@@ -112,6 +112,7 @@ def test_bad_pairs_files_are_rejected(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.browser
 def test_listening_page_in_headless_chromium(pairs_file, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     if not CHROMIUM.exists():

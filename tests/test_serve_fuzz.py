@@ -27,6 +27,8 @@ from hypothesis import strategies as st
 from server_harness import chroma_server
 from websockets.exceptions import ConnectionClosed
 
+pytestmark = pytest.mark.slow   # thousands of hypothesis inputs against a live server
+
 EXAMPLES = int(os.environ.get("OPENCHROMA_FUZZ_EXAMPLES", "1500"))
 HTTP_EXAMPLES = int(os.environ.get("OPENCHROMA_FUZZ_HTTP_EXAMPLES", "800"))
 

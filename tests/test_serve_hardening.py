@@ -112,6 +112,7 @@ def test_stuck_engine_call_fails_loudly_and_frees_the_slot(tiny_chroma, tmp_path
 
 
 # ----- 3: bounded per-connection buffers ---------------------------------------------------------------------
+@pytest.mark.slow   # load: floods a connection
 def test_a_client_outrunning_the_engine_is_pushed_back_not_buffered(tiny_chroma, tmp_path, monkeypatch):
     limit = 2 * 2**20
     with chroma_server(tiny_chroma, tmp_path, max_pending_input_bytes=limit) as (url, state):

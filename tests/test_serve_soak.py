@@ -13,11 +13,14 @@ import os
 import time
 
 import httpx
+import pytest
 from hardening_helpers import add_voice, connect, probe, recv, rss_bytes, wait_until
 from server_harness import chroma_server
 
 from openchroma.tools.abuse import AbuseConfig, AbuseStats
 from openchroma.tools.loadtest import LoadConfig, _run, loadtest
+
+pytestmark = pytest.mark.slow   # a minute of soak and a load test
 
 SOAK_SECONDS = float(os.environ.get("OPENCHROMA_SOAK_SECONDS", "60"))
 

@@ -265,6 +265,7 @@ def test_vad_detects_one_utterance(speech):
     assert stream.elapsed_ms == len(x) * 1000 // 24000
 
 
+@pytest.mark.slow   # silero over many chunkings
 @needs_silero
 def test_vad_independent_of_chunk_size(speech):
     x, _, _ = speech
@@ -273,6 +274,7 @@ def test_vad_independent_of_chunk_size(speech):
         assert _run(vad.StreamingVAD(vad.VADConfig()), x, chunk) == ref
 
 
+@pytest.mark.slow   # silero at other rates
 @needs_silero
 @pytest.mark.parametrize("rate", [16000, 8000])
 def test_vad_other_rates(speech, rate):
@@ -300,7 +302,7 @@ def test_vad_speaking_and_padding(speech):
 
 
 @needs_silero
-@pytest.mark.parametrize("noise", [0.0, 0.003])
+@pytest.mark.parametrize("noise", [0.0, pytest.param(0.003, marks=pytest.mark.slow)])
 def test_vad_silence_gives_no_event(noise):
     x = (np.random.default_rng(0).standard_normal(3 * 24000) * noise).astype(np.float32)
     stream = vad.StreamingVAD(vad.VADConfig())
@@ -308,6 +310,7 @@ def test_vad_silence_gives_no_event(noise):
     assert not stream.speaking
 
 
+@pytest.mark.slow   # silero, several streams
 @needs_silero
 def test_vad_streams_are_independent(speech):
     x, _, _ = speech
@@ -323,6 +326,7 @@ def test_vad_streams_are_independent(speech):
     assert [e.audio_ms - 500 for e in ev_b] == pytest.approx([e.audio_ms for e in ev_a], abs=40)
 
 
+@pytest.mark.slow   # silero, twice over
 @needs_silero
 def test_vad_reset(speech):
     x, _, _ = speech

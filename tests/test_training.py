@@ -65,6 +65,7 @@ def test_prepare_writes_shards(data2, tiny_random_dir):
     assert ds.frames(0) == 16  # + the end-of-audio frame
 
 
+@pytest.mark.slow   # a training run to overfit
 def test_overfit_then_generation_reproduces_targets(data2, tiny_random_dir, tmp_path):
     """Full fine-tuning on 2 examples: loss falls by >= 90 %, and greedy forced-text generation with the
     fine-tuned checkpoint reproduces the training target's codes (and stops with end-of-audio)."""
@@ -140,6 +141,7 @@ def test_sharded_base_gives_sharded_output(data2, tmp_path):
     openchroma.load(out, device="cpu", progress=False)
 
 
+@pytest.mark.slow   # training runs
 def test_train_from_a_manifest_and_only_the_chosen_part(data2, tiny_random_dir, tmp_path):
     """--data may be a manifest (prepared into OUT/prepared first); --train backbone leaves the decoder's own
     weights alone (the audio-code embedding table is shared: the backbone reads it too)."""
@@ -174,6 +176,7 @@ def test_reasoner_gets_no_gradient(data2, tiny_random_dir):
     assert model.decoder.codebook_head.weight.grad is not None
 
 
+@pytest.mark.slow   # training runs, twice
 def test_resume_equals_uninterrupted(data4, tiny_random_dir, tmp_path):
     args = ["--steps", "6", "--lr", "3e-3", "--warmup", "2", "--batch-size", "2", "--lora", "--lora-rank", "4",
             "--decoder-fraction", "0.5", "--holdout", "1", "--eval-every", "2", "--gradient-checkpointing",
@@ -224,6 +227,7 @@ def one_process_run(data4, tiny_random_dir, tmp_path_factory) -> Path:
 DIST_ARGS = ["--steps", "4", "--lr", "3e-3", "--batch-size", "4", "--no-progress", "--no-tensorboard"]
 
 
+@pytest.mark.slow   # torchrun
 def test_ddp_two_gloo_processes_equal_one(one_process_run, data4, tiny_random_dir, tmp_path):
     """Same global batch of 4: one process at once vs 2 processes x 2 accumulated micro-batches of 1."""
     two = tmp_path / "two"
@@ -252,6 +256,7 @@ def test_ddp_two_gloo_processes_equal_one(one_process_run, data4, tiny_random_di
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0.01 * reach, msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.slow   # torchrun
 def test_fsdp_two_gloo_processes_equal_one_and_resume(one_process_run, data4, tiny_random_dir, tmp_path):
     """FSDP2 (full fine-tuning sharded over 2 gloo processes), interrupted after step 2 and resumed."""
     two = tmp_path / "fsdp"
@@ -284,6 +289,7 @@ def _bad_rows(root: Path) -> list[tuple[dict | str, str]]:
     ]
 
 
+@pytest.mark.slow   # prepare over every kind of bad row
 def test_every_bad_row_is_named(tmp_path, tiny_random_dir, capsys):
     import soundfile as sf
 
@@ -318,6 +324,7 @@ def test_every_bad_row_is_named(tmp_path, tiny_random_dir, capsys):
     assert len(PreparedDataset(tmp_path / "skip")) == 1
 
 
+@pytest.mark.slow   # prepare, twice
 def test_prepare_resumes_after_interruption(tmp_path, tiny_random_dir):
     manifest = write_dataset(tmp_path, rows=3, response_seconds=0.8)
     out = tmp_path / "prepared"

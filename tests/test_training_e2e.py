@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import pytest
 import soundfile as sf
 from training_helpers import tone
 
@@ -46,6 +47,7 @@ def _missing_keys(reference: dict, config: dict, path: str = "") -> list[str]:
     return out
 
 
+@pytest.mark.slow   # synth, prepare, train and serve end to end
 def test_synth_prepare_train_lora_load_serve(tmp_path, tiny_random_dir):
     voices = _voices(tmp_path)
     questions = tmp_path / "questions.txt"

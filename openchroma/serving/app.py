@@ -136,6 +136,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def model_card() -> dict[str, Any]:   # random_weights: ours, so clients can say the model speaks noise
+        state.require_engine()   # 503 while loading or after a failed load: list no model that is not served
         return {"id": config.model_id, "object": "model", "created": int(state.started), "owned_by": "openchroma",
                 "random_weights": state.random_weights}
 

@@ -148,5 +148,4 @@ def run(args: argparse.Namespace) -> int:
               f"{config.max_response_seconds:g} s (--max-response-seconds to change)")
     sys.stdout.flush()
     app = create_app(config)
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return run_server(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Any
 
@@ -94,9 +95,17 @@ async def drain(state: ServerState) -> None:
         await asyncio.sleep(0.05)
 
 
-def run_server(app, host: str, port: int, log_level: str = "info", timeout_graceful_shutdown: float = 5) -> None:
-    """Serve ``app`` (from ``create_app``) until SIGINT or SIGTERM, then drain and exit."""
+def run_server(app, host: str, port: int, log_level: str = "info", timeout_graceful_shutdown: float = 5) -> int:
+    """Serve ``app`` (from ``create_app``) until SIGINT or SIGTERM, then drain and exit: 0. When the model cannot
+    be loaded the server stops at once, prints one line naming the cause and the fix, and returns 1 (a server with
+    no model must not keep running)."""
     state: ServerState = app.state.oc
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=timeout_graceful_shutdown, **uvicorn_options(state.config))
-    DrainingServer(config, state).run()
+    server = DrainingServer(config, state)
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)   # read by uvicorn's loop
+    server.run()
+    if state.load_error is not None:
+        print(f"openchroma serve: error: {state.load_error}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 3   # 3: uvicorn's "startup failed", as uvicorn.run exits

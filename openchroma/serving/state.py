@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from fastapi import Request
 from ..config import RANDOM_WEIGHTS_KEY, is_random_checkpoint
 from ..engine import Engine
 from .config import ServerConfig, flag  # noqa: F401  (re-exported: routes and tests import them from here)
-from .errors import APIError, EngineTimeout, clip
+from .errors import APIError, EngineTimeout, clip, shorten
 from .metrics import Metrics
 from .voice_library import VoiceLibrary
 
@@ -110,7 +111,8 @@ class ServerState:
         self.config = config
         self.metrics = Metrics()
         self.engine: Engine | None = None
-        self.load_error: str | None = None
+        self.load_error: str | None = None   # one line: why the model did not load, and what to do instead
+        self.on_load_failure: Callable[[], None] | None = None   # `serve` stops the server (it exits non-zero)
         self.ready = threading.Event()
         self.started = time.time()
         self.connections: set = set()   # open realtime connections
@@ -137,8 +139,12 @@ class ServerState:
             self._attach(engine)
             log.info("model %s loaded; %d voices in the library", self.config.model, len(self.voices.list()))
         except BaseException as e:  # reported by /health and every route
-            self.load_error = f"{type(e).__name__}: {e}"
-            log.error("loading %s failed: %s", self.config.model, self.load_error)
+            self.load_error = load_failure_line(self.config.model, e)
+            log.debug("loading %s failed", self.config.model, exc_info=True)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            else:
+                log.error("%s", self.load_error)
 
     @property
     def random_weights(self) -> bool:
@@ -219,6 +225,35 @@ class ServerState:
 
 
 HEALTH_PROBE_SECONDS = 5.0
+
+DEMO_COMMAND = "openchroma init-random --preset small --out ./chroma-random && openchroma serve --model ./chroma-random"
+
+
+def load_failure_line(model: str, error: BaseException) -> str:
+    """One line naming why ``model`` did not load and the fix, instead of the hub library's paragraphs."""
+    from huggingface_hub import constants
+    from huggingface_hub import utils as hub
+
+    chain, e = [], error
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    caused_by = lambda kind: any(isinstance(x, kind) for x in chain)  # noqa: E731
+    if caused_by(hub.GatedRepoError):
+        cause = "the hub repo is gated (accept its terms on huggingface.co, then set HF_TOKEN)"
+    elif caused_by(hub.RepositoryNotFoundError):
+        cause = "no such repo on the Hugging Face hub (or it is private: set HF_TOKEN)"
+    elif caused_by(hub.RevisionNotFoundError):
+        cause = "the hub repo has no such revision"
+    elif caused_by((hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled)):
+        cause = "it is not in the local Hugging Face cache and " + (
+            "HF_HUB_OFFLINE forbids downloading" if constants.HF_HUB_OFFLINE else "the hub cannot be reached")
+    else:
+        text = (str(error).splitlines() or [""])[0]   # our loader's errors name the file and the problem
+        cause = shorten(text if isinstance(error, ValueError) else f"{type(error).__name__}: {text}", 240)
+    local = Path(model).expanduser().is_dir()
+    fix = "check or re-download that checkpoint" if local else "serve a local checkpoint directory (--model DIR)"
+    return f"cannot load the model {model}: {cause}; {fix}, or for a demo with random weights: {DEMO_COMMAND}"
 
 
 # OpenAI's built-in voice names: clients send them by default, so they map to the server's default voice.

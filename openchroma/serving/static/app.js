@@ -948,8 +948,12 @@ async function loadModelInfo() {
     oc.model = { id: body.model, random_weights: !!body.random_weights };
     return;
   }
-  $("model-name").textContent = status === "loading" ? "loading…" : status === "error" ? "failed to load" : "?";
-  if (status === "error" && body.error) $("model-name").title = body.error;
+  $("model-name").textContent = status === "loading" ? "loading…" : status === "error" ? "failed to load" :
+    body ? "?" : "server unreachable";
+  if (status === "error" && body.error) {   // the reason, plainly: e.g. which model could not be loaded and why
+    $("model-name").title = body.error;
+    showError(`The model is not available: ${body.error}`);
+  }
   if (status === "loading" || !body) setTimeout(loadModelInfo, 2000);
 }
 
