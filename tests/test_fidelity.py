@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -30,6 +31,7 @@ def test_float32_against_itself_agrees_exactly(fixture_dir, capsys):
         assert r["text_kl"] == r["c0_kl"] == r["c1_7_kl"] == r["logit_rel_err"] == 0.0
 
 
+@pytest.mark.slow   # two quantized checkpoints, each run teacher-forced beside float32
 def test_damaged_scales_are_caught(fixture_dir, tmp_path, capsys):
     """A pre-quantized checkpoint whose scales are off by random factors scores far below a sound one."""
     sound = quantize_checkpoint(fixture_dir, "int8", tmp_path / "sound", progress=False)

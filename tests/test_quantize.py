@@ -106,6 +106,7 @@ def test_weight_report_counts_quantized_layers(fixture_dir):
     assert small["codec"] == full["codec"]   # the Codec stays in the load dtype
 
 
+@pytest.mark.slow   # an engine traced for every variant, sessions joining and leaving
 def test_compiled_quantized_step_has_no_graph_breaks_or_recompiles(tiny_random_dir):
     """int4 layers (packed kernels) trace into one graph per variant; sessions joining and leaving reuse them."""
     from torch._dynamo.utils import counters
@@ -133,6 +134,7 @@ def test_compiled_quantized_step_has_no_graph_breaks_or_recompiles(tiny_random_d
         assert not counters["graph_break"]
 
 
+@pytest.mark.slow   # compile
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_inductor_compiles_quantized_layers_as_the_stepper_does(scheme):
     """Inductor (fullgraph, the stepper's CPU options) compiles the packed kernels and computes eager's output."""
@@ -165,6 +167,7 @@ def small_dir(tmp_path_factory):
     return write_random_checkpoint("small", tmp_path_factory.mktemp("small"), seed=0, progress=False)
 
 
+@pytest.mark.slow   # writes a 230 MB checkpoint and loads it twice in fresh interpreters
 def test_int4_load_takes_at_most_half_the_memory_of_float32(small_dir):
     """Peak resident memory of loading (over what the process held before) in int4, against float32: layer by
     layer, blocks of rows at a time, the float weights are never all in memory."""

@@ -10,7 +10,9 @@ from openchroma import quantization
 from openchroma.loading import load
 from openchroma.models.quantized import QuantLinear
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def cuda(fn):
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(fn))
 
 
 def test_failed_cuda_graph_capture_falls_back_to_running_without_graphs(fixture_dir):
