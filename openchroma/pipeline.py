@@ -63,9 +63,11 @@ class Chroma:
         dtype: torch.dtype | str = "float32",
         progress: bool = True,
         max_frames: int | None = None,
+        quantize: str | None = None,
     ) -> Chroma:
-        """Load a checkpoint (a directory or a hub id). ``max_frames``: the default reply limit (see ``Chroma``)."""
-        lm = load(model, device=device, dtype=dtype, progress=progress)
+        """Load a checkpoint (a directory or a hub id). ``max_frames``: the default reply limit (see ``Chroma``);
+        ``quantize``: ``int8``, ``int4`` or ``fp8`` weights (see :func:`openchroma.loading.load`)."""
+        lm = load(model, device=device, dtype=dtype, progress=progress, quantize=quantize)
         return cls(lm, ChatTokenizer.from_dir(lm.path), max_frames=max_frames)
 
     @property

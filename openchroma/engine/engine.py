@@ -130,10 +130,11 @@ class Engine:
         warm_front_end()
 
     @classmethod
-    def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True, **kw) -> Engine:
+    def from_pretrained(cls, model: str, device=None, dtype="float32", progress: bool = True,
+                        quantize: str | None = None, **kw) -> Engine:
         # A random-weight checkpoint's responses stop after 4 s unless max_response_frames says otherwise.
         kw["max_response_frames"] = response_frame_limit(model, kw.get("max_response_frames"), DEFAULT_MAX_FRAMES)
-        lm = load(model, device=device, dtype=dtype, progress=progress)
+        lm = load(model, device=device, dtype=dtype, progress=progress, quantize=quantize)
         return cls(_Loaded(lm, ChatTokenizer.from_dir(lm.path)), progress=progress, **kw)
 
     @property

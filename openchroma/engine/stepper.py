@@ -19,6 +19,7 @@ bucket. The host reads codes, flags, tokens and audio once per step.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from ..models.transformer import KVCache
 from .events import ContextFull
 from .sampling import SamplingParams, sample_codes
 from .schedule import backbone_vectors_at, frames_for_text, frames_within, pair_index_at
+
+log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -97,7 +100,7 @@ def default_threads(model: ChromaModel) -> int | None:
     """Intra-op CPU threads for stepping ``model``: 1 for models narrower than 1024, whose small ops lose more to
     thread hand-offs than they gain (measured on 2 cores: 1.3-2.4x slower per frame from a worker thread with 2,
     and far slower under load); torch's default (None) for wider ones, where 1 thread costs about 4%."""
-    on_cpu = model.audio_embedding.weight.device.type == "cpu"
+    on_cpu = model.device.type == "cpu"
     return 1 if on_cpu and model.cfg.backbone.hidden_size < 1024 else None
 
 
@@ -136,8 +139,7 @@ class Stepper:
         self.model = model
         self.cfg = cfg = model.cfg
         self.slots = slots
-        p = model.audio_embedding.weight
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.device, model.dtype
         self.K = k = cfg.audio_num_codebooks
         self.lookahead = lookahead
         self.ring_size = lookahead + 2          # tokens emitted but not yet fed never exceed lookahead + 1
@@ -184,6 +186,7 @@ class Stepper:
         self.rows: dict[int, Row] = {}
         self._fns: dict[tuple, Callable[[], None]] = {}
         self._graph_pool = None
+        self.graph_error: str | None = None   # why CUDA graphs are off, when their capture failed
         # Per-stage seconds (reasoner, backbone, decoder, codec, host), summed over steps, when a benchmark sets
         # this to a dict. Stages inside the frame function are timed only in eager mode.
         self.timings: dict[str, float] | None = None
@@ -227,7 +230,18 @@ class Stepper:
             fn = torch.compile(run, fullgraph=True, dynamic=False, backend=backend, options=options)
         if not self.cuda_graphs:
             return fn
-        # CUDA graphs: warm up (compiles) on a side stream, then capture one replayable graph per variant.
+        try:
+            return self._capture(fn)
+        except Exception as e:  # serve without graphs rather than not at all; the reason is logged and kept
+            self.cuda_graphs = False
+            self.graph_error = f"{type(e).__name__}: {e}"
+            log.warning("CUDA graph capture of %s failed, running without CUDA graphs: %s", key, self.graph_error)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize(self.device)
+            return fn
+
+    def _capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Warm ``fn`` up (compiles) on a side stream, then capture it as one replayable CUDA graph."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -239,6 +253,12 @@ class Stepper:
             fn()
         self._graph_pool = graph.pool()
         return graph.replay
+
+    @property
+    def mode(self) -> str:
+        """How the step runs: ``cuda-graphs``, ``compiled`` or ``eager`` (``graph_error`` says why graphs are off
+        when their capture failed)."""
+        return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compile else "eager"
 
     @torch.inference_mode()
     def warmup(self, progress: bool = False, keys: Sequence[tuple] | None = None) -> None:

@@ -32,8 +32,8 @@ class Reasoner(nn.Module):
 
     def tie_weights(self) -> None:
         """With ``tie_word_embeddings``, make ``lm_head`` share ``embed_tokens``' parameter (again, after an
-        ``assign`` load replaced it)."""
-        if self.cfg.tie_word_embeddings:
+        ``assign`` load replaced it). A quantized table and head share their int8 tensors instead."""
+        if self.cfg.tie_word_embeddings and isinstance(self.model.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,6 +73,10 @@ class CodebookHeads(nn.Module):
     def __init__(self, n: int, dim: int, vocab: int):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(n, dim, vocab))
+
+    def forward(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """Logits of codebook ``i + 1`` from the Decoder's output ``h`` ``[B, H]``."""
+        return h @ self.weight[i]
 
 
 class Decoder(nn.Module):
@@ -119,9 +123,18 @@ class ChromaModel(nn.Module):
                 m.init_buffers(device)
         self.codec_model.refresh_buffers()
 
+    @property
+    def device(self) -> torch.device:
+        return self.codebook_offsets.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The load dtype (activations, caches): the norms' (never quantized)."""
+        return self.backbone.model.norm.weight.dtype
+
     # ----- embeddings -------------------------------------------------------------------------
     @property
-    def audio_embedding(self) -> nn.Embedding:
+    def audio_embedding(self) -> nn.Module:
         return self.decoder.audio_embedding.embed_audio_tokens
 
     def text_embedding(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -135,7 +148,7 @@ class ChromaModel(nn.Module):
     def voice_prompt_embeds(self, text_ids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """``E(text_start) E(transcript) E(text_end) A(f_1..f_m) 0`` as ``[1 + n + 1 + m + 1, H]``."""
         cfg = self.cfg
-        dev = self.audio_embedding.weight.device
+        dev = self.device
         ids = torch.cat([
             torch.tensor([cfg.text_start_token_id], device=dev),
             text_ids.reshape(-1).to(dev),
@@ -177,7 +190,7 @@ class ChromaModel(nn.Module):
         codes = [c0]
         h = x[:, -1]
         for i in range(1, k):
-            code = sample_fn(h @ dec.codebook_head.weight[i - 1], i)
+            code = sample_fn(dec.codebook_head(h, i - 1), i)
             codes.append(code)
             if i == k - 1:
                 break

@@ -406,15 +406,18 @@ def bench(
     progress: bool = True,
     compile: bool = False,
     per_frame_lengths: tuple[int, int] | None = None,
+    quantize: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Load ``model``, run the benchmark, write the reports (after every level and per-frame run, so a stopped
     run keeps what it measured); (results, report paths).
 
-    ``compile``: the engine's frame step compiled (``per_frame_lengths`` then measures eager and compiled)."""
+    ``compile``: the engine's frame step compiled (``per_frame_lengths`` then measures eager and compiled);
+    ``quantize``: int8, int4 or fp8 weights (recorded in ``bench.json``)."""
     require(["matplotlib"], "bench", "bench")   # before anything slow: the plot is the last thing written
     t0 = time.perf_counter()
     # Every response's length is --frames (a random checkpoint's 4 s default does not apply).
-    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress, max_frames=frames)
+    chroma = Chroma.from_pretrained(model, device=device, dtype=dtype, progress=progress, max_frames=frames,
+                                    quantize=quantize)
     lm = chroma.lm
     results: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -423,6 +426,7 @@ def bench(
         "torch": torch.__version__,
         "device": str(lm.device),
         "dtype": str(lm.dtype).replace("torch.", ""),
+        "quantize": lm.quantize,
         "model": {"path": str(lm.path), "parameters": lm.num_parameters,
                   "load_seconds": round(time.perf_counter() - t0, 2)},
         "compile": bool(compile),
