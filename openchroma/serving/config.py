@@ -54,6 +54,16 @@ class ServerConfig:
     threads: int | None = field(default=None, metadata=flag(
         "CPU threads of the frame loop (default: 1 for small models, whose tiny ops lose more to thread hand-offs "
         "than they gain; torch's default for models 1024 wide or more)"))
+    turn_model: str | None = field(default=None, metadata=flag(
+        "semantic_vad's end-of-turn model: the path of smart-turn-v3.2-cpu.onnx (or a directory holding it), or a "
+        "hub id; default: the copy in the installed pipecat-ai package", metavar="PATH"))
+    twilio_auth_token: str | None = field(default=None, metadata=flag(
+        "validate X-Twilio-Signature on POST /twilio/voice with this Twilio auth token (wrong or missing: 403); "
+        "unset = no check"))
+    twilio_voice: str | None = field(default=None, metadata=flag(
+        "library voice for phone calls (/twilio/voice) that name none (default: --default-voice)"))
+    twilio_instructions: str | None = field(default=None, metadata=flag(
+        "instructions for phone calls that give none (default: the model's system prompt)"))
     # Abuse and fault limits: one client must never hurt another.
     allow_origins: tuple[str, ...] = field(default=(), metadata=flag(
         "let web pages on ORIGIN (e.g. https://app.example.com; '*' for any) open the WebSocket and POST; repeat "

@@ -201,6 +201,7 @@ class RealtimeCore:
 
     async def update_session(self, s: ev.SessionConfig) -> None:
         change = SessionSettings.check(s, self.resolve_voice)   # everything checked before anything changes
+        await self.input.load_turn_model(change.turn_detection)   # semantic_vad's model, off the loop
         if change.instructions is not None:
             await self.call(self.session.set_instructions(change.instructions))
         if change.voice is not None:
