@@ -15,6 +15,7 @@ import pytest
 import websockets.sync.client as ws_client
 from server_harness import chroma_server
 from test_serve_realtime import add_voice
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from openchroma.serving.codecs import ulaw_encode
 from openchroma.serving.twilio import twilio_signature
@@ -55,6 +56,19 @@ def test_twiml_route_and_signature_check(tiny_chroma, tmp_path):
                        headers={**headers, "X-Twilio-Signature": twilio_signature(
                            "secret", "https://agent.example.com/twilio/voice", form)})
         assert r.status_code == 403   # a changed parameter
+
+        # The media stream's handshake is signed too (its wss:// URL, no parameters).
+        stream_url = url.replace("http", "ws") + "/twilio/media-stream"
+        headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "agent.example.com"}   # as from a proxy
+        with pytest.raises(InvalidStatus) as refused:
+            ws_client.connect(stream_url, additional_headers=headers).close()
+        assert refused.value.response.status_code == 403
+        sign = twilio_signature("secret", "wss://agent.example.com/twilio/media-stream", {})
+        with ws_client.connect(stream_url, additional_headers={**headers, "X-Twilio-Signature": sign}) as ws:
+            ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+            ws.send(json.dumps({"event": "stop", "sequenceNumber": "2", "streamSid": SID}))
+            with pytest.raises(ConnectionClosed):   # stopped before it started: the server just closes
+                ws.recv(timeout=10)
 
 
 class FakeTwilio:

@@ -27,6 +27,7 @@ from xml.sax.saxutils import quoteattr
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import HTTPConnection
 
 from .errors import APIError
 from .guards import client_id
@@ -50,22 +51,26 @@ def twilio_signature(token: str, url: str, params: dict[str, str]) -> str:
     return base64.b64encode(hmac.new(token.encode(), data.encode(), hashlib.sha1).digest()).decode()
 
 
-def public_url(request: Request) -> tuple[str, str]:
+def public_url(conn: HTTPConnection) -> tuple[str, str]:
     """(scheme, host) as the caller (Twilio, through a tunnel or proxy) saw them."""
-    proto = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip().lower()
-    host = request.headers.get("x-forwarded-host") or request.headers.get("host") or request.url.netloc
+    proto = conn.headers.get("x-forwarded-proto", conn.url.scheme).split(",")[0].strip().lower()
+    host = conn.headers.get("x-forwarded-host") or conn.headers.get("host") or conn.url.netloc
     return proto, host.split(",")[0].strip()
 
 
-def signature_ok(token: str, request: Request, params: dict[str, str]) -> bool:
+def signature_ok(token: str, conn: HTTPConnection, params: dict[str, str]) -> bool:
     """Whether ``X-Twilio-Signature`` matches the URL Twilio requested (with or without a default port, which
-    Twilio may or may not have signed) and ``params``."""
-    given = request.headers.get("x-twilio-signature", "")
-    proto, host = public_url(request)
-    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    port = "443" if proto == "https" else "80"
+    Twilio may or may not have signed; a WebSocket's as wss:// or https://) and ``params``."""
+    given = conn.headers.get("x-twilio-signature", "")
+    proto, host = public_url(conn)
+    path = conn.url.path + (f"?{conn.url.query}" if conn.url.query else "")
+    secure = proto in ("https", "wss")
+    schemes = {"https" if secure else "http"} if conn.scope["type"] == "http" else {"wss", "https"} if secure \
+        else {"ws", "http"}
+    port = "443" if secure else "80"
     hosts = {host, host.removesuffix(f":{port}") if host.endswith(f":{port}") else f"{host}:{port}"}
-    return any(hmac.compare_digest(twilio_signature(token, f"{proto}://{h}{path}", params), given) for h in hosts)
+    return any(hmac.compare_digest(twilio_signature(token, f"{s}://{h}{path}", params), given)
+               for s in schemes for h in hosts)
 
 
 def twiml(stream_url: str, parameters: dict[str, str]) -> str:
@@ -237,6 +242,12 @@ async def wait_for_start(ws: WebSocket) -> dict[str, Any] | None:
 @router.websocket(MEDIA_PATH)
 async def media_stream(ws: WebSocket) -> None:
     state: ServerState = ws.app.state.oc
+    token = state.config.twilio_auth_token
+    if token and not signature_ok(token, ws, {}):   # Twilio signs the stream's handshake too (no parameters)
+        log.warning("twilio: refused a media stream with a missing or wrong X-Twilio-Signature")
+        with contextlib.suppress(Exception):
+            await ws.close(code=1008)   # before accept: the client gets HTTP 403
+        return
     try:
         await ws.accept()
     except Exception:   # Twilio left during the handshake
