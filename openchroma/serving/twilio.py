@@ -65,8 +65,9 @@ def signature_ok(token: str, conn: HTTPConnection, params: dict[str, str]) -> bo
     proto, host = public_url(conn)
     path = conn.url.path + (f"?{conn.url.query}" if conn.url.query else "")
     secure = proto in ("https", "wss")
-    schemes = {"https" if secure else "http"} if conn.scope["type"] == "http" else {"wss", "https"} if secure \
-        else {"ws", "http"}
+    schemes = {"https"} if secure else {"http"}
+    if conn.scope["type"] == "websocket":
+        schemes.add("wss" if secure else "ws")
     port = "443" if secure else "80"
     hosts = {host, host.removesuffix(f":{port}") if host.endswith(f":{port}") else f"{host}:{port}"}
     return any(hmac.compare_digest(twilio_signature(token, f"{s}://{h}{path}", params), given)
@@ -91,11 +92,11 @@ async def twilio_voice(request: Request) -> Response:
         err = APIError(403, "missing or wrong X-Twilio-Signature", "authentication_error", "invalid_signature")
         return JSONResponse(err.body(), status_code=403)
     proto, host = public_url(request)
-    pick = {name: request.query_params.get(name) or form.get(name) or default
-            for name, default in (("voice", cfg.twilio_voice or cfg.default_voice), ("instructions",
-                                                                                    cfg.twilio_instructions))}
+    defaults = {"voice": cfg.twilio_voice or cfg.default_voice, "instructions": cfg.twilio_instructions}
+    given = {name: request.query_params.get(name) or form.get(name) or default or ""
+             for name, default in defaults.items()}
     url = f"{'wss' if proto == 'https' else 'ws'}://{host}{MEDIA_PATH}"
-    return Response(twiml(url, {k: v or "" for k, v in pick.items()}), media_type="application/xml")
+    return Response(twiml(url, given), media_type="application/xml")
 
 
 # ----- the media stream -----------------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ class TwilioTransport:
                     return
         except TimeoutError:
             log.warning("twilio stream %s: the engine is behind; ending the call", self.stream_sid)
-        except (WebSocketDisconnect, RuntimeError, ValueError, AttributeError):   # gone, or not JSON objects
+        except (WebSocketDisconnect, RuntimeError, ValueError, KeyError, AttributeError):   # gone, or not JSON text
             return
 
 
@@ -235,7 +236,7 @@ async def wait_for_start(ws: WebSocket) -> dict[str, Any] | None:
                     return msg
                 if isinstance(msg, dict) and msg.get("event") == "stop":
                     return None
-    except (TimeoutError, WebSocketDisconnect, RuntimeError, ValueError):
+    except (TimeoutError, WebSocketDisconnect, RuntimeError, ValueError, KeyError):
         return None
 
 
