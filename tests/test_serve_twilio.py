@@ -148,3 +148,21 @@ def test_a_call_holds_a_spoken_turn_and_a_barge_in_clears_twilios_buffer(tiny_ch
             while state.connections and time.time() < deadline:
                 time.sleep(0.05)
             assert not state.connections   # the session is freed when Twilio stops the stream
+
+
+def test_eagerness_parameter_turns_on_semantic_vad(tiny_chroma, tmp_path):
+    pytest.importorskip("onnxruntime")
+    with chroma_server(tiny_chroma, tmp_path) as (url, state):
+        add_voice(url)
+        r = httpx.post(f"{url}/twilio/voice?eagerness=low", data={"CallSid": "CA1"})
+        assert '<Parameter name="eagerness" value="low"/>' in r.text
+        with ws_client.connect(url.replace("http", "ws") + "/twilio/media-stream") as ws:
+            FakeTwilio(ws, {"eagerness": "low"}).speak(np.zeros(800, np.float32))
+            deadline = time.time() + 20
+            while not state.connections and time.time() < deadline:
+                time.sleep(0.05)
+            conn = next(iter(state.connections))
+            while conn.core.settings.input_format["type"] != "audio/pcmu" and time.time() < deadline:
+                time.sleep(0.05)
+            assert conn.core.settings.turn_detection["type"] == "semantic_vad"
+            assert conn.core.settings.turn_detection["eagerness"] == "low"

@@ -84,7 +84,7 @@ def twiml(stream_url: str, parameters: dict[str, str]) -> str:
 @router.post("/twilio/voice")
 async def twilio_voice(request: Request) -> Response:
     """TwiML connecting the call to the media stream; ``voice`` and ``instructions`` from the query, the form, or
-    the server's ``--twilio-voice`` / ``--twilio-instructions``."""
+    the server's ``--twilio-voice`` / ``--twilio-instructions``; ``eagerness`` (query or form) for semantic_vad."""
     cfg = get_state(request).config
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
     if cfg.twilio_auth_token and not signature_ok(cfg.twilio_auth_token, request, form):
@@ -92,7 +92,8 @@ async def twilio_voice(request: Request) -> Response:
         err = APIError(403, "missing or wrong X-Twilio-Signature", "authentication_error", "invalid_signature")
         return JSONResponse(err.body(), status_code=403)
     proto, host = public_url(request)
-    defaults = {"voice": cfg.twilio_voice or cfg.default_voice, "instructions": cfg.twilio_instructions}
+    defaults = {"voice": cfg.twilio_voice or cfg.default_voice, "instructions": cfg.twilio_instructions,
+                "eagerness": None}
     given = {name: request.query_params.get(name) or form.get(name) or default or ""
              for name, default in defaults.items()}
     url = f"{'wss' if proto == 'https' else 'ws'}://{host}{MEDIA_PATH}"
@@ -118,11 +119,14 @@ class TwilioTransport:
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self, client: str, parameters: dict[str, Any]) -> None:
-        """Open the core's session and set it up for the call: μ-law both ways, server VAD with barge-in, the
-        voice and instructions the TwiML passed (problems are logged: the call goes on with the defaults)."""
+        """Open the core's session and set it up for the call: μ-law both ways, server VAD with barge-in (or
+        ``semantic_vad`` when the TwiML passed an ``eagerness``), the voice and instructions the TwiML passed
+        (problems are logged: the call goes on with the defaults)."""
         await self.core.open(client)
+        eagerness = parameters.get("eagerness")   # given: semantic_vad with it, else server VAD
+        td = {"type": "semantic_vad", "eagerness": eagerness} if eagerness else dict(DEFAULT_VAD)
         session: dict[str, Any] = {"type": "realtime", "audio": {
-            "input": {"format": {"type": "audio/pcmu"}, "turn_detection": dict(DEFAULT_VAD)},
+            "input": {"format": {"type": "audio/pcmu"}, "turn_detection": td},
             "output": {"format": {"type": "audio/pcmu"}}}}
         if parameters.get("instructions"):
             session["instructions"] = str(parameters["instructions"])
