@@ -16,6 +16,7 @@ import asyncio
 
 import pytest
 from client_helpers import (
+    RATE,
     LiveKitRig,
     connection,
     drain_generation,
@@ -51,6 +52,12 @@ def long_server(tiny_chroma, tmp_path_factory):
     """Long responses (30 s of audio at most), still streaming when the user talks over them."""
     with openchroma_server(tiny_chroma, tmp_path_factory.mktemp("livekit-long"), max_response_seconds=30) as s:
         yield s
+
+
+def question_pcm16() -> bytes:
+    """The speech sample's second sentence (a question, one turn): semantic_vad's model (rightly) ends a turn at
+    the short pause after its first, "Hello there." (0.64 s), which would split the sample into two turns."""
+    return speech_pcm16()[int(0.7 * RATE) * 2:]
 
 
 def state_session(state, rig: LiveKitRig):
@@ -135,7 +142,7 @@ def test_livekit_spoken_turn_with_user_transcript(server):
         async with LiveKitRig(url) as rig:
             update = rig.sent.of("session.update")[0]["session"]
             assert update["audio"]["input"]["transcription"] == {"model": "gpt-4o-mini-transcribe"}
-            await rig.push_audio(speech_pcm16() + silence_pcm16(1.5))
+            await rig.push_audio(question_pcm16() + silence_pcm16(1.5))
             gen = await until(lambda: rig.generations and rig.generations[0], "a reply to the spoken turn")
             assert not gen.user_initiated
             (_, _, frames), = await drain_generation(gen)
@@ -162,13 +169,13 @@ def test_livekit_barge_in(long_server):
 
     async def run():
         async with LiveKitRig(url) as rig:
-            await rig.push_audio(speech_pcm16() + silence_pcm16(1.5))
+            await rig.push_audio(question_pcm16() + silence_pcm16(1.5))
             gen = await until(lambda: rig.generations and rig.generations[0], "a reply to the first turn")
             msg = await within(gen.message_stream.__anext__(), "the reply's message")
             await within(msg.audio_stream.__anext__(), "the reply's first audio frame")
             mark = rig.received.mark()
             ended = asyncio.ensure_future(asyncio.gather(drain_generation(gen), read_message(msg)))
-            await rig.push_audio(speech_pcm16()[:24000 * 2], realtime_until=lambda: rig.received.of("response.done",
+            await rig.push_audio(question_pcm16()[:24000 * 2], realtime_until=lambda: rig.received.of("response.done",
                                                                                                      mark))
             await within(ended, "the end of the interrupted reply's streams")
             assert rig.speech_started >= 2
@@ -178,7 +185,7 @@ def test_livekit_barge_in(long_server):
             rig.session.truncate(message_id=msg.message_id, modalities=["audio"], audio_end_ms=200)
             truncated = await rig.received.wait("conversation.item.truncated", since=mark)
             assert truncated["item_id"] == msg.message_id and truncated["audio_end_ms"] == 200
-            await rig.push_audio(speech_pcm16()[24000 * 2:] + silence_pcm16(1.5))
+            await rig.push_audio(question_pcm16()[24000 * 2:] + silence_pcm16(1.5))
             await until(lambda: len(rig.generations) == 2, "a reply to the interrupting turn")
             no_errors(rig)
 

@@ -57,6 +57,17 @@ class ServerConfig:
     threads: int | None = field(default=None, metadata=flag(
         "CPU threads of the frame loop (default: 1 for small models, whose tiny ops lose more to thread hand-offs "
         "than they gain; torch's default for models 1024 wide or more)"))
+    turn_model: str | None = field(default=None, metadata=flag(
+        "semantic_vad's end-of-turn model: the path of smart-turn-v3.2-cpu.onnx (or a directory holding it), or a "
+        "hub id; default: the copy in the installed pipecat-ai package", metavar="PATH"))
+    twilio_auth_token: str | None = field(default=None, metadata=flag(
+        "check X-Twilio-Signature with this Twilio auth token on POST /twilio/voice and the /twilio/media-stream "
+        "handshake (wrong or missing: 403); unset = anyone who reaches the server can start a call",
+        metavar="TOKEN"))
+    twilio_voice: str | None = field(default=None, metadata=flag(
+        "library voice for phone calls (/twilio/voice) that name none (default: --default-voice)", metavar="NAME"))
+    twilio_instructions: str | None = field(default=None, metadata=flag(
+        "instructions for phone calls that give none (default: the model's system prompt)", metavar="TEXT"))
     # Abuse and fault limits: one client must never hurt another.
     allow_origins: tuple[str, ...] = field(default=(), metadata=flag(
         "let web pages on ORIGIN (e.g. https://app.example.com; '*' for any) open the WebSocket and POST; repeat "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -77,6 +78,15 @@ class RealtimeCore:
 
     def end(self, reason: Ending) -> None:
         self.sink.end(reason)
+
+    def heard_ms(self, item_id: str, played: float | None) -> float:
+        """How much of an answer item's audio the listener has heard: the transport's own measure when its sink has
+        one (``heard_ms(item_id)``: Twilio's acknowledged marks), else real-time playback from the first delta
+        (``played``, ``time.monotonic()``; None: nothing sent yet)."""
+        measure = getattr(self.sink, "heard_ms", None)
+        if measure is not None:
+            return measure(item_id)
+        return 0.0 if played is None else 1000 * (time.monotonic() - played)
 
     def resolve_voice(self, name: str, param: str) -> str | None:
         """A library voice for ``name``; None keeps the current one when ``name`` is one of OpenAI's stock voices
@@ -201,6 +211,7 @@ class RealtimeCore:
 
     async def update_session(self, s: ev.SessionConfig) -> None:
         change = SessionSettings.check(s, self.resolve_voice)   # everything checked before anything changes
+        await self.input.load_turn_model(change.turn_detection)   # semantic_vad's model, off the loop
         if change.instructions is not None:
             await self.call(self.session.set_instructions(change.instructions))
         if change.voice is not None:

@@ -19,7 +19,8 @@ from . import realtime_server_events as out
 from .codecs import InputDecoder
 from .errors import shorten
 from .realtime_events import RealtimeError
-from .vad import StreamingVAD, VADConfig
+from .turn_detection import SemanticVAD, SmartTurnModel, TurnModelError, load_turn_model, turn_detector
+from .vad import StreamingVAD
 
 if TYPE_CHECKING:
     from .realtime_core import RealtimeCore
@@ -53,7 +54,8 @@ class InputAudio:
 
     def __init__(self, core: RealtimeCore):
         self.core = core
-        self.vad: StreamingVAD | None = None
+        self.vad: StreamingVAD | SemanticVAD | None = None
+        self.turn_model: SmartTurnModel | None = None   # loaded by load_turn_model before semantic_vad is set
         self.vad_origin_ms = 0.0
         self.clock_ms = 0.0                     # ms of audio received since the connection opened
         self.buffer_ms = 0.0                    # ms in the input buffer since the last commit
@@ -90,13 +92,22 @@ class InputAudio:
         return self.decode(b64, param)
 
     # ----- the buffer ----------------------------------------------------------------------------------------
+    async def load_turn_model(self, td: dict | None) -> None:
+        """Load the end-of-turn model that ``td`` (a checked ``turn_detection``) needs, off the event loop (the first
+        load reads an ONNX file and runs it once); raises ``RealtimeError`` when it cannot be had."""
+        if not td or td.get("type") != "semantic_vad" or self.turn_model is not None:
+            return
+        try:
+            self.turn_model = await asyncio.to_thread(load_turn_model, self.core.cfg.turn_model)
+        except TurnModelError as e:
+            raise RealtimeError(f"semantic_vad is not available on this server: {e}", "turn_model_unavailable",
+                                "session.audio.input.turn_detection.type", "server_error") from None
+
     def new_vad(self) -> None:
-        """A VAD for the current settings; its clock starts now, so its times are offset by ``vad_origin_ms``."""
+        """A VAD for the current settings (silero's ``server_vad``, or ``semantic_vad`` with the model loaded by
+        ``load_turn_model``); its clock starts now, so its times are offset by ``vad_origin_ms``."""
         td = self.core.settings.turn_detection
-        self.vad = StreamingVAD(VADConfig(threshold=float(td["threshold"]),
-                                          prefix_padding_ms=int(td["prefix_padding_ms"]),
-                                          silence_duration_ms=int(td["silence_duration_ms"])),
-                                self.rate) if td else None
+        self.vad = turn_detector(td, self.rate, self.turn_model) if td else None
         self.vad_origin_ms = self.clock_ms
         self.prefix.clear()
 
@@ -139,7 +150,7 @@ class InputAudio:
         """What of ``x`` the engine should hear under server VAD: speech only, with its prefix padding (kept from
         the audio before it started)."""
         if not was_speaking and not self.vad.speaking and not events:
-            pad = self.core.settings.turn_detection["prefix_padding_ms"]
+            pad = self.core.settings.turn_detection.get("prefix_padding_ms", 300)
             self.prefix.append((start_ms, x))
             while self.prefix and self.prefix[0][0] + 1000 * len(self.prefix[0][1]) / self.rate < start_ms - pad:
                 self.prefix.popleft()

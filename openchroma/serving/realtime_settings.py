@@ -13,7 +13,8 @@ from .realtime_events import RealtimeError
 
 DEFAULT_VAD = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
                "create_response": True, "interrupt_response": True, "idle_timeout_ms": None}
-SEMANTIC_SILENCE_MS = {"low": 1000, "medium": 600, "auto": 600, "high": 300}
+DEFAULT_SEMANTIC_VAD = {"type": "semantic_vad", "eagerness": "auto", "create_response": True,
+                        "interrupt_response": True}
 INPUT_RATES = {"audio/pcm": None, "audio/pcmu": 8000, "audio/pcma": 8000}
 PCM_INPUT_RATES = (8000, 16000, 24000, 44100, 48000)
 # A voice name to a library voice; None keeps the current one (raises RealtimeError when it names none).
@@ -34,9 +35,12 @@ def audio_format(fmt: ev.PCM | ev.G711, param: str, inputs: bool) -> dict[str, A
 def turn_detection(td: ev.TurnDetection | None) -> dict[str, Any] | None:
     if td is None:
         return None
+    if td.type == "semantic_vad":   # the end-of-turn model decides (turn_detection.SemanticVAD); silero's settings
+        out = dict(DEFAULT_SEMANTIC_VAD)   # may be given too, but OpenAI's object has no silence length
+        out.update(td.model_dump(include={"eagerness", "threshold", "prefix_padding_ms", "create_response",
+                                          "interrupt_response"}, exclude_none=True))
+        return out
     out = dict(DEFAULT_VAD)
-    if td.type == "semantic_vad":  # approximated by the server VAD with a silence matching the eagerness
-        out["silence_duration_ms"] = SEMANTIC_SILENCE_MS[td.eagerness or "auto"]
     out.update(td.model_dump(include={"threshold", "prefix_padding_ms", "silence_duration_ms", "idle_timeout_ms",
                                       "create_response", "interrupt_response"}, exclude_none=True))
     return out
