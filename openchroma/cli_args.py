@@ -22,7 +22,7 @@ class UsageError(ValueError):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, dtype: str | None = "float32", model: str | None = None,
-                        required: bool = True, model_help: str = MODEL_HELP) -> None:
+                        required: bool = True, model_help: str = MODEL_HELP, quantize: bool = False) -> None:
     """``--model``, ``--device``, ``--dtype``: every flag that says which model loads and how.
 
     ``dtype=None``: bfloat16 on CUDA, float32 on CPU (``resolve_dtype``). ``model``: a default (else
@@ -34,6 +34,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, dtype: str | None = "fl
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", default=dtype, choices=DTYPES,
                         help=f"weights and activations dtype (default: {dtype or 'bfloat16 on CUDA, float32 on CPU'})")
+    if quantize:
+        add_quantize_argument(parser)
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """``--quantize {int8,int4,fp8}`` for a command that loads a model."""
+    from .constants import QUANTIZE_SCHEMES
+
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_SCHEMES,
+                        help="quantize weights at load: int8 or int4 (CPU and CUDA), fp8 (CUDA, compute capability "
+                             "8.9+); a pre-quantized checkpoint needs no flag (see docs/low-memory.md)")
 
 
 def resolve_dtype(dtype: str | None, device: str | None) -> str:

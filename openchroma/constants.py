@@ -31,3 +31,6 @@ LOG_MEL_FLOOR = 8.0
 #: Whisper's final scaling of the floored log10 values: ``(x + LOG_MEL_OFFSET) / LOG_MEL_SCALE``.
 LOG_MEL_OFFSET = 4.0
 LOG_MEL_SCALE = 4.0
+
+#: Weight-only quantization schemes (``--quantize``): int8 and int4 on CPU and CUDA, fp8 on CUDA 8.9+.
+QUANTIZE_SCHEMES = ("int8", "int4", "fp8")

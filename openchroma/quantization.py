@@ -21,7 +21,6 @@ its ``config.json`` records ``{"quantization": {"scheme": ..., "format": FORMAT}
 
 from __future__ import annotations
 
-import argparse
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,9 +28,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .constants import QUANTIZE_SCHEMES
 from .models.quantized import QuantCodebookHeads, QuantEmbedding, QuantLinear
 
-SCHEMES = ("int8", "int4", "fp8")
+SCHEMES = QUANTIZE_SCHEMES
 FORMAT = "openchroma-weight-only-v1"
 INT4_GROUP_SIZES = (128, 64, 32)
 FP8_MAX = 448.0  # float8 e4m3's largest finite value
@@ -39,13 +39,6 @@ FP8_MAX = 448.0  # float8 e4m3's largest finite value
 
 class QuantizationError(ValueError):
     """A scheme this device or checkpoint cannot use."""
-
-
-def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
-    """``--quantize {int8,int4,fp8}`` for a command that loads a model."""
-    parser.add_argument("--quantize", default=None, choices=SCHEMES,
-                        help="quantize weights at load: int8 or int4 (CPU and CUDA), fp8 (CUDA, compute capability "
-                             "8.9+); a pre-quantized checkpoint needs no flag (see docs/low-memory.md)")
 
 
 def check_device(scheme: str, device: torch.device) -> None:

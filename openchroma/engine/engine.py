@@ -153,6 +153,14 @@ class Engine:
     def last_error(self) -> str | None:
         return self.worker.last_error
 
+    @property
+    def step_mode(self) -> dict[str, str | None]:
+        """How frames are computed: ``mode`` (``cuda-graphs``, ``compiled`` or ``eager``), why CUDA graphs are off
+        when their capture failed (``graph_error``), and the weights' quantization scheme (``quantize``)."""
+        lm = getattr(self.chroma, "lm", None)
+        return {"mode": self.stepper.mode, "graph_error": self.stepper.graph_error,
+                "quantize": getattr(lm, "quantize", None)}
+
     # ----- voices ---------------------------------------------------------------------------------------------
     def register_voice(self, name: str, audio, transcript: str, sample_rate: int | None = None) -> Voice:
         """Clone a voice once: its codes and the backbone's cache over its prompt are reused by every response."""

@@ -38,6 +38,7 @@ class EvalSettings:
     audio_dir: Path | None = None
     device: str | None = None
     dtype: str = "float32"
+    quantize: str | None = None        # int8, int4 or fp8 weights (docs/low-memory.md)
     sim_model: str = "auto"
     asr_model: str = "auto"
     max_frames: int | None = None      # None: 750 (60 s), or 50 (4 s) for an init-random checkpoint
@@ -90,7 +91,8 @@ class Synthesizer:
 
         self.max_frames = max_frames_for(settings)
         chroma = Chroma.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype,
-                                        progress=settings.progress, max_frames=self.max_frames)
+                                        progress=settings.progress, max_frames=self.max_frames,
+                                        quantize=settings.quantize)
         self.engine = Engine(chroma, max_sessions=1, max_response_frames=self.max_frames)
         self.sample_rate = self.engine.sample_rate
         self.task = settings.task
@@ -253,7 +255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "random-weight checkpoint speaks noise: its SIM and WER mean nothing.")
     p.epilog = ("List format (paths relative to the list; '#' comments): tts: utt|prompt_text|prompt_wav|target_text; "
                 "dialogue: utt|prompt_text|prompt_wav|user_wav.")
-    add_model_arguments(p, required=False, model_help=MODEL_HELP + "; omit with --audio-dir")
+    add_model_arguments(p, quantize=True, required=False, model_help=MODEL_HELP + "; omit with --audio-dir")
     p.add_argument("--list", required=True, metavar="FILE", help="the test list (see the format below)")
     p.add_argument("--task", default="tts", choices=["tts", "dialogue"],
                    help="tts: speak target_text (forced text); dialogue: answer user_wav, whose answer text is "
@@ -283,11 +285,13 @@ def run(args: argparse.Namespace) -> int:
     items = read_test_list(args.list, args.task)  # every problem in the list is found before any model loads
     audio_dir = Path(args.audio_dir) if args.audio_dir else None
     settings = EvalSettings(task=args.task, model=args.model, audio_dir=audio_dir,
-                            device=args.device, dtype=args.dtype, sim_model=args.sim_model, asr_model=args.asr_model,
+                            device=args.device, dtype=args.dtype, quantize=args.quantize, sim_model=args.sim_model,
+                            asr_model=args.asr_model,
                             max_frames=args.max_frames, warmup=args.warmup, progress=not args.no_progress)
     argv = ["openchroma", "eval", "--list", str(args.list), "--task", args.task, "--out", str(args.out),
             "--sim-model", args.sim_model, "--asr-model", args.asr_model]
     argv += ["--model", str(args.model)] + (["--max-frames", str(args.max_frames)] if args.max_frames else []) \
+        + (["--quantize", args.quantize] if args.quantize else []) \
         if args.model else ["--audio-dir", str(args.audio_dir)]
     try:
         results = evaluate(items, args.out, settings, command=shlex.join(argv))

@@ -124,7 +124,7 @@ def _add_info_routes(app: FastAPI, state: ServerState) -> None:
             if problem is not None:
                 return JSONResponse({"status": "error", "error": problem, "model": config.model_id}, status_code=503)
             return {"status": "ok", "model": config.model_id, "random_weights": state.random_weights,
-                    "voices": len(state.engine.voices),
+                    "voices": len(state.engine.voices), **state.engine.step_mode,
                     "sessions": len(state.engine.sessions), "max_sessions": state.engine.max_sessions}
         if state.load_error:
             return JSONResponse({"status": "error", "error": state.load_error}, status_code=503)

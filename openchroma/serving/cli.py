@@ -95,7 +95,7 @@ def config_from_args(args: argparse.Namespace, config_cls: type = None, **values
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = DESCRIPTION
-    add_model_arguments(p, dtype=None, model=PUBLISHED_MODEL)
+    add_model_arguments(p, dtype=None, model=PUBLISHED_MODEL, quantize=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -25,6 +25,7 @@ class ServerConfig:
     model: str = ""
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None   # int8, int4 or fp8 weights (the shared model flags add --quantize)
     api_key: str | None = field(default=None, metadata=flag(
         "require this key on every API route and the WebSocket (default: $OPENCHROMA_API_KEY; unset = no key)"))
     data_dir: Path = field(default_factory=default_data_dir, metadata=flag("where the voice library lives"))

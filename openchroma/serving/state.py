@@ -132,7 +132,8 @@ class ServerState:
         """Load the model (with progress bars) and the voice library; run in a background thread."""
         try:
             engine = Engine.from_pretrained(
-                self.config.model, device=self.config.device, dtype=self.config.dtype, progress=True,
+                self.config.model, device=self.config.device, dtype=self.config.dtype, quantize=self.config.quantize,
+                progress=True,
                 max_sessions=self.config.max_sessions, max_context=self.config.max_context,
                 max_response_frames=self.config.max_response_frames, compile=self.config.compile,
                 cuda_graphs=self.config.cuda_graphs, threads=self.config.threads, **engine_limits(self.config))

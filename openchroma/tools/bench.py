@@ -461,7 +461,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "TTFT (respond() to first audio chunk), RTF (generation time / audio time; < 1 is faster than "
                      "real time) and aggregate frames/s, and writes bench.json, bench.md and bench.png to --out "
                      "after every level. Works with random-weight checkpoints from init-random (they speak noise).")
-    add_model_arguments(p)
+    add_model_arguments(p, quantize=True)
     p.add_argument("--sessions", type=_sessions_list, default=[1, 2, 4], metavar="N,N,...",
                    help="concurrency levels to measure, comma-separated (default: 1,2,4)")
     p.add_argument("--frames", type=int, default=50, metavar="F",
@@ -490,11 +490,13 @@ def run(args: argparse.Namespace) -> int:
                 "--frames", str(args.frames), "--user-seconds", f"{args.user_seconds:g}", "--turns", str(args.turns),
                 "--warmup", str(args.warmup), "--out", str(args.out)]
     command += ["--compile"] if args.compile else []
+    command += ["--quantize", args.quantize] if args.quantize else []
     command += ["--per-frame", ",".join(map(str, args.per_frame))] if args.per_frame else []
     results, paths = bench(args.model, device=args.device, dtype=args.dtype, sessions=args.sessions,
                            frames=args.frames, user_seconds=args.user_seconds, turns=args.turns,
                            warmup=args.warmup, out_dir=args.out, command=shlex.join(command), compile=args.compile,
-                           per_frame_lengths=tuple(args.per_frame) if args.per_frame else None)
+                           per_frame_lengths=tuple(args.per_frame) if args.per_frame else None,
+                           quantize=args.quantize)
     print()
     print(paths["md"].read_text(), end="")
     print(f"\nwrote {paths['json']}, {paths['md']} and {paths['png']}")

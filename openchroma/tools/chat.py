@@ -10,7 +10,7 @@ from .speak import add_generation_arguments, check_generation_args, load_with_vo
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Answer one user turn (audio and/or text) in a cloned voice."
-    add_model_arguments(p)
+    add_model_arguments(p, quantize=True)
     p.add_argument("--audio", help="the user's audio (wav, flac, ogg, mp3; any rate)")
     p.add_argument("--text", help="the user's text")
     add_generation_arguments(p)

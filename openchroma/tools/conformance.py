@@ -146,7 +146,7 @@ def run_case(lm: LoadedModel, path: str | Path, runner: ResponseRunner | None = 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Run reference cases (case_*.safetensors) and compare tokens, codes, logits and audio. "
                      "Exit status 0 only when everything matches.")
-    add_model_arguments(p)
+    add_model_arguments(p, quantize=True)
     p.add_argument("--case", required=True, action="append", help="case file (repeat for several)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     add_compile_argument(p)
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
 
     for c in args.case:  # a missing or broken case file is reported before the model loads
         load_case(c)
-    lm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    lm = load(args.model, device=args.device, dtype=args.dtype, progress=not args.json, quantize=args.quantize)
     runner = case_runner(lm, args.case, compile=args.compile)
     if runner.stepper.compile:  # the variants greedy cases use, compiled before the first case
         greedy = [k for k in runner.stepper.variants() if k[0] == "think" or k[3]]

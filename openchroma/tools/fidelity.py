@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import quantization
+from ..cli_args import add_quantize_argument
 from ..loading import CheckpointError, LoadedModel, load
 from ..voice import VoicePrompt, encode_voice
 from .conformance import CaseError, load_case
@@ -165,7 +166,7 @@ def table(results: list[dict]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory or hub repo id (may be pre-quantized)")
-    quantization.add_quantize_argument(parser)
+    add_quantize_argument(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="the measured model's dtype (default float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")

@@ -75,7 +75,8 @@ def load_with_voice(args: argparse.Namespace, max_frames: int):
     """The model (its replies capped at ``max_frames``) and the cloned voice."""
     from ..pipeline import Chroma
 
-    chroma = Chroma.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_frames=max_frames)
+    chroma = Chroma.from_pretrained(args.model, device=args.device, dtype=args.dtype, max_frames=max_frames,
+                                    quantize=args.quantize)
     return chroma, chroma.voice(args.voice_audio, args.voice_text)
 
 
@@ -97,7 +98,7 @@ def write_reply(reply, out: str, model: str) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Say the given text in a cloned voice (the forced-text path)."
-    add_model_arguments(p)
+    add_model_arguments(p, quantize=True)
     p.add_argument("--text", required=True, help="what to say")
     add_generation_arguments(p)
 
