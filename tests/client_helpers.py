@@ -26,7 +26,7 @@ from openchroma.serving.codecs import float_to_pcm16
 VOICE = "lib"
 VOICE_TRANSCRIPT = "Hello there. Could you tell me what the weather will be like tomorrow?"
 RATE = 24000            # the OpenAI Realtime protocol's pcm16 rate
-WAIT = 5.0              # seconds any one expected event may take on this tiny model (fail fast, never hang)
+WAIT = 15.0             # seconds one expected event may take here, on a busy 2-core machine (fail fast, never hang)
 
 T = TypeVar("T")
 
