@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -77,6 +78,16 @@ class RealtimeCore:
 
     def end(self, reason: Ending) -> None:
         self.sink.end(reason)
+
+    def heard_ms(self, sent_ms: float, first_sent: float | None) -> float:
+        """How much of the current response's audio the listener has heard: what the transport measured when it can
+        (``EventSink.heard_ms``: WebRTC counts what its track sent), else playback in real time from ``first_sent``
+        (``time.monotonic()`` of the first delta); never more than ``sent_ms``."""
+        measured = getattr(self.sink, "heard_ms", None)
+        heard = measured() if measured is not None else None
+        if heard is None:
+            heard = 0.0 if first_sent is None else 1000 * (time.monotonic() - first_sent)
+        return min(sent_ms, heard)
 
     def resolve_voice(self, name: str, param: str) -> str | None:
         """A library voice for ``name``; None keeps the current one when ``name`` is one of OpenAI's stock voices
