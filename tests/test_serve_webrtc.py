@@ -32,7 +32,12 @@ class PlayedAudio(MediaStreamTrack):
     def __init__(self, audio: np.ndarray | None = None):
         super().__init__()
         self.audio = np.zeros(0, np.float32) if audio is None else audio
+        self.offset = 0   # the pts at which ``audio`` starts
         self.pts, self.start = 0, None
+
+    def say(self, audio: np.ndarray) -> None:
+        """Speak ``audio`` from now on."""
+        self.audio, self.offset = audio, self.pts
 
     async def recv(self):
         if self.readyState != "live":
@@ -42,7 +47,7 @@ class PlayedAudio(MediaStreamTrack):
         if wait > 0:
             await asyncio.sleep(wait)
         chunk = np.zeros(FRAME, np.float32)
-        piece = self.audio[self.pts:self.pts + FRAME]
+        piece = self.audio[self.pts - self.offset:self.pts - self.offset + FRAME]
         chunk[:len(piece)] = piece
         frame = av.AudioFrame.from_ndarray((chunk * 32767).astype(np.int16).reshape(1, -1), format="s16",
                                            layout="mono")
@@ -159,7 +164,7 @@ def test_text_turn_over_webrtc_streams_audio_on_the_track_and_hangup_ends_the_ca
 def test_spoken_turn_with_server_vad_over_the_audio_track(tiny_chroma, tmp_path):
     speech = load_audio(SPEECH_WAV, RATE).numpy().astype(np.float32)
     mic = PlayedAudio(np.concatenate([np.zeros(RATE // 2, np.float32), speech]))
-    with chroma_server(tiny_chroma, tmp_path, max_response_seconds=2) as (url, state):
+    with chroma_server(tiny_chroma, tmp_path, max_response_seconds=60) as (url, state):
         add_voice(url)
 
         async def scenario():
@@ -174,8 +179,19 @@ def test_spoken_turn_with_server_vad_over_the_audio_track(tiny_chroma, tmp_path)
             assert speech_end_ms - 500 <= stopped["audio_end_ms"] <= speech_end_ms + 1000
             await caller.until("input_audio_buffer.committed")
             await caller.until("response.created")
+            playing = await caller.until("output_audio_buffer.started")
+
+            # The caller talks over the answer: barge-in cancels it, and the queued audio is dropped from the track.
+            mic.say(speech)
+            await caller.until("input_audio_buffer.speech_started")
+            cleared = await caller.until("output_audio_buffer.cleared")
+            assert cleared["response_id"] == playing["response_id"]
             done = await caller.until("response.done")
-            assert done["response"]["status"] in ("completed", "incomplete")
+            assert done["response"]["status"] == "cancelled"
+            assert done["response"]["status_details"]["reason"] == "turn_detected"
+            await caller.until("input_audio_buffer.committed")   # the interrupting turn gets its own answer
+            second = await caller.until("response.created")
+            assert second["response"]["id"] != done["response"]["id"]
             await caller.close()
 
         run(scenario())
