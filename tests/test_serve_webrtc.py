@@ -247,3 +247,23 @@ def test_the_outbound_track_survives_opus_and_counts_what_it_sent():
         track.stop()
 
     run(scenario())
+
+
+def test_without_aiortc_the_route_says_how_to_get_webrtc(tiny_chroma, tmp_path, monkeypatch):
+    from openchroma.serving import webrtc
+
+    monkeypatch.setattr(webrtc, "RTCPeerConnection", None)   # as when the webrtc extra is not installed
+    with chroma_server(tiny_chroma, tmp_path) as (url, state):
+        r = httpx.post(f"{url}/v1/realtime/calls", content="v=0\r\n", headers={"Content-Type": "application/sdp"})
+        assert r.status_code == 501
+        err = r.json()["error"]
+        assert err["code"] == "webrtc_unavailable" and "openchroma[webrtc]" in err["message"]
+
+
+def test_ice_servers_from_urls():
+    from openchroma.serving.webrtc import ice_server
+
+    assert ice_server("stun:stun.example.org:3478").urls == "stun:stun.example.org:3478"
+    turn = ice_server("turn:alice:s3cret@turn.example.org:3478?transport=udp")
+    assert (turn.urls, turn.username, turn.credential) == ("turn:turn.example.org:3478?transport=udp", "alice",
+                                                           "s3cret")
