@@ -267,3 +267,46 @@ def test_ice_servers_from_urls():
     turn = ice_server("turn:alice:s3cret@turn.example.org:3478?transport=udp")
     assert (turn.urls, turn.username, turn.credential) == ("turn:turn.example.org:3478?transport=udp", "alice",
                                                            "s3cret")
+
+
+def test_sideband_websocket_watches_and_controls_the_call(tiny_chroma, tmp_path):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    auth = {"Authorization": "Bearer k"}
+    with chroma_server(tiny_chroma, tmp_path, api_key="k") as (url, state):
+        add_voice(url, headers=auth)
+        ws_url = url.replace("http", "ws") + "/v1/realtime"
+
+        async def recv_until(ws, kind: str) -> dict:
+            while True:
+                event = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                assert event["type"] != "error" or kind == "error", event
+                if event["type"] == kind:
+                    return event
+
+        async def scenario():
+            async with connect(ws_url + "?call_id=rtc_nope", additional_headers=auth) as ws:
+                assert (await recv_until(ws, "error"))["error"]["code"] == "call_not_found"
+            caller = Caller()
+            r = await caller.call(url, auth, session=manual_session())
+            assert r.status_code == 201, r.text
+            call_id = r.headers["location"].rsplit("/", 1)[1]
+            await caller.until("session.updated")
+            async with connect(f"{ws_url}?call_id={call_id}", additional_headers=auth) as ws:
+                await ws.send(json.dumps({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi!"}]}}))
+                await ws.send(json.dumps({"type": "response.create"}))
+                watched = await recv_until(ws, "response.done")
+                heard = await caller.until("response.done")   # the call's own channel sees the same events
+                assert watched["response"]["id"] == heard["response"]["id"]
+                assert not any(e["type"] == "response.output_audio.delta" for e in caller.seen)
+                async with httpx.AsyncClient() as client:
+                    hangup = await client.post(f"{url}/v1/realtime/calls/{call_id}/hangup", headers=auth)
+                assert hangup.status_code == 200
+                with pytest.raises(ConnectionClosed):   # the call ended: the sideband is closed
+                    while True:
+                        await asyncio.wait_for(ws.recv(), 10)
+            await caller.close()
+
+        run(scenario())

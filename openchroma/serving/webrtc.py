@@ -19,7 +19,7 @@ import json
 import logging
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import Response
 
 from . import realtime_events as ev
@@ -44,6 +44,7 @@ router = APIRouter()
 
 DATA_CHANNEL = "oai-events"
 MAX_OFFER_BYTES = 64 * 1024
+MAX_SIDEBAND_BACKLOG = 1024   # server events queued for a sideband WebSocket before it is dropped
 
 
 class WebRTCCall:
@@ -63,6 +64,7 @@ class WebRTCCall:
         self.response_id: str | None = None   # the response whose audio the track plays
         self.stopping = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
+        self.watchers: set[asyncio.Queue] = set()   # sideband WebSockets: every server event goes to them too
         self.closed = False
 
     # ----- the EventSink ------------------------------------------------------------------------------------
@@ -94,6 +96,12 @@ class WebRTCCall:
             self.channel.send(data)
         elif not self.closed:
             self.pending.append(data)
+        for queue in list(self.watchers):
+            if queue.qsize() >= MAX_SIDEBAND_BACKLOG:   # a watcher that stopped reading is dropped, not waited on
+                self.watchers.discard(queue)
+                queue.put_nowait(None)
+            else:
+                queue.put_nowait(data)
 
     def play(self, event: dict[str, Any]) -> None:
         self.response_id = event.get("response_id") or self.response_id
@@ -206,6 +214,8 @@ class WebRTCCall:
         for task in self.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
+        for queue in self.watchers:
+            queue.put_nowait(None)
         await self.core.close()
         self.outbound.stop()
         with contextlib.suppress(Exception):
@@ -284,3 +294,40 @@ async def hangup(call_id: str, request: Request) -> Response:
                        param="call_id")
     await call.close()
     return Response(status_code=200)
+
+
+async def sideband(ws: WebSocket, call_id: str) -> None:
+    """``/v1/realtime?call_id=...`` (the WebSocket route hands it here, key checked and accepted): a server watches a
+    call's server events and sends client events into it, as its data channel does, until either side ends."""
+    call = getattr(ws.app.state, "webrtc_calls", {}).get(call_id)
+    if call is None or call.closed:
+        event = {"type": "error", "event_id": new_id("event"), "error": {
+            "type": "invalid_request_error", "code": "call_not_found", "param": "call_id",
+            "message": f"no call {clip(call_id)} (it ended, or never existed)"}}
+        with contextlib.suppress(Exception):
+            await ws.send_text(json.dumps(event))
+            await ws.close(code=1008, reason="no such call")
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    call.watchers.add(queue)
+
+    async def forward() -> None:
+        while (data := await queue.get()) is not None:
+            await ws.send_text(data)
+
+    async def read() -> None:
+        while True:
+            msg = await ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            await call.on_message(msg.get("text") or (msg.get("bytes") or b"").decode(errors="replace"))
+
+    tasks = [asyncio.create_task(forward()), asyncio.create_task(read())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        call.watchers.discard(queue)
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await ws.close(code=1000, reason="call ended" if call.closed else "")
