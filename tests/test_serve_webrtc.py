@@ -310,3 +310,30 @@ def test_sideband_websocket_watches_and_controls_the_call(tiny_chroma, tmp_path)
             await caller.close()
 
         run(scenario())
+
+
+def test_a_call_whose_peer_never_connects_frees_its_session(tiny_chroma, tmp_path, monkeypatch):
+    from openchroma.serving import webrtc
+
+    monkeypatch.setattr(webrtc, "CONNECT_TIMEOUT", 1.0)
+    with chroma_server(tiny_chroma, tmp_path) as (url, state):
+        add_voice(url)
+
+        async def scenario():
+            pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            pc.createDataChannel("oai-events")
+            pc.addTransceiver("audio", direction="recvonly")
+            await pc.setLocalDescription(await pc.createOffer())
+            await pc.close()   # the client goes away before it ever uses the answer
+            async with httpx.AsyncClient() as client:
+                r = await client.post(f"{url}/v1/realtime/calls", content=pc.localDescription.sdp,
+                                      headers={"Content-Type": "application/sdp"})
+            assert r.status_code == 201
+            assert len(state.connections) == 1
+            deadline = time.monotonic() + 10
+            while state.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not state.connections
+            assert not state.engine.sessions
+
+        run(scenario())

@@ -44,6 +44,7 @@ router = APIRouter()
 
 DATA_CHANNEL = "oai-events"
 MAX_OFFER_BYTES = 64 * 1024
+CONNECT_TIMEOUT = 30.0   # seconds from the answer for the peer to connect
 MAX_SIDEBAND_BACKLOG = 1024   # server events queued for a sideband WebSocket before it is dropped
 
 
@@ -63,6 +64,7 @@ class WebRTCCall:
         self.pending: list[str] = []   # server events sent before the data channel opened
         self.response_id: str | None = None   # the response whose audio the track plays
         self.stopping = asyncio.Event()
+        self.connected = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
         self.watchers: set[asyncio.Queue] = set()   # sideband WebSockets: every server event goes to them too
         self.closed = False
@@ -115,8 +117,8 @@ class WebRTCCall:
     # ----- lifecycle ----------------------------------------------------------------------------------------
     async def start(self, offer_sdp: str, session: dict[str, Any] | None, client: str) -> str:
         """Open the engine session, apply ``session``, answer the offer; raises ``APIError``."""
-        await self.core.open(client)
         try:
+            await self.core.open(client)
             if session is not None:
                 event = {"type": "session.update", "session": session}
                 await self.core.update_session(ev.parse_event(event, self.cfg.max_text_chars).session)
@@ -138,7 +140,8 @@ class WebRTCCall:
             raise
         self.calls[self.id] = self
         self.state.connections.add(self)
-        self.tasks = [asyncio.create_task(self.inbox.run(self.stopping)), asyncio.create_task(self.watch())]
+        self.tasks = [asyncio.create_task(c) for c in (self.inbox.run(self.stopping), self.watch(),
+                                                         self.watch_connect())]
         return self.pc.localDescription.sdp
 
     def on_datachannel(self, channel) -> None:
@@ -187,7 +190,17 @@ class WebRTCCall:
         await self.inbox.put_event(event, eid)
 
     async def on_state(self) -> None:
+        if self.pc.connectionState == "connected":
+            self.connected.set()
         if self.pc.connectionState in ("failed", "closed"):
+            self.stopping.set()
+
+    async def watch_connect(self) -> None:
+        """A call whose peer never connects (ICE failed to find a path) must not hold its engine session."""
+        try:
+            await asyncio.wait_for(self.connected.wait(), CONNECT_TIMEOUT)
+        except TimeoutError:
+            log.info("webrtc call %s: the peer did not connect within %g s; closing", self.id, CONNECT_TIMEOUT)
             self.stopping.set()
 
     async def watch(self) -> None:
