@@ -253,6 +253,7 @@ def _calls(request: Request) -> dict[str, WebRTCCall]:
     app_state = request.app.state
     if not hasattr(app_state, "webrtc_calls"):
         app_state.webrtc_calls = {}
+        app_state.realtime_sideband = sideband   # the WebSocket route hands /v1/realtime?call_id=... here
     return app_state.webrtc_calls
 
 
