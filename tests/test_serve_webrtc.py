@@ -141,14 +141,17 @@ def test_text_turn_over_webrtc_streams_audio_on_the_track_and_hangup_ends_the_ca
             done = await caller.until("response.done")
             assert done["response"]["status"] in ("completed", "incomplete")   # random weights: capped at 2 s
             assert not any(e["type"] == "response.output_audio.delta" for e in caller.seen)   # audio is on the track
-            assert any(e["type"] == "output_audio_buffer.started" for e in caller.seen)
+            if not any(e["type"] == "output_audio_buffer.started" for e in caller.seen):   # the track may lag
+                await caller.until("output_audio_buffer.started")
             await caller.until("output_audio_buffer.stopped", limit=30)
             # The tiny random model's audio is (near) silence, so count it: the track carried at least the answer's
             # length (80 ms per audio token) by the time the server saw its track run dry.
             answer_s = 0.08 * done["response"]["usage"]["output_token_details"]["audio_tokens"]
             assert answer_s > 0.5
-            await asyncio.sleep(0.3)
-            assert sum(len(f) for f in caller.received) / 2 / RATE >= answer_s   # stereo 48 kHz from the decoder
+            deadline = time.monotonic() + 10
+            while sum(len(f) for f in caller.received) / 2 / RATE < answer_s and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)   # stereo 48 kHz from the decoder; a loaded machine may lag behind
+            assert sum(len(f) for f in caller.received) / 2 / RATE >= answer_s
             assert len(state.connections) == 1
             async with httpx.AsyncClient() as client:
                 r = await client.post(f"{url}{call_path}/hangup", headers={"Authorization": "Bearer k"})

@@ -63,6 +63,7 @@ class WebRTCCall:
         self.channel = None
         self.pending: list[str] = []   # server events sent before the data channel opened
         self.response_id: str | None = None   # the response whose audio the track plays
+        self.silenced: set[str] = set()        # responses whose audio was cleared: the rest of it is dropped
         self.stopping = asyncio.Event()
         self.connected = asyncio.Event()
         self.tasks: list[asyncio.Task] = []
@@ -107,10 +108,15 @@ class WebRTCCall:
 
     def play(self, event: dict[str, Any]) -> None:
         self.response_id = event.get("response_id") or self.response_id
+        if self.response_id in self.silenced:   # deltas of a response cleared while it was being cancelled
+            return
         decoder = InputDecoder(self.core.settings.output_format["type"])
         self.outbound.push(self.response_id or "", decoder.decode(base64.b64decode(event["delta"])), decoder.rate)
 
     def clear_output(self) -> None:
+        """Stop playing the current response: drop what is queued and what of it still comes."""
+        if self.response_id:
+            self.silenced.add(self.response_id)
         if self.outbound.clear():
             self.emit({"type": "output_audio_buffer.cleared", "response_id": self.response_id})
 
