@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import Engine
-from . import openai_http, realtime, transcriptions, twilio, voices
+from . import openai_http, realtime, transcriptions, twilio, voices, webrtc
 from .errors import APIError, EngineTimeout, clip, pydantic_problem, shorten, wire_error
 from .guards import BodyLimit, CheckOrigin, RefuseWhileDraining, RequireKey, install_log_redaction
 from .server import run_server, uvicorn_options
@@ -56,6 +56,7 @@ def create_app(config: ServerConfig, engine: Engine | None = None) -> FastAPI:
     app.include_router(voices.router)
     app.include_router(openai_http.router)
     app.include_router(realtime.router)
+    app.include_router(webrtc.router)   # answers 501 without the webrtc extra (aiortc)
     app.include_router(transcriptions.router)
     app.include_router(twilio.router)
     if STATIC_DIR.is_dir():

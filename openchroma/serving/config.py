@@ -74,6 +74,10 @@ class ServerConfig:
         "let web pages on ORIGIN (e.g. https://app.example.com; '*' for any) open the WebSocket and POST; repeat "
         "for several. Default: only the server's own origin and non-browser clients", name="allow-origin",
         metavar="ORIGIN"))
+    ice_servers: tuple[str, ...] = field(default=(), metadata=flag(
+        "a STUN or TURN server WebRTC calls gather candidates with, as a URL: stun:HOST:PORT, or "
+        "turn:USER:PASSWORD@HOST:PORT (turns: for TLS); repeat for several. Default: none (host candidates only, "
+        "for clients on the same network)", name="ice-server", metavar="URL"))
     idle_timeout: float = field(default=300.0, metadata=flag(
         "close a realtime session after S seconds with no client event and no response (close code 4000; "
         "0 = never)", metavar="S"))

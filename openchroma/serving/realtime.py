@@ -258,6 +258,13 @@ async def realtime_endpoint(ws: WebSocket) -> None:
         await _refuse(ws, APIError(503, "the server is shutting down", "server_error", "server_shutting_down"),
                       CLOSE_GOING_AWAY, "server shutting down")
         return
+    if "call_id" in ws.query_params:   # the sideband of a WebRTC call (``webrtc`` registers it with its first call)
+        sideband = getattr(ws.app.state, "realtime_sideband", None)
+        if sideband is None:
+            await _refuse(ws, APIError(404, "no such call", code="call_not_found"), 1008, "no such call")
+        else:
+            await sideband(ws, ws.query_params["call_id"])
+        return
     try:
         conn = WebSocketTransport(ws, state)
         await conn.core.open(client_id(ws.scope))

@@ -79,14 +79,16 @@ class RealtimeCore:
     def end(self, reason: Ending) -> None:
         self.sink.end(reason)
 
-    def heard_ms(self, item_id: str, played: float | None) -> float:
+    def heard_ms(self, item_id: str, sent_ms: float, first_sent: float | None) -> float:
         """How much of an answer item's audio the listener has heard: the transport's own measure when its sink has
-        one (``heard_ms(item_id)``: Twilio's acknowledged marks), else real-time playback from the first delta
-        (``played``, ``time.monotonic()``; None: nothing sent yet)."""
+        one (``heard_ms(item_id)``: Twilio's acknowledged marks, what WebRTC's track sent), else playback in real
+        time from ``first_sent`` (``time.monotonic()`` of the first delta; None: nothing sent yet); never more than
+        ``sent_ms``."""
         measure = getattr(self.sink, "heard_ms", None)
-        if measure is not None:
-            return measure(item_id)
-        return 0.0 if played is None else 1000 * (time.monotonic() - played)
+        heard = measure(item_id) if measure is not None else None
+        if heard is None:
+            heard = 0.0 if first_sent is None else 1000 * (time.monotonic() - first_sent)
+        return min(sent_ms, heard)
 
     def resolve_voice(self, name: str, param: str) -> str | None:
         """A library voice for ``name``; None keeps the current one when ``name`` is one of OpenAI's stock voices

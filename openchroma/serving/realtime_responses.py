@@ -170,7 +170,7 @@ class Responses:
         if response_status(done.stop_reason) == "cancelled" and info.audio and info.conversation_id is not None:
             # Barge-in or cancel: keep in the history what the listener can have heard by now (playback starts
             # with the first delta and runs in real time); a conversation.item.truncate can correct it later.
-            heard = min(sent_ms, core.heard_ms(at.item_id, self.played))
+            heard = core.heard_ms(at.item_id, sent_ms, self.played)
             text = await core.call(core.session.truncate_response(heard))
         core.state.metrics.observe_response("realtime", done)
         return done, text
