@@ -120,7 +120,7 @@ class AudioEncoderConfig:
 
 @dataclass(frozen=True)
 class ChromaConfig:
-    thinker: TransformerConfig
+    reasoner: TransformerConfig    # the published config's thinker_config.text_config
     audio_encoder: AudioEncoderConfig
     backbone: TransformerConfig
     decoder: TransformerConfig
@@ -168,7 +168,7 @@ class ChromaConfig:
             raise ConfigError(f"{where}: thinker_config needs 'text_config' and 'audio_config'")
         return cls(
             # Qwen2 has q/k/v biases whatever the config says.
-            thinker=TransformerConfig.from_dict(th["text_config"], f"{where}: thinker_config.text_config", True),
+            reasoner=TransformerConfig.from_dict(th["text_config"], f"{where}: thinker_config.text_config", True),
             audio_encoder=AudioEncoderConfig.from_dict(th["audio_config"], f"{where}: thinker_config.audio_config"),
             backbone=TransformerConfig.from_dict(d["backbone_config"], f"{where}: backbone_config"),
             decoder=TransformerConfig.from_dict(d["decoder_config"], f"{where}: decoder_config"),

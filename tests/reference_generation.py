@@ -96,7 +96,7 @@ class Generation:
     def _next_text(self, hidden: torch.Tensor) -> int:
         if self.forced is not None:
             return self.forced[len(self.text_tokens)]
-        return int(self.model.thinker_logits(hidden).argmax(-1))
+        return int(self.model.reasoner_logits(hidden).argmax(-1))
 
     def __iter__(self) -> Iterator[Frame]:
         with torch.inference_mode():
@@ -116,7 +116,7 @@ class Generation:
         x = m.thinker.embed(self.input_ids, audio_embeds)
         pos = torch.arange(n_prompt, device=dev)[None]
         h_last = m.thinker.model(x, pos, thinker_cache, kv_len=n_prompt)[:, -1]
-        self.prefill_logits = m.thinker_logits(h_last)[0].float()
+        self.prefill_logits = m.reasoner_logits(h_last)[0].float()
         thinker_pos = n_prompt
         token = self._next_text(h_last)
         self.text_tokens.append(token)
@@ -147,7 +147,7 @@ class Generation:
             if step > 0:
                 inp = [m.frame_embedding(self.codes[-1].to(dev))[None]]
                 if step % 2 == 0 and not text_done:
-                    # The thinker consumes its last token; its new hidden state and next token form the pair.
+                    # The reasoner consumes its last token; its new hidden state and next token form the pair.
                     e = m.thinker.model.embed_tokens(torch.tensor([[token]], device=dev))
                     h_last = m.thinker.model(e, torch.tensor([[thinker_pos]], device=dev), thinker_cache,
                                              kv_len=thinker_pos + 1)[:, -1]

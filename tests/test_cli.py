@@ -62,7 +62,7 @@ def test_random_small_checkpoint_passes_its_own_loader(tmp_path):
     d = tmp_path / "small"
     assert main(["init-random", "--preset", "small", "--out", str(d)]) == 0
     lm = load(d, device="cpu", progress=False)
-    assert lm.config.thinker.hidden_size == 256
+    assert lm.config.reasoner.hidden_size == 256
     tok = ChatTokenizer.from_dir(d)
     assert tok.token_to_id("<|im_end|>") == 151645
 

@@ -378,7 +378,7 @@ def _greedy_transcript(chroma, wav16, max_tokens):
                kv_len=len(ids))[0, -1]
         tokens = []
         for pos in range(len(ids), len(ids) + max_tokens):
-            tok = int(m.thinker_logits(h).argmax(-1))
+            tok = int(m.reasoner_logits(h).argmax(-1))
             if tok in (chroma.config.im_end_token_id, 151643):
                 break
             tokens.append(tok)

@@ -33,7 +33,7 @@ def test_loads_fixture_and_skips_the_vision_tower(tiny_model, fixture_dir):
     assert any(k.startswith("thinker.visual.") for k in names)
     sd = tiny_model.model.state_dict()
     assert not any(k.startswith("thinker.visual.") for k in sd)
-    # Ties: the thinker's lm_head is its embedding; the backbone uses the decoder's audio embedding.
+    # Ties: the reasoner's lm_head is its embedding; the backbone uses the decoder's audio embedding.
     assert tiny_model.model.thinker.lm_head.weight is tiny_model.model.thinker.model.embed_tokens.weight
     assert tiny_model.num_parameters > 0
 

@@ -60,7 +60,7 @@ def test_prepare_writes_shards(data2, tiny_random_dir):
     t = ds.tensors(0)
     cfg = openchroma.load(tiny_random_dir, device="cpu", progress=False).config
     assert t["codes"].shape == (15, cfg.audio_num_codebooks)  # 1.2 s at 12.5 frames/s
-    assert t["hidden"].shape == (t["text_ids"].numel(), cfg.thinker.hidden_size)
+    assert t["hidden"].shape == (t["text_ids"].numel(), cfg.reasoner.hidden_size)
     assert t["text_ids"][-1] == cfg.im_end_token_id
     assert ds.frames(0) == 16  # + the end-of-audio frame
 

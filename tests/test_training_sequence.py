@@ -95,7 +95,7 @@ def test_batched_and_checkpointed_forward_match_single(tiny_random_dir):
     for n_text, n_frames in [(3, 7), (5, 4)]:
         exs.append(ResponseExample(torch.randint(0, 700, (3,), generator=g),
                                    torch.randint(0, 2048, (2, cfg.audio_num_codebooks), generator=g),
-                                   torch.randn(n_text, cfg.thinker.hidden_size, generator=g),
+                                   torch.randn(n_text, cfg.reasoner.hidden_size, generator=g),
                                    torch.randint(0, 700, (n_text,), generator=g),
                                    torch.randint(0, 2048, (n_frames, cfg.audio_num_codebooks), generator=g)))
 
@@ -127,7 +127,8 @@ def test_bf16_autocast_forward_and_backward(tiny_random_dir):
     g = torch.Generator().manual_seed(2)
     ex = ResponseExample(torch.randint(0, 700, (3,), generator=g),
                          torch.randint(0, 2048, (2, cfg.audio_num_codebooks), generator=g),
-                         torch.randn(3, cfg.thinker.hidden_size, generator=g), torch.randint(0, 700, (3,), generator=g),
+                         torch.randn(3, cfg.reasoner.hidden_size, generator=g),
+                         torch.randint(0, 700, (3,), generator=g),
                          torch.randint(0, 2048, (6, cfg.audio_num_codebooks), generator=g))
     full = Trainee(model)([ex], torch.arange(6))
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -88,7 +88,7 @@ class ResponseRunner:
 
         # Reasoner prefill, then the voice prompt into the backbone's cache.
         h_last = st.reasoner_prefill([(0, m.thinker.embed(ids, audio_embeds)[0], 0)])[0]
-        prefill_logits = m.thinker_logits(h_last).float()
+        prefill_logits = m.reasoner_logits(h_last).float()
         first = forced[0] if forced else int(prefill_logits.argmax(-1))
         voice_embeds = m.voice_prompt_embeds(voice.text_ids.to(dev), voice.codes.to(dev)).to(st.dtype)
         if voice_embeds.shape[0] + 2 > st.backbone_len:

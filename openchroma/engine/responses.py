@@ -149,7 +149,7 @@ class Responses:
 
     def _start(self, job: StartJob, h_last: torch.Tensor) -> None:
         s, voice = job.session, job.voice
-        first = job.forced[0] if job.forced else int(self.model.thinker_logits(h_last).argmax(-1))
+        first = job.forced[0] if job.forced else int(self.model.reasoner_logits(h_last).argmax(-1))
         if voice.kv is not None:
             self.stepper.load_backbone_rows(s.slot, *voice.kv)
         else:

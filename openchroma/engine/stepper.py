@@ -156,7 +156,7 @@ class Stepper:
         self.reasoner_scratch, self.backbone_scratch = reasoner_len, backbone_len
         self.codec_state = model.codec_model.stream_state(slots)
         self._codec_views = {b: self.codec_state.rows(b) for b in self.buckets}
-        hidden = cfg.thinker.hidden_size
+        hidden = cfg.reasoner.hidden_size
         self.ring_h = torch.zeros(slots, self.ring_size + 1, hidden, device=dev, dtype=dt)   # last: scratch
         self.ring_tok = torch.zeros(slots, self.ring_size + 1, dtype=torch.long, device=dev)
         self.last_codes = torch.zeros(slots, k, dtype=torch.long, device=dev)
@@ -286,7 +286,7 @@ class Stepper:
         ii = self.in_i[:b]
         h = tm(tm.embed_tokens(ii[:, THINK_ID])[:, None], ii[:, THINK_POS:THINK_POS + 1],
                RowCache(self.reasoner_cache, 0, b))[:, 0]
-        tok = m.thinker_logits(h).argmax(-1)
+        tok = m.reasoner_logits(h).argmax(-1)
         tok = torch.where(ii[:, FORCE] > 0, ii[:, FORCE_TOK], tok)
         rows = torch.arange(b, device=h.device)
         self.ring_h[rows, ii[:, RING_W]] = h

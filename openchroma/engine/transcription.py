@@ -76,7 +76,7 @@ class Transcriber:
                 pos = len(job.ids) + len(job.out.tokens) - 1
                 x = tm.embed_tokens(torch.tensor([[job.out.tokens[-1]]], device=self.device))
                 h = tm(x, torch.tensor([[pos]], device=self.device), self._cache, kv_len=pos + 1)[0, -1]
-            token = int(self.model.thinker_logits(h).argmax(-1))
+            token = int(self.model.reasoner_logits(h).argmax(-1))
             if token in (self.model.cfg.im_end_token_id, ENDOFTEXT_ID):
                 return self.end(job)
             job.out.push(token)

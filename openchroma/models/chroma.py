@@ -24,7 +24,7 @@ class Reasoner(nn.Module):
     def __init__(self, cfg: ChromaConfig, max_positions: int | None = None):
         super().__init__()
         self.cfg = cfg
-        tc = cfg.thinker
+        tc = cfg.reasoner
         self.audio_tower = AudioEncoder(cfg.audio_encoder)
         self.model = Transformer(tc, with_embedding=True, max_positions=max_positions)
         self.lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False)
@@ -160,7 +160,7 @@ class ChromaModel(nn.Module):
         return torch.cat([text, audio.to(text.dtype), zero], dim=0)
 
     # ----- the Reasoner -----------------------------------------------------------------------
-    def thinker_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def reasoner_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.thinker.lm_head(hidden)
 
     # ----- the Backbone -----------------------------------------------------------------------

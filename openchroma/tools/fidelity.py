@@ -44,7 +44,7 @@ def forced_logits(lm: LoadedModel, case: dict[str, torch.Tensor], voice: VoicePr
     n = ids.shape[1]
     tcache = m.thinker.model.new_cache(1, n + len(tokens) + 1)
     h = m.thinker.model(m.thinker.embed(ids, embeds), torch.arange(n, device=dev)[None], tcache, kv_len=n)[:, -1]
-    text = [m.thinker_logits(h)]
+    text = [m.reasoner_logits(h)]
     pos, used = n, 1
     voice_x = m.voice_prompt_embeds(voice.text_ids.to(dev), voice.codes.to(dev)).to(dt)
     first = torch.cat([voice_x, h.to(dt), m.text_embedding(torch.tensor([tokens[0]], device=dev))])
@@ -68,7 +68,7 @@ def forced_logits(lm: LoadedModel, case: dict[str, torch.Tensor], voice: VoicePr
                 e = m.thinker.model.embed_tokens(torch.tensor([[tokens[used - 1]]], device=dev))
                 h = m.thinker.model(e, torch.tensor([[pos]], device=dev), tcache, kv_len=pos + 1)[:, -1]
                 pos += 1
-                text.append(m.thinker_logits(h))
+                text.append(m.reasoner_logits(h))
                 x += [h.to(dt), m.text_embedding(torch.tensor([tokens[used]], device=dev))]
                 text_done = tokens[used] == cfg.im_end_token_id
                 used += 1

@@ -107,9 +107,9 @@ class Preparer:
             mel = feats.to(self.lm.device, self.lm.dtype).reshape(feats.shape[-2], -1)
             audio_embeds = m.thinker.audio_tower(mel)
         prompt = self.prompt_ids(row, n_audio)
-        if len(prompt) + n_text > cfg.thinker.max_position_embeddings:
+        if len(prompt) + n_text > cfg.reasoner.max_position_embeddings:
             raise ManifestError(row.where, f"question + response are {len(prompt) + n_text} reasoner tokens, more "
-                                           f"than its context of {cfg.thinker.max_position_embeddings}")
+                                           f"than its context of {cfg.reasoner.max_position_embeddings}")
         hidden = reasoner_response_hidden(m, torch.tensor(prompt), torch.tensor(response_ids), audio_embeds)
         return {
             "voice_text_ids": voice.text_ids.to(torch.int64).cpu().contiguous(),
@@ -147,7 +147,7 @@ def prepare(
     index_path = out / PREPARED_INDEX
     meta = _resume_meta(index_path, {
         "format": PREPARED_FORMAT, "model": str(lm.path), "manifest": str(manifest),
-        "hidden_size": lm.config.thinker.hidden_size, "shard_size": shard_size, "rows": len(lines),
+        "hidden_size": lm.config.reasoner.hidden_size, "shard_size": shard_size, "rows": len(lines),
         "complete": False, "shards": []})
     done = {s["index"] for s in meta["shards"]}
     n_shards = (len(lines) + shard_size - 1) // shard_size

@@ -172,7 +172,7 @@ class LocalModel:
         self._voices: dict[str, object] = {}
         tok = self.chroma.tokenizer
         cfg = self.chroma.config
-        vocab = cfg.thinker.vocab_size
+        vocab = cfg.reasoner.vocab_size
         allowed = torch.zeros(vocab, dtype=torch.bool)
         known = [i for i in tok.hf.get_vocab().values() if i < vocab]
         allowed[known] = True
@@ -201,7 +201,7 @@ class LocalModel:
             h = m.thinker.model(m.thinker.embed(ids), torch.arange(n, device=ids.device)[None], cache, kv_len=n)
             out: list[int] = []
             for step in range(max_tokens):
-                logits = m.thinker_logits(h[:, -1])[0].float()
+                logits = m.reasoner_logits(h[:, -1])[0].float()
                 ok = (self.first if step == 0 else self.allowed).to(ids.device).clone()
                 if step > 0:
                     ok[self.end_ids] = True

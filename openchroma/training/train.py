@@ -350,9 +350,9 @@ def _setup(cfg: TrainConfig) -> _Run:
     model = lm.model
     data_dir = _resolve_data(cfg, lm, d)
     ds = PreparedDataset(data_dir)
-    if ds.hidden_size != lm.config.thinker.hidden_size:
+    if ds.hidden_size != lm.config.reasoner.hidden_size:
         raise ValueError(f"{data_dir}: prepared with a reasoner of hidden size {ds.hidden_size}, the model's is "
-                         f"{lm.config.thinker.hidden_size} (prepare again with this --model)")
+                         f"{lm.config.reasoner.hidden_size} (prepare again with this --model)")
     drop_reasoner(model)
     model.to(device)
     torch.manual_seed(cfg.seed)
