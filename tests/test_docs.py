@@ -31,7 +31,7 @@ def test_every_concern_has_its_page():
     for name in ("serving", "engine", "evaluation", "fine-tuning", "benchmarks", "scale-out", "architecture",
                  "commands", "testing", "status"):
         assert f"{name}.md" in PAGES, name
-    assert "not built yet" in PAGES["scale-out.md"].lower()
+    assert "--replicas" in PAGES["scale-out.md"]   # built now: the page tells how to run it
 
 
 @pytest.mark.parametrize("page", sorted(PAGES))
