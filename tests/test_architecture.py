@@ -17,6 +17,7 @@ FORBIDDEN = {
                           "openchroma.cli"),
     "openchroma.training": ("openchroma.serving", "openchroma.cli"),
     "openchroma.eval": ("openchroma.serving", "openchroma.cli"),
+    "openchroma.tools": ("openchroma.serving", "openchroma.cli"),
     "openchroma.serving": ("openchroma.training", "openchroma.tools", "openchroma.eval", "openchroma.cli"),
 }
 
