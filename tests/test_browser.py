@@ -121,10 +121,12 @@ class Page:
     def diagnostics(self) -> str:
         oc = self.page.evaluate("() => window.__oc && {turns: window.__oc.turns, sent: window.__oc.sent, "
                                 "playedSamples: window.__oc.playedSamples, events: window.__oc.events.filter("
-                                "t => t !== 'response.output_audio.delta')}")
+                                "t => !t.endsWith('.delta'))}")
+        link = self.page.evaluate("() => window.__oc && {transport: window.__oc.transport, "
+                                  "fallback: window.__oc.fallback, rtc: window.__oc.rtc}")
         banner = self.page.locator("#banner-text").text_content()
         errors = [e.get("error") for e in self.received_of("error")]
-        return (f"\n__oc: {json.dumps(oc)[:3000]}\nbanner: {banner!r}\nserver errors: {errors}"
+        return (f"\n__oc: {json.dumps(oc)[:3000]}\nlink: {json.dumps(link)}\nbanner: {banner!r}\nserver errors: {errors}"
                 f"\npage errors: {self.errors}\nconsole: {self.console[-30:]}")
 
     def wait(self, js: str, timeout_s: float, what: str) -> None:

@@ -424,25 +424,29 @@ async function connectWebRTC() {
   watchRtcAudio(link);
 }
 
-/** Over WebRTC the answer plays in an <audio> element: count what arrives audibly on its track (getStats). */
+/** Over WebRTC the answer plays in an <audio> element. "Played" counts the time the server's track carried an
+ * answer (output_audio_buffer.started to .stopped/.cleared); __oc.rtc has the track's receive statistics. */
 function watchRtcAudio(link) {
-  let last = null;
-  S.rtcPlayedSeconds = 0;
+  S.rtcPlayed = { seconds: 0, since: null };
   const tick = async () => {
     if (S.link !== link) return;
     const st = await link.stats().catch(() => null);
-    if (st) {
-      const dur = st.totalSamplesDuration || 0;
-      if (last && (st.audioLevel || 0) > 0.001) S.rtcPlayedSeconds += Math.max(0, dur - last.totalSamplesDuration);
-      last = { totalSamplesDuration: dur };
-      oc.rtc = { packetsReceived: st.packetsReceived || 0, totalSamplesReceived: st.totalSamplesReceived || 0,
-                 totalAudioEnergy: st.totalAudioEnergy || 0, audioLevel: st.audioLevel || 0 };
-      oc.playedSamples = Math.round(S.rtcPlayedSeconds * RATE);
-      $("stat-played").textContent = `${Math.round(S.rtcPlayedSeconds * 1000)} ms`;
-    }
+    if (st) oc.rtc = { packetsReceived: st.packetsReceived || 0, totalSamplesReceived: st.totalSamplesReceived || 0 };
+    const p = S.rtcPlayed;
+    const seconds = p.seconds + (p.since != null ? (performance.now() - p.since) / 1000 : 0);
+    oc.playedSamples = Math.round(seconds * RATE);
+    $("stat-played").textContent = `${Math.round(seconds * 1000)} ms`;
     setTimeout(tick, 200);
   };
   tick();
+}
+
+function onOutputBuffer(started) {
+  const p = S.rtcPlayed;
+  if (!p) return;
+  if (started) { if (p.since == null) p.since = performance.now(); $("playing").textContent = "▶ playing"; return; }
+  if (p.since != null) { p.seconds += (performance.now() - p.since) / 1000; p.since = null; }
+  $("playing").textContent = "";
 }
 
 /** The call or the socket ended (not by disconnect()): reset the conversation. */
@@ -577,6 +581,13 @@ function handleEvent(ev) {
       onResponseDone(ev.response || {});
       break;
     case "conversation.item.truncated":
+      break;
+    case "output_audio_buffer.started":   // WebRTC: the answer's audio is on the track ...
+      onOutputBuffer(true);
+      break;
+    case "output_audio_buffer.stopped":   // ... and has all been played, or was dropped
+    case "output_audio_buffer.cleared":
+      onOutputBuffer(false);
       break;
     case "error": {
       const err = ev.error || {};
