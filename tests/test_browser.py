@@ -126,8 +126,8 @@ class Page:
                                   "fallback: window.__oc.fallback, rtc: window.__oc.rtc}")
         banner = self.page.locator("#banner-text").text_content()
         errors = [e.get("error") for e in self.received_of("error")]
-        return (f"\n__oc: {json.dumps(oc)[:3000]}\nlink: {json.dumps(link)}\nbanner: {banner!r}\nserver errors: {errors}"
-                f"\npage errors: {self.errors}\nconsole: {self.console[-30:]}")
+        return (f"\n__oc: {json.dumps(oc)[:3000]}\nlink: {json.dumps(link)}\nbanner: {banner!r}"
+                f"\nserver errors: {errors}\npage errors: {self.errors}\nconsole: {self.console[-30:]}")
 
     def wait(self, js: str, timeout_s: float, what: str) -> None:
         try:
