@@ -156,3 +156,28 @@ def test_push_to_talk_turn_over_webrtc(rtc):
     events = p.page.evaluate("() => window.__oc.events")
     assert "input_audio_buffer.committed" in events and "input_audio_buffer.speech_started" not in events
     assert not p.errors, p.diagnostics()
+
+
+def test_barge_in_over_webrtc_stops_the_answer_on_the_track(playwright, server, tmp_path):
+    """The sample comes back ~1.2 s into the 2 s answer: the server hears it on the microphone track, cancels the
+    answer and drops its queued audio from the track (output_audio_buffer.cleared); the page marks it interrupted."""
+    b = test_browser.launch(playwright, test_browser.fake_mic(tmp_path / "mic.wav", 0.5, 1.2))
+    p = Page(b, server, transport=None)
+    try:
+        p.page.click("#start")
+        p.wait("() => window.__oc.events.includes('output_audio_buffer.cleared')", 60, "a barge-in over WebRTC")
+        assert p.page.evaluate("() => window.__oc.transport") == "webrtc"
+        events = p.page.evaluate("() => window.__oc.events")
+        cleared = events.index("output_audio_buffer.cleared")
+        # The user spoke while the answer was still on the track (the server clears it as it reports the speech),
+        # and it was dropped before it had all played.
+        assert "input_audio_buffer.speech_started" in events[cleared - 1:cleared + 2], events[cleared - 5:cleared + 3]
+        before = events[:cleared]
+        on_track = len(before) - before[::-1].index("output_audio_buffer.started") - 1
+        assert "output_audio_buffer.stopped" not in before[on_track:], before[on_track:]
+        p.wait("() => document.querySelector('#log .msg.assistant.interrupted')", 10, "the interrupted bubble")
+        assert p.page.evaluate("() => window.__oc.sent.includes('conversation.item.truncate')") is False
+        assert not p.errors, p.diagnostics()
+    finally:
+        p.close()
+        b.close()

@@ -240,6 +240,12 @@ function playingItem() {
   return id;
 }
 
+/** An answer is being made or heard (over WebRTC: the server's track still carries one). */
+function answerPlaying() {
+  const onTrack = !!(S.link && S.link.kind === "webrtc" && S.rtcPlayed && S.rtcPlayed.since != null);
+  return !!(S.response || playingItem() || onTrack);
+}
+
 /**
  * Barge-in / push-to-talk / typed interruption: stop the assistant now. With cancel, also cancel the response in
  * progress (server VAD cancels by itself). Tells the server how much of the item was actually heard.
@@ -277,7 +283,7 @@ function interruptCall(cancel) {
 }
 
 $("stop-audio").addEventListener("click", () => {
-  if (S.link && (S.response || playingItem())) interrupt(true); else flushPlayback();
+  if (S.link && answerPlaying()) interrupt(true); else flushPlayback();
 });
 
 // ----- microphone ----------------------------------------------------------------------------------------
@@ -522,7 +528,7 @@ function handleEvent(ev) {
     }
     case "input_audio_buffer.speech_started":
       $("speaking").hidden = false;
-      if (S.response || playingItem()) interrupt(false); // the server cancels the response (and clears the track) itself
+      if (answerPlaying()) interrupt(false); // the server cancels the response (and clears the track) itself
       break;
     case "input_audio_buffer.speech_stopped":
       $("speaking").hidden = true;
@@ -585,10 +591,15 @@ function handleEvent(ev) {
     case "output_audio_buffer.started":   // WebRTC: the answer's audio is on the track ...
       onOutputBuffer(true);
       break;
-    case "output_audio_buffer.stopped":   // ... and has all been played, or was dropped
-    case "output_audio_buffer.cleared":
+    case "output_audio_buffer.stopped":   // ... and has all been played
       onOutputBuffer(false);
       break;
+    case "output_audio_buffer.cleared": {   // ... or was dropped (barge-in, cancel): not all of it was heard
+      onOutputBuffer(false);
+      const rec = [...S.items.values()].find((r) => r.responseId && r.responseId === ev.response_id);
+      if (rec) rec.li.classList.add("interrupted");
+      break;
+    }
     case "error": {
       const err = ev.error || {};
       if (QUIET_ERRORS.has(err.code)) { console.debug("realtime:", err.message); break; }
@@ -772,7 +783,7 @@ async function pttDown() {
   $("ptt").textContent = "Listening… release to send";
   $("speaking").hidden = false;
   send({ type: "input_audio_buffer.clear" }); // before any append of this press
-  if (S.response || playingItem()) await interrupt(true);
+  if (answerPlaying()) await interrupt(true);
 }
 
 async function pttUp() {
@@ -844,7 +855,7 @@ $("text-form").addEventListener("submit", async (e) => {
     return;
   }
   input.value = "";
-  if (S.response || playingItem()) await interrupt(true);
+  if (answerPlaying()) await interrupt(true);
   send({ type: "conversation.item.create", item: { type: "message", role: "user", content: [{ type: "input_text", text }] } });
   send({ type: "response.create" });
 });
