@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 
+import httpx
 import pytest
 
 pytest.importorskip("aiortc", reason="the webrtc extra is not installed (pip install 'openchroma[webrtc]')")
@@ -181,3 +182,35 @@ def test_barge_in_over_webrtc_stops_the_answer_on_the_track(playwright, server, 
     finally:
         p.close()
         b.close()
+
+
+def test_webrtc_call_carries_the_api_key(browser, tiny_chroma, tmp_path):
+    """A server with an API key: the page's offer and hangup carry it (Authorization), and the call holds a turn."""
+    key = "webrtc-browser-key"
+    with test_browser.chroma_server(tiny_chroma, tmp_path / "data", api_key=key, max_response_seconds=1.0) as (url, _):
+        with open(test_browser.SPEECH_WAV, "rb") as f:
+            r = httpx.post(f"{url}/v1/voices", files={"file": ("speech.wav", f, "audio/wav")},
+                           data={"name": test_browser.VOICE, "transcript": test_browser.TRANSCRIPT},
+                           headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 201, r.text
+        p = Page(browser, url, voice=None, transport=None)
+        try:
+            calls = []
+            p.page.on("request", lambda r: calls.append((r.url, r.headers.get("authorization")))
+                      if "/v1/realtime/calls" in r.url else None)
+            p.page.locator("#key-panel").wait_for(state="visible", timeout=10_000)
+            p.page.fill("#api-key", key)
+            p.page.click('#key-form button[type="submit"]')
+            p.page.locator(f'#voice-list li.voice.selected[data-voice="{test_browser.VOICE}"]').wait_for(timeout=10_000)
+            p.page.fill("#text-input", "Hello!")
+            p.page.press("#text-input", "Enter")
+            p.wait(TURN_DONE, 45, "a typed turn over WebRTC with an API key")
+            assert p.page.evaluate("() => window.__oc.transport") == "webrtc"
+            with p.page.expect_response(lambda r: r.url.endswith("/hangup")) as hangup:
+                p.page.click("#start")   # Start, then Stop: hangs up
+                p.page.click("#start")
+            assert hangup.value.status == 200
+            assert [auth for _, auth in calls] == [f"Bearer {key}"] * 2, calls
+            assert not p.errors, p.diagnostics()
+        finally:
+            p.close()
