@@ -1,4 +1,4 @@
-"""The browser client (openchroma/serving/static) in headless Chromium against the real server.
+"""The browser client (openchroma/serving/static) in headless Chromium against the real server, on the WebSocket.
 
 Chromium's fake microphone plays a WAV (silence, the espeak speech sample, silence, looped); the page talks to
 ``/v1/realtime`` exactly as a person's browser would. The tiny random-weight model answers with noise and random
@@ -91,7 +91,7 @@ def browser(playwright, tmp_path_factory):
 class Page:
     """A fresh page on the client, recording page errors, console messages and the raw WebSocket frames."""
 
-    def __init__(self, browser, url: str, voice: str | None = VOICE):
+    def __init__(self, browser, url: str, voice: str | None = VOICE, transport: str | None = "websocket"):
         self.context = browser.new_context(viewport={"width": 1280, "height": 860})
         self.context.grant_permissions(["microphone"], origin=url)
         self.page = self.context.new_page()
@@ -102,7 +102,9 @@ class Page:
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("websocket", self._on_ws)
-        self.page.goto(url + "/")
+        # These tests read the WebSocket's frames, so they ask for it (the page uses WebRTC by default:
+        # tests/test_browser_webrtc.py); transport=None loads the page as a person would.
+        self.page.goto(url + "/" + (f"?transport={transport}" if transport else ""))
         if voice:  # the voice list loads and the first (only) voice is selected by itself
             self.page.locator(f'#voice-list li.voice.selected[data-voice="{voice}"]').wait_for(timeout=10_000)
 
@@ -119,11 +121,13 @@ class Page:
     def diagnostics(self) -> str:
         oc = self.page.evaluate("() => window.__oc && {turns: window.__oc.turns, sent: window.__oc.sent, "
                                 "playedSamples: window.__oc.playedSamples, events: window.__oc.events.filter("
-                                "t => t !== 'response.output_audio.delta')}")
+                                "t => !t.endsWith('.delta'))}")
+        link = self.page.evaluate("() => window.__oc && {transport: window.__oc.transport, "
+                                  "fallback: window.__oc.fallback, rtc: window.__oc.rtc}")
         banner = self.page.locator("#banner-text").text_content()
         errors = [e.get("error") for e in self.received_of("error")]
-        return (f"\n__oc: {json.dumps(oc)[:3000]}\nbanner: {banner!r}\nserver errors: {errors}"
-                f"\npage errors: {self.errors}\nconsole: {self.console[-30:]}")
+        return (f"\n__oc: {json.dumps(oc)[:3000]}\nlink: {json.dumps(link)}\nbanner: {banner!r}"
+                f"\nserver errors: {errors}\npage errors: {self.errors}\nconsole: {self.console[-30:]}")
 
     def wait(self, js: str, timeout_s: float, what: str) -> None:
         try:

@@ -1,10 +1,15 @@
-// OpenChroma browser client: the OpenAI Realtime protocol (GA events) over a WebSocket to this server.
-// No build step, no dependencies. Audio in and out runs through AudioWorklets (audio-worklets.js).
+// OpenChroma browser client: the OpenAI Realtime protocol (GA events) to this server, over WebRTC by default
+// (webrtc.js: the microphone and the answer on Opus tracks, events on the "oai-events" data channel) and over the
+// WebSocket when WebRTC is not available (pcm16 in base64 events). No build step, no dependencies. On the WebSocket,
+// audio in and out runs through AudioWorklets (audio-worklets.js); the capture worklet also drives the level meter.
+import { openCall } from "./webrtc.js";
 
 const RATE = 24000;                       // the wire format: pcm16 little-endian mono at 24 kHz, both ways
 const MIN_COMMIT_SAMPLES = RATE / 10;     // the server refuses commits under 100 ms
 const LS = { key: "openchroma.apiKey", voice: "openchroma.voice", mode: "openchroma.mode", instr: "openchroma.instructions" };
 const VAD = { type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 500 };
+// ?transport=websocket skips WebRTC; ?transport=webrtc does not fall back to the WebSocket.
+const TRANSPORT = new URLSearchParams(location.search).get("transport") || "auto";
 const QUIET_ERRORS = new Set(["response_cancel_not_active"]); // harmless races: logged, not shown
 
 const $ = (id) => document.getElementById(id);
@@ -14,7 +19,8 @@ const store = {
 };
 
 // State an automated test can read.
-const oc = (window.__oc = { playedSamples: 0, turns: [], events: [], sent: [], truncates: [], connected: false, voice: null });
+const oc = (window.__oc = { playedSamples: 0, turns: [], events: [], sent: [], truncates: [], connected: false, voice: null,
+                           transport: null, fallback: null, rtc: null });
 
 const S = {
   apiKey: store.get(LS.key) || "",
@@ -22,7 +28,7 @@ const S = {
   voice: store.get(LS.voice) || null,
   voices: [],
   voicesKnown: false,      // the library has been listed at least once (until then nothing is disabled for it)
-  ws: null,
+  link: null,              // the connection: a WebSocket or a WebRTC call (isOpen, send, close; kind)
   connecting: null,        // promise while a connection opens
   configured: false,       // our session.update has been sent
   running: false,          // a conversation is on (mic streams / push-to-talk armed)
@@ -234,11 +240,18 @@ function playingItem() {
   return id;
 }
 
+/** An answer is being made or heard (over WebRTC: the server's track still carries one). */
+function answerPlaying() {
+  const onTrack = !!(S.link && S.link.kind === "webrtc" && S.rtcPlayed && S.rtcPlayed.since != null);
+  return !!(S.response || playingItem() || onTrack);
+}
+
 /**
  * Barge-in / push-to-talk / typed interruption: stop the assistant now. With cancel, also cancel the response in
  * progress (server VAD cancels by itself). Tells the server how much of the item was actually heard.
  */
 async function interrupt(cancel) {
+  if (S.link && S.link.kind === "webrtc") { interruptCall(cancel); return; }
   const itemId = playingItem();
   if (S.response) {
     S.muted.add(S.response.id);
@@ -256,7 +269,22 @@ async function interrupt(cancel) {
   }
 }
 
-$("stop-audio").addEventListener("click", () => { if (S.ws && (S.response || playingItem())) interrupt(true); else flushPlayback(); });
+/** Over WebRTC the server plays the answer and knows what was heard: it truncates by itself. Server VAD also
+ * stops the track by itself; a cancel (push-to-talk, typing, Stop playback) asks it to drop the queued audio. */
+function interruptCall(cancel) {
+  const itemId = S.response && S.response.itemId;
+  if (S.response) S.muted.add(S.response.id);
+  if (cancel) {
+    if (S.response) send({ type: "response.cancel" });
+    send({ type: "output_audio_buffer.clear" });
+  }
+  const rec = itemId ? S.items.get(itemId) : null;
+  if (rec) rec.li.classList.add("interrupted");
+}
+
+$("stop-audio").addEventListener("click", () => {
+  if (S.link && answerPlaying()) interrupt(true); else flushPlayback();
+});
 
 // ----- microphone ----------------------------------------------------------------------------------------
 function bytesToB64(buf) {
@@ -273,13 +301,14 @@ function onCapture(m) {
     if (w) { audio.flushWaiters.delete(m.id); w(m); return; } // the caller uses this last batch itself
   }
   if (S.recording && m.samples) { S.recording.chunks.push(new Int16Array(m.pcm.slice(0))); S.recording.samples += m.samples; updateRecStatus(); }
-  const open = S.ws && S.ws.readyState === WebSocket.OPEN && S.configured;
+  if (S.mode === "ptt" && S.ptt !== "idle" && m.samples) S.pttSamples += m.samples;
+  // Over WebRTC the microphone goes out on the call's audio track, not in events.
+  const open = S.link && S.link.kind === "websocket" && S.link.isOpen() && S.configured;
   if (!open || !m.samples) return;
   if (S.mode === "vad" && S.running) {
     send({ type: "input_audio_buffer.append", audio: bytesToB64(m.pcm) });
   } else if (S.mode === "ptt" && S.ptt !== "idle") {
     send({ type: "input_audio_buffer.append", audio: bytesToB64(m.pcm) });
-    S.pttSamples += m.samples;
   }
 }
 
@@ -308,8 +337,8 @@ requestAnimationFrame(drawMeter);
 
 // ----- the realtime connection ---------------------------------------------------------------------------
 function send(ev) {
-  if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return false;
-  S.ws.send(JSON.stringify(ev));
+  if (!S.link || !S.link.isOpen()) return false;
+  S.link.send(JSON.stringify(ev));
   if (ev.type !== "input_audio_buffer.append") oc.sent.push(ev.type);
   return true;
 }
@@ -339,52 +368,144 @@ function wsUrl() {
   return u.toString();
 }
 
+/** Connect: over WebRTC unless ?transport=websocket, falling back to the WebSocket when WebRTC fails. */
 function connect() {
-  if (S.ws && S.ws.readyState === WebSocket.OPEN) return Promise.resolve();
+  if (S.link && S.link.isOpen()) return Promise.resolve();
   if (S.connecting) return S.connecting;
   setConn("connecting", "Connecting…");
+  S.connecting = (async () => {
+    try {
+      if (TRANSPORT !== "websocket") {
+        try {
+          await connectWebRTC();
+          return;
+        } catch (e) {
+          if (e.status === 401) { showKeyPanel(S.apiKey ? "The saved API key was refused." : null); }
+          if (TRANSPORT === "webrtc" || e.status === 401) {
+            setConn("error", "Connection failed");
+            if (e.status !== 401) showError(`WebRTC failed: ${e.message}`);
+            throw new Error("connection failed");
+          }
+          oc.fallback = e.message;
+          console.info("realtime: WebRTC unavailable, using the WebSocket:", e.message);
+        }
+      }
+      await connectWebSocket();
+    } finally {
+      S.connecting = null;
+    }
+  })();
+  return S.connecting;
+}
+
+function showTransport(kind) {
+  oc.transport = kind;
+  const el = $("transport");
+  el.hidden = !kind;
+  el.dataset.kind = kind || "";
+  el.textContent = kind === "webrtc" ? "WebRTC" : kind === "websocket" ? "WebSocket" : "";
+  el.title = kind === "websocket" && oc.fallback ? `WebRTC was not available (${oc.fallback}), so the WebSocket is used`
+    : kind === "webrtc" ? "Audio on WebRTC tracks (Opus), events on the data channel" : "";
+}
+
+/** A WebRTC call: the microphone on the call's track (if it is open), events on the data channel. */
+async function connectWebRTC() {
+  const early = [];           // events that arrive before openCall returns (session.created)
+  let link = null;
+  let created;
+  const sessionCreated = new Promise((resolve) => { created = resolve; });
+  const onEvent = (ev) => {
+    if (ev.type === "session.created") created();
+    if (link) handleEvent(ev); else early.push(ev);
+  };
+  S.configured = false;
+  link = await openCall({ url: "v1/realtime/calls", headers: authHeaders(), stream: audio.stream, player: $("remote-audio"),
+                          onEvent, onClose: () => onLinkClosed(link) });
+  S.link = link;
+  showTransport("webrtc");
+  early.splice(0).forEach(handleEvent);
+  let timer;
+  const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error("no session.created on the data channel")), 10000); });
+  try { await Promise.race([sessionCreated, late]); } catch (e) { S.link = null; link.close(); throw e; } finally { clearTimeout(timer); }
+  watchRtcAudio(link);
+}
+
+/** Over WebRTC the answer plays in an <audio> element. "Played" counts the time the server's track carried an
+ * answer (output_audio_buffer.started to .stopped/.cleared); __oc.rtc has the track's receive statistics. */
+function watchRtcAudio(link) {
+  S.rtcPlayed = { seconds: 0, since: null };
+  const tick = async () => {
+    if (S.link !== link) return;
+    const st = await link.stats().catch(() => null);
+    if (st) oc.rtc = { packetsReceived: st.packetsReceived || 0, totalSamplesReceived: st.totalSamplesReceived || 0 };
+    const p = S.rtcPlayed;
+    const seconds = p.seconds + (p.since != null ? (performance.now() - p.since) / 1000 : 0);
+    oc.playedSamples = Math.round(seconds * RATE);
+    $("stat-played").textContent = `${Math.round(seconds * 1000)} ms`;
+    setTimeout(tick, 200);
+  };
+  tick();
+}
+
+function onOutputBuffer(started) {
+  const p = S.rtcPlayed;
+  if (!p) return;
+  if (started) { if (p.since == null) p.since = performance.now(); $("playing").textContent = "▶ playing"; return; }
+  if (p.since != null) { p.seconds += (performance.now() - p.since) / 1000; p.since = null; }
+  $("playing").textContent = "";
+}
+
+/** The call or the socket ended (not by disconnect()): reset the conversation. */
+function onLinkClosed(link, text = "Disconnected") {
+  if (S.link !== link) return;
+  S.link = null;
+  S.configured = false;
+  S.response = null;
+  endConversationUI();
+  if (!S.recording) stopCapture();
+  flushPlayback();
+  setConn("idle", text);
+}
+
+function connectWebSocket() {
   const protocols = ["realtime"];
   if (S.apiKey) protocols.push(`openai-insecure-api-key.${S.apiKey}`);
-  S.connecting = new Promise((resolve, reject) => {
+  return new Promise((resolve, reject) => {
     let ws;
-    try { ws = new WebSocket(wsUrl(), protocols); } catch (e) { S.connecting = null; setConn("error", "Cannot connect"); reject(e); return; }
-    S.ws = ws;
+    try { ws = new WebSocket(wsUrl(), protocols); } catch (e) { setConn("error", "Cannot connect"); reject(e); return; }
+    const link = { kind: "websocket", isOpen: () => ws.readyState === WebSocket.OPEN, send: (t) => ws.send(t),
+                   close: () => ws.close(1000, "bye") };
+    S.link = link;
     S.configured = false;
     let created = false;
     ws.onmessage = (e) => {
       let ev;
       try { ev = JSON.parse(e.data); } catch { return; }
-      if (ev.type === "session.created" && !created) { created = true; S.connecting = null; resolve(); }
+      if (ev.type === "session.created" && !created) { created = true; showTransport("websocket"); resolve(); }
       handleEvent(ev);
     };
     ws.onclose = (e) => {
-      const wasCreated = created;
-      if (S.ws === ws) { S.ws = null; S.configured = false; }
-      S.connecting = null;
-      S.response = null;
-      endConversationUI();
-      if (!S.recording) stopCapture();
-      flushPlayback();
-      if (!wasCreated) {
-        setConn("error", "Connection failed");
-        // A browser cannot see why a WebSocket was refused: ask over HTTP whether a key is missing.
-        fetch("v1/models", { headers: authHeaders() }).then((r) => {
-          if (r.status === 401) showKeyPanel(S.apiKey ? "The saved API key was refused." : null);
-          else if (!$("banner").hidden) { /* the server already said why */ } else showError(`Could not open the realtime connection (${e.code}${e.reason ? ": " + e.reason : ""}).`);
-        }).catch(() => showError("The server cannot be reached."));
-        reject(new Error("connection failed"));
-      } else {
-        setConn("idle", e.code === 1000 ? "Disconnected" : `Disconnected (${e.code}${e.reason ? ": " + e.reason : ""})`);
+      if (created) {
+        onLinkClosed(link, e.code === 1000 ? "Disconnected" : `Disconnected (${e.code}${e.reason ? ": " + e.reason : ""})`);
+        return;
       }
+      onLinkClosed(link);
+      setConn("error", "Connection failed");
+      // A browser cannot see why a WebSocket was refused: ask over HTTP whether a key is missing.
+      fetch("v1/models", { headers: authHeaders() }).then((r) => {
+        if (r.status === 401) showKeyPanel(S.apiKey ? "The saved API key was refused." : null);
+        else if (!$("banner").hidden) { /* the server already said why */ } else showError(`Could not open the realtime connection (${e.code}${e.reason ? ": " + e.reason : ""}).`);
+      }).catch(() => showError("The server cannot be reached."));
+      reject(new Error("connection failed"));
     };
   });
-  return S.connecting;
 }
 
 function disconnect() {
-  if (S.ws) { const ws = S.ws; S.ws = null; ws.close(1000, "bye"); }
+  if (S.link) { const link = S.link; S.link = null; link.close(); }
   S.configured = false;
   S.response = null;
+  showTransport(null);
   setConn("idle", "Disconnected");
 }
 
@@ -407,7 +528,7 @@ function handleEvent(ev) {
     }
     case "input_audio_buffer.speech_started":
       $("speaking").hidden = false;
-      if (S.response || playingItem()) interrupt(false); // the server cancels the response itself
+      if (answerPlaying()) interrupt(false); // the server cancels the response (and clears the track) itself
       break;
     case "input_audio_buffer.speech_stopped":
       $("speaking").hidden = true;
@@ -467,6 +588,18 @@ function handleEvent(ev) {
       break;
     case "conversation.item.truncated":
       break;
+    case "output_audio_buffer.started":   // WebRTC: the answer's audio is on the track ...
+      onOutputBuffer(true);
+      break;
+    case "output_audio_buffer.stopped":   // ... and has all been played
+      onOutputBuffer(false);
+      break;
+    case "output_audio_buffer.cleared": {   // ... or was dropped (barge-in, cancel): not all of it was heard
+      onOutputBuffer(false);
+      const rec = [...S.items.values()].find((r) => r.responseId && r.responseId === ev.response_id);
+      if (rec) rec.li.classList.add("interrupted");
+      break;
+    }
     case "error": {
       const err = ev.error || {};
       if (QUIET_ERRORS.has(err.code)) { console.debug("realtime:", err.message); break; }
@@ -576,6 +709,7 @@ async function startConversation() {
       showError(`Microphone unavailable (${e.message || e.name}); you can still type messages.`);
     }
     await connect();
+    if (S.link && S.link.setMic && audio.stream) await S.link.setMic(audio.stream);   // a call placed without it
     S.running = true;
     btn.textContent = "Stop";
     btn.setAttribute("aria-pressed", "true");
@@ -625,7 +759,7 @@ document.querySelectorAll('input[name="mode"]').forEach((r) => r.addEventListene
   S.mode = r.value === "ptt" ? "ptt" : "vad";
   store.set(LS.mode, S.mode);
   updateModeUI();
-  if (S.ws && S.configured) {
+  if (S.link && S.configured) {
     send({ type: "session.update", session: { type: "realtime", audio: { input: { turn_detection: S.mode === "vad" ? { ...VAD } : null } } } });
     if (S.mode === "ptt") send({ type: "input_audio_buffer.clear" });
   }
@@ -649,7 +783,7 @@ async function pttDown() {
   $("ptt").textContent = "Listening… release to send";
   $("speaking").hidden = false;
   send({ type: "input_audio_buffer.clear" }); // before any append of this press
-  if (S.response || playingItem()) await interrupt(true);
+  if (answerPlaying()) await interrupt(true);
 }
 
 async function pttUp() {
@@ -661,10 +795,12 @@ async function pttUp() {
   $("ptt").textContent = "Hold to talk";
   $("speaking").hidden = true;
   const last = await flushCapture();
-  if (last && last.samples && S.ws && S.configured) {
-    send({ type: "input_audio_buffer.append", audio: bytesToB64(last.pcm) });
+  if (last && last.samples && S.link && S.configured) {
     S.pttSamples += last.samples;
+    if (S.link.kind === "websocket") send({ type: "input_audio_buffer.append", audio: bytesToB64(last.pcm) });
   }
+  // Over WebRTC the last 20 ms frames are still on their way on the track.
+  if (S.link && S.link.kind === "webrtc") await new Promise((resolve) => setTimeout(resolve, 200));
   S.ptt = "idle";
   if (S.pttSamples < MIN_COMMIT_SAMPLES) {
     send({ type: "input_audio_buffer.clear" });
@@ -719,7 +855,7 @@ $("text-form").addEventListener("submit", async (e) => {
     return;
   }
   input.value = "";
-  if (S.response || playingItem()) await interrupt(true);
+  if (answerPlaying()) await interrupt(true);
   send({ type: "conversation.item.create", item: { type: "message", role: "user", content: [{ type: "input_text", text }] } });
   send({ type: "response.create" });
 });
@@ -734,7 +870,7 @@ $("instructions").value = store.get(LS.instr) || "";
 $("instr-apply").addEventListener("click", () => {
   const v = $("instructions").value.trim();
   store.set(LS.instr, v);
-  if (S.ws && S.configured && v) {
+  if (S.link && S.configured && v) {
     send({ type: "session.update", session: { type: "realtime", instructions: v } });
     $("instr-msg").textContent = "Applied to this conversation.";
   } else {
@@ -755,7 +891,7 @@ async function loadVoices() {
   store.set(LS.voice, S.voice);
   renderVoices();
   updateStartUI();
-  if (S.voice && S.ws && S.configured && oc.voice !== S.voice) selectVoice(S.voice);
+  if (S.voice && S.link && S.configured && oc.voice !== S.voice) selectVoice(S.voice);
 }
 
 function renderVoices() {
@@ -807,7 +943,7 @@ function selectVoice(name) {
   S.voice = name;
   store.set(LS.voice, name);
   renderVoices();
-  if (S.ws && S.configured) send({ type: "session.update", session: { type: "realtime", audio: { output: { voice: name } } } });
+  if (S.link && S.configured) send({ type: "session.update", session: { type: "realtime", audio: { output: { voice: name } } } });
 }
 
 async function playReference(name, btn) {
