@@ -185,7 +185,7 @@ class Stepper:
         self._ni[:] = self._idle
         self.rows: dict[int, Row] = {}
         self._fns: dict[tuple, Callable[[], None]] = {}
-        self._graph_pool = None
+        self._graphs = GraphCapture(self.device)
         self.graph_error: str | None = None   # why CUDA graphs are off, when their capture failed
         # Per-stage seconds (reasoner, backbone, decoder, codec, host), summed over steps, when a benchmark sets
         # this to a dict. Stages inside the frame function are timed only in eager mode.
@@ -216,22 +216,11 @@ class Stepper:
         def run() -> None:
             method(*args)
 
-        fn = run
-        if self.compile:
-            # Each variant gets a code object of its own, so dynamo's cache for it holds exactly one graph and
-            # needs no guards: the step reads only this stepper's persistent tensors and its own constants.
-            run = types.FunctionType(run.__code__.replace(), run.__globals__, "frame_step", None, run.__closure__)
-            backend = "inductor" if self.compile is True else self.compile
-            options = None
-            if backend == "inductor":
-                options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
-                if self.device.type == "cpu":
-                    options["cpp_wrapper"] = True   # kernels called from C++, not one Python call each
-            fn = torch.compile(run, fullgraph=True, dynamic=False, backend=backend, options=options)
+        fn = compiled(run, self.compile, self.device) if self.compile else run
         if not self.cuda_graphs:
             return fn
         try:
-            return self._capture(fn)
+            return self._graphs.capture(fn)
         except Exception as e:  # serve without graphs rather than not at all; the reason is logged and kept
             self.cuda_graphs = False
             self.graph_error = f"{type(e).__name__}: {e}"
@@ -239,20 +228,6 @@ class Stepper:
             if torch.cuda.is_available():
                 torch.cuda.synchronize(self.device)
             return fn
-
-    def _capture(self, fn: Callable[[], None]) -> Callable[[], None]:
-        """Warm ``fn`` up (compiles) on a side stream, then capture it as one replayable CUDA graph."""
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            fn()
-        self._graph_pool = graph.pool()
-        return graph.replay
 
     @property
     def mode(self) -> str:
@@ -539,3 +514,39 @@ class Stepper:
             outputs.append(out)
         return outputs
 
+
+def compiled(run: Callable[[], None], compile: bool | str, device: torch.device) -> Callable[[], None]:
+    """``run`` compiled with ``torch.compile`` (fullgraph, static shapes; ``compile``: True for inductor, or a
+    dynamo backend's name)."""
+    # Each variant gets a code object of its own, so dynamo's cache for it holds exactly one graph and needs no
+    # guards: the step reads only its stepper's persistent tensors and its own constants.
+    run = types.FunctionType(run.__code__.replace(), run.__globals__, "frame_step", None, run.__closure__)
+    backend = "inductor" if compile is True else compile
+    options = None
+    if backend == "inductor":
+        options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+        if device.type == "cpu":
+            options["cpp_wrapper"] = True   # kernels called from C++, not one Python call each
+    return torch.compile(run, fullgraph=True, dynamic=False, backend=backend, options=options)
+
+
+class GraphCapture:
+    """CUDA graphs of a stepper's variants, sharing one memory pool."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pool = None
+
+    def capture(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Warm ``fn`` up (compiles) on a side stream, then capture it as one replayable CUDA graph."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn()
+        self._pool = graph.pool()
+        return graph.replay
