@@ -152,6 +152,7 @@ def test_bench_default_output_is_ignored_by_git():
     assert (root / "benchmarks" / "recorded" / "cpu-tiny" / "bench.json").is_file()
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_bench_shows_progress_while_compiling(tiny_chroma, capfd):
     """bench --compile printed nothing for 15+ minutes on a cold compile cache: now a line says what is happening
     and a bar counts the compiled variants (dynamo's eager backend here: the same path, without codegen)."""

@@ -227,6 +227,7 @@ def hold_to_talk(p: Page, seconds: float, timeout_s: float = 30) -> float:
     return held
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_hands_free_turn_in_chromium(page):
     p = page
     p.page.click("#start")
@@ -246,6 +247,7 @@ def test_hands_free_turn_in_chromium(page):
     p.screenshot("browser-turn.png")
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_hands_free_user_turn_shows_the_servers_transcript(page):
     """The page asks for transcripts of the user's audio; the user's bubble shows the one the server sends."""
     p = page
@@ -262,6 +264,7 @@ def test_hands_free_user_turn_shows_the_servers_transcript(page):
     assert not p.errors, p.diagnostics()
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_user_bubble_follows_transcription_events(browser, server):
     """What the client does with OpenAI's transcription events, on a known text. In the browser's WebSocket the
     server's own transcript events (of a random-weight reasoner) are dropped, and the test sends deltas and then a
@@ -411,6 +414,7 @@ def test_push_to_talk_turn_in_chromium(page):
     p.screenshot("browser-ptt.png")
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_barge_in_stops_playback_and_truncates_what_was_heard(playwright, server, tmp_path):
     """The sample comes back ~1.2 s after the assistant starts its 2 s answer: talking over it stops playback
     at once and tells the server how much of the answer was heard."""

@@ -34,6 +34,7 @@ def rtc(browser, server):
         p.close()
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_hands_free_turn_over_webrtc(rtc):
     p = rtc
     p.page.click("#start")
@@ -88,6 +89,7 @@ def test_typed_turn_over_webrtc_without_a_microphone(rtc):
     assert not p.received and not p.errors, p.diagnostics()
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_falls_back_to_the_websocket_when_the_server_has_no_webrtc(rtc):
     p = rtc
     offers = []
@@ -110,6 +112,7 @@ def test_falls_back_to_the_websocket_when_the_server_has_no_webrtc(rtc):
     assert not p.errors, p.diagnostics()
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_falls_back_to_the_websocket_when_ice_does_not_connect(rtc):
     """The server answers the offer, but the answer's ICE credentials and candidates are not the server's (as an
     unreachable network would leave it): ICE cannot connect, and after a few seconds the page hangs the call up and
@@ -159,6 +162,7 @@ def test_push_to_talk_turn_over_webrtc(rtc):
     assert not p.errors, p.diagnostics()
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_barge_in_over_webrtc_stops_the_answer_on_the_track(playwright, server, tmp_path):
     """The sample comes back ~1.2 s into the 2 s answer: the server hears it on the microphone track, cancels the
     answer and drops its queued audio from the track (output_audio_buffer.cleared); the page marks it interrupted."""

@@ -98,6 +98,7 @@ def test_fitting_by_arithmetic_forgets_the_turns_rebuilding_forgot(tokenizer, bu
         assert plan.ids(start)[0] == ids
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_a_flood_is_tokenized_newest_first_in_bounded_slices_and_only_what_can_fit(builder):
     conv = Conversation(max_items=None)
     for i in range(10_000):

@@ -108,6 +108,7 @@ def test_generate_with_whole_features_equals_engine_text_turn(chroma, engine):
     assert torch.equal(done.codes, ref.codes)
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 @pytest.mark.parametrize("chunk", [1, 777, 16000])
 def test_incremental_user_audio_equals_one_shot(chroma, engine, chunk):
     # Silence first, loudest at the end: windows encoded early see a different floor and must be redone.

@@ -36,6 +36,7 @@ def test_every_command_that_loads_a_model_takes_quantize(command):
     assert tuple(quantize.choices) == ("int8", "int4", "fp8")
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_info_json_reports_fewer_weight_bytes_per_part_for_int4(fixture_dir):
     full = json.loads(openchroma("info", "--model", str(fixture_dir), "--json"))
     int4 = json.loads(openchroma("info", "--model", str(fixture_dir), "--json", "--quantize", "int4"))
@@ -48,6 +49,7 @@ def test_info_json_reports_fewer_weight_bytes_per_part_for_int4(fixture_dir):
     assert int4["peak_rss_bytes"] > 0
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_a_prequantized_checkpoint_measures_as_quantizing_at_load(fixture_dir, tmp_path):
     case = str(next(Path(fixture_dir).glob("case_*.safetensors")))
     openchroma("quantize", "--model", str(fixture_dir), "--quantize", "int8", "--out", str(tmp_path / "q8"))
@@ -61,6 +63,7 @@ def test_a_prequantized_checkpoint_measures_as_quantizing_at_load(fixture_dir, t
         assert 0.0 <= a["c0_top1"] <= 1.0 and a["logit_rel_err"] >= 0
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_serve_quantize_int8_answers_a_realtime_turn_through_the_sdk(tiny_random_dir, tmp_path):
     from openai import AsyncOpenAI
 

@@ -356,6 +356,7 @@ def _connect_query(url: str, key: str):
 
 
 # ----- 8: idle sessions are reaped; a per-client cap --------------------------------------------------------------
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_idle_sessions_are_closed_and_a_client_cannot_hold_every_slot(tiny_chroma, tmp_path):
     with chroma_server(tiny_chroma, tmp_path, idle_timeout=1.5, max_sessions=4,
                        max_sessions_per_client=2) as (url, state):

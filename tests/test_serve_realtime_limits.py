@@ -116,6 +116,7 @@ def wait_for(cond, limit: float) -> bool:
 
 
 # ----- 7: back-pressure, the key subprotocol, a header deadline ---------------------------------------------
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_a_client_held_in_back_pressure_is_closed_with_a_reason_naming_it(tiny_chroma, tmp_path, monkeypatch):
     """The engine takes none of A's audio: A's events back up, the server stops reading them (and with them the
     keepalive's pongs). Before the keepalive can fail with 1011 "keepalive ping timeout", the server closes with

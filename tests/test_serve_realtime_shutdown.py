@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 GRACE = 1.5
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_sigterm_drains_realtime_sessions_and_sse_streams(tiny_random_dir, tmp_path):
     with server_process(tiny_random_dir, tmp_path, "--shutdown-grace", str(GRACE),
                         "--max-response-seconds", "60") as (url, proc):

@@ -365,6 +365,7 @@ def _serve(model, data_dir, port: int) -> subprocess.Popen:
     raise AssertionError("the server did not start")
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_kill_9_during_uploads_leaves_no_half_written_voice(tiny_random_dir, tmp_path):
     """SIGKILL while voices are being added, twice: after each restart every listed voice is complete (registered,
     its audio served), whatever the add was doing when the process died."""

@@ -164,6 +164,7 @@ def test_text_turn_over_webrtc_streams_audio_on_the_track_and_hangup_ends_the_ca
         run(scenario())
 
 
+@pytest.mark.slow   # over 3 s: left out of the fast subset
 def test_spoken_turn_with_server_vad_over_the_audio_track(tiny_chroma, tmp_path):
     speech = load_audio(SPEECH_WAV, RATE).numpy().astype(np.float32)
     mic = PlayedAudio(np.concatenate([np.zeros(RATE // 2, np.float32), speech]))
