@@ -166,3 +166,20 @@ class RawNonReader:
         except OSError:
             pass
         self.sock.close()
+
+
+#: A realtime session without turn detection, answering in the library voice ``lib``.
+MANUAL = {"type": "realtime", "audio": {"input": {"turn_detection": None}, "output": {"voice": "lib"}}}
+
+
+def open_manual(url: str, **kw):
+    ws = connect(url, **kw)
+    assert recv(ws)["type"] == "session.created"
+    ws.send(json.dumps({"type": "session.update", "session": MANUAL}))
+    recv(ws, "session.updated")
+    return ws
+
+
+def user_text(text: str = "Hello there.") -> str:
+    return json.dumps({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})

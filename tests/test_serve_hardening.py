@@ -17,30 +17,17 @@ from hardening_helpers import (
     add_voice,
     captured_logs,
     connect,
+    open_manual,
     pcm16_b64,
     probe,
     recv,
+    user_text,
     wait_until,
 )
 from server_harness import chroma_server
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from openchroma.engine.engine import AsyncSession, Engine
-
-MANUAL = {"type": "realtime", "audio": {"input": {"turn_detection": None}, "output": {"voice": "lib"}}}
-
-
-def open_manual(url: str, **kw):
-    ws = connect(url, **kw)
-    assert recv(ws)["type"] == "session.created"
-    ws.send(json.dumps({"type": "session.update", "session": MANUAL}))
-    recv(ws, "session.updated")
-    return ws
-
-
-def user_text(text: str = "Hello there.") -> str:
-    return json.dumps({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
 
 
 @pytest.fixture(scope="module")

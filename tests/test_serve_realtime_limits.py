@@ -13,27 +13,12 @@ import time
 import numpy as np
 import pytest
 import websockets.sync.client as ws_client
-from hardening_helpers import add_voice, connect, pcm16_b64, probe, recv, ws_url
+from hardening_helpers import add_voice, connect, open_manual, pcm16_b64, probe, recv, user_text, ws_url
 from server_harness import chroma_server
 from websockets.exceptions import ConnectionClosed
 
 from openchroma.engine.engine import AsyncSession
 from openchroma.serving import codecs
-
-MANUAL = {"type": "realtime", "audio": {"input": {"turn_detection": None}, "output": {"voice": "lib"}}}
-
-
-def open_manual(url: str, **kw):
-    ws = connect(url, **kw)
-    assert recv(ws)["type"] == "session.created"
-    ws.send(json.dumps({"type": "session.update", "session": MANUAL}))
-    recv(ws, "session.updated")
-    return ws
-
-
-def user_text(text: str = "Hello there.") -> str:
-    return json.dumps({"type": "conversation.item.create", "item": {
-        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}})
 
 
 # ----- 1: a conversation holds at most max_conversation_items ------------------------------------------------
