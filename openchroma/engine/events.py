@@ -12,15 +12,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from ..tokenizer import ChatTokenizer
-    from .engine import Engine
-    from .session import Session
+from ..tokenizer import ChatTokenizer
 
 
 class EngineError(ValueError):
@@ -141,9 +138,9 @@ class Response(EventStream):
 
     _final = ResponseDone
 
-    def __init__(self, engine: Engine, session: Session):
+    def __init__(self, engine: Any, session: Any):
         super().__init__()
-        self._engine = engine
+        self._engine = engine   # the owning Engine (Any: a part never imports its owner)
         self.session = session
         self.done: ResponseDone | None = None
         self.t_start = time.perf_counter()

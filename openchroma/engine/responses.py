@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -25,9 +25,6 @@ from .transcription import Transcriber
 from .turn_audio import PendingAudio, Window, encode_window
 from .voices import Voice
 from .worker import Later
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 @dataclass(eq=False)
@@ -53,8 +50,8 @@ class StartJob:
 class Responses:
     """Every response in progress (by slot), the jobs before them, and the queues of background work."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Any):
+        self.engine = engine   # the owning Engine (Any: a part never imports its owner)
         self.model, self.cfg, self.stepper = engine.model, engine.cfg, engine.stepper
         self.by_slot: dict[int, Response] = {}
         self.jobs: list[StartJob] = []                          # responses waiting to start, oldest first

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,9 +16,6 @@ from .conversation import Conversation
 from .events import EngineError, Response, Transcription
 from .sampling import SamplingParams
 from .turn_audio import TurnAudio
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 # User audio enters the worker in pieces of at most this many seconds (each piece is one short command).
 APPEND_PIECE_SECONDS = 0.25
@@ -39,9 +36,9 @@ class Overrides:
 class Session:
     """One conversation: a voice, a system prompt and a history, bound to one slot of the engine."""
 
-    def __init__(self, engine: Engine, sid: int, slot: int, voice: str | None, system_prompt: str,
+    def __init__(self, engine: Any, sid: int, slot: int, voice: str | None, system_prompt: str,
                  sampling: SamplingParams):
-        self.engine = engine
+        self.engine = engine   # the owning Engine (Any: a part never imports its owner)
         self.id = sid
         self.slot = slot
         self.voice = voice

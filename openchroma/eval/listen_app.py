@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -18,13 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException
 
-if TYPE_CHECKING:
-    from .listen import AnswerStore
-
 MAX_ANSWER_BYTES = 4096
 
 
-def create_app(store: AnswerStore, rng: random.Random, questions: dict[str, str], static: Path) -> FastAPI:
+def create_app(store: Any, rng: random.Random, questions: dict[str, str], static: Path) -> FastAPI:
     """The listening page's FastAPI app: the page (files in ``static``), the next trial (``questions``: name ->
     the question's wording), the clips by token, and answers."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
@@ -105,7 +102,7 @@ def create_app(store: AnswerStore, rng: random.Random, questions: dict[str, str]
 class ListeningServer:
     """The page served by uvicorn from a background thread; ``shutdown()`` stops it."""
 
-    def __init__(self, address: tuple[str, int], store: AnswerStore, rng: random.Random, questions: dict[str, str],
+    def __init__(self, address: tuple[str, int], store: Any, rng: random.Random, questions: dict[str, str],
                  static: Path):
         self.store = store
         # Bound here, so a taken port raises OSError in the caller rather than in the server's thread.

@@ -11,7 +11,7 @@ import base64
 import binascii
 import collections
 import secrets
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +21,6 @@ from .errors import shorten
 from .realtime_events import RealtimeError
 from .turn_detection import SemanticVAD, SmartTurnModel, TurnModelError, load_turn_model, turn_detector
 from .vad import StreamingVAD
-
-if TYPE_CHECKING:
-    from .realtime_core import RealtimeCore
 
 MIN_COMMIT_MS = 100
 LARGE_CHARS = 256 * 1024   # messages and audio this large are parsed and decoded in a helper thread
@@ -52,8 +49,8 @@ def b64decode_sliced(data: str) -> bytes:
 class InputAudio:
     """The input buffer of one session: decode, VAD, feed the engine, commit or clear."""
 
-    def __init__(self, core: RealtimeCore):
-        self.core = core
+    def __init__(self, core: Any):
+        self.core = core   # the owning RealtimeCore (Any: a part never imports its owner)
         self.vad: StreamingVAD | SemanticVAD | None = None
         self.turn_model: SmartTurnModel | None = None   # loaded by load_turn_model before semantic_vad is set
         self.vad_origin_ms = 0.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -18,15 +18,12 @@ from .realtime_events import RealtimeError
 from .realtime_input import MIN_COMMIT_MS, new_id
 from .state import response_events
 
-if TYPE_CHECKING:
-    from .realtime_core import RealtimeCore
-
 log = logging.getLogger("openchroma.realtime")
 
 
 class Conversation:
-    def __init__(self, core: RealtimeCore):
-        self.core = core
+    def __init__(self, core: Any):
+        self.core = core   # the owning RealtimeCore (Any: a part never imports its owner)
         self.items: list[dict[str, Any]] = []   # in order, as last reported (the dicts change in place)
         self.transcribing: set[asyncio.Task] = set()
 

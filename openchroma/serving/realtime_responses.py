@@ -9,7 +9,7 @@ import base64
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..constants import FRAME_SECONDS
 from ..engine import AudioChunk, ResponseDone, TextDelta, frames_for_text
@@ -24,15 +24,12 @@ from .realtime_input import new_id
 from .realtime_settings import audio_format
 from .state import response_events
 
-if TYPE_CHECKING:
-    from .realtime_core import RealtimeCore
-
 log = logging.getLogger("openchroma.realtime")
 
 
 class Responses:
-    def __init__(self, core: RealtimeCore):
-        self.core = core
+    def __init__(self, core: Any):
+        self.core = core   # the owning RealtimeCore (Any: a part never imports its owner)
         self.task: asyncio.Task | None = None
         self.engine_response: EngineResponse | None = None
         self.response_id: str | None = None    # the response's id, as the client knows it
