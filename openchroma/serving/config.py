@@ -96,8 +96,8 @@ class ServerConfig:
         "decoded audio a realtime connection may queue unprocessed, MiB", name="max-pending-input-mb", scale=2**20))
     max_messages: int = field(default=256, metadata=flag("messages in one chat request", metavar="N"))
     max_conversation_items: int = field(default=1000, metadata=flag(
-        "items one realtime conversation may hold; more get an error event (the engine caps its conversations "
-        "the same, when it supports it)", metavar="N"))
+        "items one conversation may hold; more get an error event (conversation_item_limit_reached)",
+        metavar="N"))
     shutdown_grace: float = field(default=10.0, metadata=flag(
         "on SIGTERM, let running responses finish for up to S seconds, then end realtime sessions (close 1001) and "
         "SSE streams ([DONE])", metavar="S"))
